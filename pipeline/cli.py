@@ -1,0 +1,128 @@
+"""`pipeline` command line: parses arguments and calls one function per verb, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import EXIT_USER_ERROR, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W,C integers, got {text!r}") from None
+
+
+def cmd_data_synth(a) -> int:
+    from .data.synth import synth
+
+    synth(a.out, a.samples, a.val_samples, a.shards, a.val_shards, a.shape, a.classes, a.seed)
+    return 0
+
+
+def cmd_data_verify(a) -> int:
+    from .data import shards
+
+    m = shards.load_manifest(a.dir)
+    problems = list(shards.verify(m, checksums=not a.fast))
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        return EXIT_USER_ERROR
+    n = sum(len(m.shards(s)) for s in m.splits)
+    print(f"{m.dir}: {n} shards match the manifest ({', '.join(f'{s}={m.num_samples(s)}' for s in m.splits)})")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from . import config, train
+
+    cfg = config.load(a.config, a.set or [])
+    train.run(cfg, a.run_dir)
+    return 0
+
+
+def cmd_checkpoint_digest(a) -> int:
+    from .checkpoint import digest
+
+    step, sha = digest(a.run_dir)
+    print(f"step {step} sha256 {sha}")
+    return 0
+
+
+def cmd_checkpoint_list(a) -> int:
+    from pathlib import Path
+
+    from .checkpoint import list_complete
+
+    refs = list_complete(Path(a.run_dir) / "checkpoints")
+    if not refs:
+        raise UserError(f"{Path(a.run_dir) / 'checkpoints'}: no complete checkpoint")
+    for r in refs:
+        print(f"step {r.step:>8} epoch {r.meta.get('epoch', '?'):>4} {r.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pipeline", description=__doc__)
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    data = verbs.add_parser("data", help="make, convert and check datasets").add_subparsers(
+        dest="data_verb", required=True, parser_class=_Parser)
+    s = data.add_parser("synth", help="write a learnable synthetic image dataset as HDF5 shards")
+    s.add_argument("--out", required=True, help="dataset directory to create")
+    s.add_argument("--samples", type=int, default=20000, help="training samples (default 20000)")
+    s.add_argument("--val-samples", type=int, default=2000, help="validation samples (default 2000)")
+    s.add_argument("--shards", type=int, default=4, help="training shards (default 4)")
+    s.add_argument("--val-shards", type=int, default=1, help="validation shards (default 1)")
+    s.add_argument("--shape", type=_shape, default=(28, 28, 1), help="H,W,C (default 28,28,1)")
+    s.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+    v = data.add_parser("verify", help="check every shard against manifest.json")
+    v.add_argument("dir")
+    v.add_argument("--fast", action="store_true", help="skip the sha256 checksums")
+    v.set_defaults(func=cmd_data_verify)
+
+    t = verbs.add_parser("train", help="one training run (alone, or under mpirun / srun / horovodrun)")
+    t.add_argument("--config", help="YAML config (default: built-in defaults, see configs/default.yaml)")
+    t.add_argument("--run-dir", required=True, help="where logs, metrics and checkpoints go; resumes if present")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.batch_size=128")
+    t.set_defaults(func=cmd_train)
+
+    c = verbs.add_parser("checkpoint", help="inspect checkpoints").add_subparsers(
+        dest="ckpt_verb", required=True, parser_class=_Parser)
+    d = c.add_parser("digest", help="step and sha256 of the newest complete checkpoint's variables")
+    d.add_argument("run_dir")
+    d.set_defaults(func=cmd_checkpoint_digest)
+    ls = c.add_parser("list", help="complete checkpoints, oldest first")
+    ls.add_argument("run_dir")
+    ls.set_defaults(func=cmd_checkpoint_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # TensorFlow's start-up chatter hides the progress lines; users can turn it back on.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"pipeline: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("pipeline: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

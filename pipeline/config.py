@@ -1,0 +1,201 @@
+"""One run, one config: a YAML file with one section per component, typed and validated.
+
+Each section is a dataclass that owns its defaults and its checks; errors name the full
+key (``train.batch_size must be > 0``). ``--set a.b=c`` overrides reject unknown keys and
+values of the wrong type, as nanoGPT's configurator does, without executing anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/synth"
+    shuffle: bool = True
+    # Batches tf.data keeps ready ahead of the step loop; -1 lets tf.data tune it.
+    prefetch: int = -1
+
+    def validate(self) -> None:
+        _require(self.dir != "", "data.dir must not be empty")
+        _require(self.prefetch == -1 or self.prefetch >= 1, "data.prefetch must be -1 (auto) or >= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+
+    def validate(self) -> None:
+        from .models import MODELS
+
+        _require(self.name in MODELS, f"model.name must be one of {sorted(MODELS)}, got {self.name!r}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # per rank
+    epochs: int = 2
+    max_steps: int = 0  # > 0: stop at this global step whatever the epochs
+    seed: int = 42
+    deterministic: bool = False
+    optimizer: str = "adam"
+    lr: float = 0.001  # per-rank base rate; scaled by the number of ranks
+    scale_lr: bool = True
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"
+    # Threads per rank for TensorFlow's intra-op pool; 0 picks the CPUs this rank owns.
+    threads: int = 0
+
+    def validate(self) -> None:
+        _require(self.batch_size > 0, "train.batch_size must be > 0")
+        _require(self.epochs > 0, "train.epochs must be > 0")
+        _require(self.max_steps >= 0, "train.max_steps must be >= 0 (0 means: run all epochs)")
+        _require(self.optimizer in ("adam", "sgd"), f"train.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _require(self.lr_schedule in ("constant", "cosine"),
+                 f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        _require(self.threads >= 0, "train.threads must be >= 0 (0 means: the CPUs this rank owns)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 200
+    keep: int = 3
+
+    def validate(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: only at the end)")
+        _require(self.keep >= 1, "checkpoint.keep must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    progress_every_s: float = 5.0
+
+    def validate(self) -> None:
+        _require(self.progress_every_s > 0, "log.progress_every_s must be > 0")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_type(key: str, value: Any, expected: type) -> Any:
+    """Returns value as `expected`, or raises naming the key; ints are accepted for floats."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is not bool and isinstance(value, bool):
+        raise ConfigError(f"{key} must be {expected.__name__}, got bool {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section_types(section_cls) -> dict[str, type]:
+    hints = {"int": int, "float": float, "bool": bool, "str": str}
+    return {f.name: hints[f.type] for f in fields(section_cls)}
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Builds a Config from nested dicts, rejecting unknown sections, keys and types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    cfg = Config()
+    sections = {f.name: f for f in fields(Config)}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(sections)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping")
+        section = getattr(cfg, name)
+        types = _section_types(type(section))
+        for key, value in values.items():
+            full = f"{name}.{key}"
+            if key not in types:
+                raise ConfigError(f"{source}: unknown key {full} (known in {name}: {', '.join(types)})")
+            setattr(section, key, _check_type(full, value, types[key]))
+    return cfg
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    """Applies one ``section.key=value``; the value is parsed as YAML and type-checked."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.batch_size=128")
+    key, text = assignment.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if len(parts) != 2 or not hasattr(cfg, parts[0]) or not dataclasses.is_dataclass(getattr(cfg, parts[0])):
+        raise ConfigError(f"--set {key}: unknown key (keys look like train.batch_size)")
+    section = getattr(cfg, parts[0])
+    types = _section_types(type(section))
+    if parts[1] not in types:
+        raise ConfigError(f"--set {key}: unknown key (known in {parts[0]}: {', '.join(types)})")
+    expected = types[parts[1]]
+    if expected is str:
+        value: Any = text  # a path or name stays as typed, even if it looks like a number
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse {text!r}") from None
+    setattr(section, parts[1], _check_type(key, value, expected))
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads the YAML file (or the defaults when path is None), applies overrides, validates."""
+    raw: Any = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}") from None
+    cfg = from_dict(raw, source)
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    return cfg.validate()
+
+
+def dumps(cfg: Config, **extra: Any) -> str:
+    return json.dumps({**cfg.to_dict(), **extra}, indent=2, sort_keys=False) + "\n"

@@ -1,0 +1,113 @@
+"""The one distribution context: rank, size, collectives. Nothing else initializes Horovod.
+
+Under a launcher (mpirun, srun --mpi=pmix, horovodrun) Horovod joins the ranks; run alone,
+Horovod still initializes as a world of one, and where Horovod is not installed at all a
+plain single-process context stands in, so every code path runs without MPI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def rank_threads(requested: int, local_size: int) -> int:
+    """CPU threads for one rank: the request; else SLURM's CPUs per task; else the CPUs this
+    process is bound to when the launcher bound it; else the machine's cores split evenly
+    between the ranks on this node. Oversubscribed ranks (each using every core) run slower
+    in total than fewer ranks would."""
+    if requested > 0:
+        return requested
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    cores = os.cpu_count() or 1
+    bound = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    if bound < cores:
+        return max(1, bound)
+    return max(1, cores // max(1, local_size))
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    backend: str = "local"
+    threads: int = 1
+    _hvd: Any = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def allreduce_sum(self, values) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        if self._hvd is None or self.size == 1:
+            return values
+        import tensorflow as tf
+
+        # float64 so sums of per-rank counts and losses stay exact.
+        return self._hvd.allreduce(tf.constant(values), op=self._hvd.Sum, name=None).numpy()
+
+    def broadcast_object(self, obj: Any, name: str) -> Any:
+        if self._hvd is None or self.size == 1:
+            return obj
+        return self._hvd.broadcast_object(obj, root_rank=0, name=name)
+
+    def allgather_object(self, obj: Any, name: str) -> list:
+        if self._hvd is None or self.size == 1:
+            return [obj]
+        return self._hvd.allgather_object(obj, name=name)
+
+    def broadcast_variables(self, variables) -> None:
+        # Every rank starts from rank 0's weights and optimizer state, whether fresh or
+        # restored from a checkpoint, so the replicas are identical from step 1.
+        if self._hvd is not None and self.size > 1:
+            self._hvd.broadcast_variables(variables, root_rank=0)
+
+    def barrier(self) -> None:
+        if self._hvd is not None and self.size > 1:
+            self.allreduce_sum([0.0])
+
+    def gradient_tape(self, tape):
+        # Averages gradients over ranks with ring-allreduce before the optimizer applies them.
+        if self._hvd is None or self.size == 1:
+            return tape
+        return self._hvd.DistributedGradientTape(tape)
+
+    def shutdown(self) -> None:
+        if self._hvd is not None:
+            self._hvd.shutdown()
+
+
+def init(threads: int = 0, use_horovod: bool = True) -> Dist:
+    """Joins the job and pins TensorFlow's thread pools; call before TensorFlow runs any op."""
+    hvd = None
+    if use_horovod:
+        try:
+            import horovod.tensorflow as hvd
+        except ImportError:
+            hvd = None
+    if hvd is not None:
+        hvd.init()
+        d = Dist(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod", _hvd=hvd)
+    else:
+        d = Dist()
+    d.threads = rank_threads(threads, d.local_size)
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(d.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, d.threads)))
+    # Any GPU: one per rank, chosen by local rank (the usual Horovod pinning).
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        gpu = gpus[d.local_rank % len(gpus)]
+        tf.config.set_visible_devices(gpu, "GPU")
+        tf.config.experimental.set_memory_growth(gpu, True)
+    return d

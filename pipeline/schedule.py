@@ -1,0 +1,53 @@
+"""Learning rate at a step: linear scaling by the number of ranks with a linear warm-up.
+
+Following Goyal et al. (2017), "Accurate, Large Minibatch SGD": the global batch grows with
+the ranks, so the rate does too, but ramping up from the single-rank rate over the first
+steps avoids the early divergence a large rate causes on fresh weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(step: int, base_lr: float, size: int = 1, warmup_steps: int = 0, scale: bool = True,
+          schedule: str = "constant", total_steps: int = 0) -> float:
+    """The rate used for the update of 0-based step `step`."""
+    peak = base_lr * size if scale else base_lr
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr + (peak - base_lr) * step / warmup_steps
+    if schedule == "cosine" and total_steps > warmup_steps:
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak
+
+
+def keras_schedule(base_lr: float, size: int = 1, warmup_steps: int = 0, scale: bool = True,
+                   schedule: str = "constant", total_steps: int = 0):
+    """lr_at in TensorFlow ops, as a Keras LearningRateSchedule on the optimizer's iterations.
+
+    Kept in graph ops rather than a Python callback so the step stays one compiled
+    function; tests hold it equal to lr_at.
+    """
+    import tensorflow as tf
+
+    peak = base_lr * size if scale else base_lr
+    cosine = schedule == "cosine" and total_steps > warmup_steps
+
+    class Schedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            step = tf.cast(step, tf.float32)
+            rate = tf.constant(peak, tf.float32)
+            if cosine:
+                progress = tf.minimum(1.0, (step - warmup_steps) / float(total_steps - warmup_steps))
+                rate = peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            if warmup_steps > 0:
+                warm = base_lr + (peak - base_lr) * step / float(warmup_steps)
+                rate = tf.where(step < warmup_steps, warm, rate)
+            return rate
+
+        def get_config(self):
+            return dict(base_lr=base_lr, size=size, warmup_steps=warmup_steps, scale=scale,
+                        schedule=schedule, total_steps=total_steps)
+
+    return Schedule()

@@ -1,0 +1,234 @@
+"""One training run, top to bottom: check data, join ranks, plan, build, resume, step, save.
+
+Per step each rank measures `data_s` (waiting for its batch) apart from `compute_s`
+(forward, backward, allreduce and update, waited on to completion by reading the loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+from . import checkpoint, config as config_mod, dist as dist_mod, models, schedule
+from .data import reader, sharding, shards
+from .errors import UserError
+from .steplog import JsonLines, Nothing, Progress, StepLog, rss_mb
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run directory path exists and is not a directory")
+
+
+def _versions() -> dict:
+    import h5py
+    import numpy
+    import tensorflow as tf
+
+    v = {"python": platform.python_version(), "tensorflow": tf.__version__, "numpy": numpy.__version__,
+         "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+    try:
+        import horovod
+
+        v["horovod"] = horovod.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def warmup_steps(steps_run: int) -> int:
+    """Steps left out of a rank's speed figure: 10, or a fifth of a short run."""
+    return min(10, steps_run // 5)
+
+
+def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
+    run_dir = Path(run_dir)
+    t_start = time.time()
+
+    # --- Check everything a user can get wrong before any rank joins, reads or writes ---
+    manifest = shards.load_manifest(cfg.data.dir)
+    shards.check_fast(manifest)
+    _check_run_dir(run_dir)
+    train_counts = [s.num_samples for s in manifest.shards("train")]
+    val_counts = [s.num_samples for s in manifest.shards("val")]
+
+    # --- Join the job; pin threads before TensorFlow runs its first op ---
+    dist = dist_mod.init(cfg.train.threads)
+    import tensorflow as tf
+
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    say = Progress(0, 1, 0, cfg.log.progress_every_s, stream=out) if dist.is_root else Nothing()
+
+    # --- The plan, from the manifest alone: identical step counts on every rank ---
+    plan = sharding.assign(train_counts, dist.rank, dist.size, cfg.train.batch_size)
+    if plan.steps_per_epoch == 0:
+        raise UserError(
+            f"{manifest.dir}: {sum(train_counts)} training samples over {dist.size} ranks give each rank "
+            f"{sum(train_counts) // dist.size}, fewer than train.batch_size={cfg.train.batch_size}")
+    total = sharding.total_steps(plan.steps_per_epoch, cfg.train.epochs, cfg.train.max_steps)
+    val_plan = sharding.assign(val_counts, dist.rank, dist.size, cfg.train.batch_size, drop_last=False) \
+        if val_counts else None
+    global_batch = cfg.train.batch_size * dist.size
+
+    # --- The run directory: rank 0 writes the resolved config; every rank its step log ---
+    if dist.is_root:
+        (run_dir / "steps").mkdir(parents=True, exist_ok=True)
+    hosts = dist.allgather_object(socket.gethostname(), name="hosts")
+    if dist.is_root:
+        _atomic_write(run_dir / "config.json", config_mod.dumps(
+            cfg, ranks=dist.size, hosts=hosts, threads_per_rank=dist.threads, backend=dist.backend,
+            global_batch=global_batch, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
+            dropped_train_samples=plan.dropped, dataset=str(manifest.dir.resolve()), versions=_versions()))
+    dist.barrier()  # the run directory exists before other ranks open their logs in it
+
+    # --- Model, optimizer, checkpoint state ---
+    model = models.build(cfg.model.name, manifest.shape, manifest.num_classes)
+    lr = schedule.keras_schedule(base_lr=cfg.train.lr, size=dist.size, warmup_steps=cfg.train.warmup_steps,
+                                 scale=cfg.train.scale_lr, schedule=cfg.train.lr_schedule, total_steps=total)
+    opt = tf.keras.optimizers.Adam(lr) if cfg.train.optimizer == "adam" else tf.keras.optimizers.SGD(lr, momentum=0.9)
+    # Create the optimizer's slots now, so they can be restored and broadcast before step 1.
+    opt.build(model.trainable_variables)
+    state = tf.train.Checkpoint(model=model, optimizer=opt)
+    writer = checkpoint.CheckpointWriter(run_dir / "checkpoints", cfg.checkpoint.keep, enabled=dist.is_root)
+
+    # --- Resume: rank 0 picks the newest complete checkpoint and tells the others ---
+    ref = writer.latest()
+    start = dist.broadcast_object(ref.step if ref else 0, name="resume_step")
+    if ref is not None:
+        state.read(ref.prefix).assert_existing_objects_matched()
+    dist.broadcast_variables(model.variables + opt.variables)
+
+    say.print(f"pipeline: {dist.size} rank(s) x {dist.threads} thread(s) [{dist.backend}], "
+              f"global batch {global_batch}, {plan.steps_per_epoch} steps/epoch, {total} steps"
+              + (f", resuming after step {start} from {ref.path}" if ref else ""))
+    if plan.dropped:
+        say.print(f"pipeline: {plan.dropped} of {sum(train_counts)} training samples are left out so every "
+                  f"rank runs {plan.steps_per_epoch} steps per epoch")
+    if not val_counts:
+        say.print(f"pipeline: {manifest.dir} has no validation split; metrics.jsonl will stay empty")
+
+    # --- Data: this rank's share, read after the process started (h5py is not fork-safe) ---
+    x, y = reader.read_share(manifest, "train", plan)
+    batches = reader.train_dataset(x, y, plan, cfg.train.batch_size, cfg.train.seed, start, total,
+                                   cfg.data.shuffle, cfg.data.prefetch)
+    val_x, val_y = reader.read_share(manifest, "val", val_plan) if val_plan else (None, None)
+
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    per_sample = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        # Horovod's tape averages the gradients over all ranks (ring-allreduce).
+        grads = dist.gradient_tape(tape).gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def eval_step(xb, yb):
+        logits = model(xb, training=False)
+        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), yb)
+        return tf.reduce_sum(per_sample(yb, logits)), tf.reduce_sum(tf.cast(hits, tf.float32))
+
+    def evaluate() -> tuple[float, float]:
+        """Validation loss and accuracy over every rank's share, summed exactly across ranks."""
+        sums = [0.0, 0.0, 0.0]
+        if val_x is not None and len(val_x):
+            for xb, yb in reader.eval_dataset(val_x, val_y, cfg.train.batch_size):
+                loss_sum, hits = eval_step(xb, yb)
+                sums[0] += float(loss_sum)
+                sums[1] += float(hits)
+                sums[2] += len(yb)
+        loss_sum, hits, n = dist.allreduce_sum(sums)
+        return (loss_sum / n, hits / n) if n else (float("nan"), float("nan"))
+
+    steplog = StepLog(run_dir, dist.rank)
+    metrics = JsonLines(run_dir / "metrics.jsonl") if dist.is_root else Nothing()
+    progress = Progress(total, plan.steps_per_epoch, global_batch, cfg.log.progress_every_s, start, out) \
+        if dist.is_root else Nothing()
+
+    # --- The step loop ---
+    step_times = []
+    rss_peak = 0.0
+    last_eval_step = start
+    loss = float("nan")
+    it = iter(batches)
+    t_loop = time.perf_counter()
+    for step in range(start + 1, total + 1):
+        epoch = (step - 1) // plan.steps_per_epoch + 1
+        t0 = time.perf_counter()
+        xb, yb = next(it)
+        t1 = time.perf_counter()
+        loss = float(train_step(xb, yb))  # reading the loss waits for the whole step
+        t2 = time.perf_counter()
+        rss = rss_mb()
+        rss_peak = max(rss_peak, rss)
+        step_times.append(t2 - t0)
+        steplog.write({"step": step, "epoch": epoch, "rank": dist.rank, "size": dist.size, "time": time.time(),
+                       "step_s": t2 - t0, "data_s": t1 - t0, "compute_s": t2 - t1,
+                       "samples": cfg.train.batch_size, "loss": loss, "rss_mb": round(rss, 1)})
+        progress.maybe_print(step, loss)
+
+        if step % plan.steps_per_epoch == 0 or step == total:
+            t_eval = time.perf_counter()
+            val_loss, val_acc = evaluate()
+            metrics.write({"epoch": epoch, "step": step, "time": time.time(), "val_loss": val_loss,
+                           "val_accuracy": val_acc, "eval_s": round(time.perf_counter() - t_eval, 3)})
+            say.print(f"epoch {epoch} step {step}: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}")
+            last_eval_step = step
+        if checkpoint.should_save(step, cfg.checkpoint.every_steps, total):
+            ref = writer.save(state, step, epoch)
+            if ref is not None and step == total:
+                say.print(f"checkpoint: {ref.path}")
+    wall_loop = time.perf_counter() - t_loop
+    steplog.close()
+    progress.maybe_print(total, loss, force=start < total)
+
+    # --- Per-rank summary: speed, logging cost, and a digest proving the replicas agree ---
+    steps_run = total - start
+    train_s = sum(step_times)
+    # Speed leaves out the first steps (graph tracing, allocator and pipeline warm-up).
+    warmup = warmup_steps(steps_run)
+    steady = step_times[warmup:]
+    summary = {
+        "rank": dist.rank, "size": dist.size, "host": socket.gethostname(), "threads": dist.threads,
+        "start_step": start, "end_step": total, "steps_run": steps_run, "loop_s": round(wall_loop, 3),
+        "train_s": round(train_s, 3),
+        "warmup_steps": warmup,
+        "samples_per_s": round(len(steady) * cfg.train.batch_size / sum(steady), 2) if steady else 0.0,
+        "step_log_s": round(steplog.cost_s, 4),
+        "step_log_overhead": steplog.cost_s / train_s if train_s else 0.0,
+        "rss_mb_peak": round(rss_peak, 1), "last_eval_step": last_eval_step,
+        "weights_sha256": checkpoint.variables_digest(model.variables + opt.variables),
+        "wall_s": round(time.time() - t_start, 3),
+    }
+    (run_dir / "ranks").mkdir(exist_ok=True)
+    _atomic_write(run_dir / "ranks" / f"rank-{dist.rank}.json", json.dumps(summary, indent=2) + "\n")
+    summaries = dist.allgather_object(summary, name="summaries")
+    if steps_run:
+        rates = ", ".join(f"rank {s['rank']} {s['samples_per_s']:.0f}" for s in summaries)
+        overhead = max(s["step_log_overhead"] for s in summaries)
+        say.print(f"done: {steps_run} steps in {wall_loop:.1f}s; samples/s per rank "
+                  f"(first {warmup} steps left out): {rates}; "
+                  f"step-log cost {overhead:.3%} of step time")
+    else:
+        say.print(f"done: {run_dir} was already trained to step {total}; nothing to do")
+    dist.shutdown()
+    return summary
