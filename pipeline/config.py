@@ -115,6 +115,12 @@ def _check_type(key: str, value: Any, expected: type) -> Any:
     """Returns value as `expected`, or raises naming the key; ints are accepted for floats."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept any float literal for float keys.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected is not bool and isinstance(value, bool):
         raise ConfigError(f"{key} must be {expected.__name__}, got bool {value!r}")
     if not isinstance(value, expected):

@@ -1,0 +1,62 @@
+"""Shared helpers: a small real dataset, and running the real CLI alone or under mpirun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """The path of a command the test needs; under CI=true its absence fails the test."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not on PATH (make env installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    # OpenMPI refuses to start ranks as root unless told it is deliberate (containers, CI).
+    e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHONPATH=str(ROOT))
+    return e
+
+
+def pipeline(*args, timeout=600, cwd=None) -> subprocess.CompletedProcess:
+    """Runs `python -m pipeline ARGS` as one process without a launcher."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          env=env(), timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd or ROOT)
+
+
+def mpirun(np_: int, *args, timeout=600) -> subprocess.CompletedProcess:
+    """Runs `mpirun -np N python -m pipeline ARGS`: real ranks, real Horovod."""
+    mpi = require_tool("mpirun")
+    return subprocess.run([mpi, "-np", str(np_), sys.executable, "-m", "pipeline", *map(str, args)],
+                          capture_output=True, text=True, env=env(), timeout=timeout,
+                          stdin=subprocess.DEVNULL, cwd=ROOT)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """8000 train samples in 3 shards (uneven against 2 ranks) and 1000 validation samples."""
+    from pipeline.data.synth import synth
+
+    out = tmp_path_factory.mktemp("data") / "synth"
+    synth(out, samples_train=8000, samples_val=1000, shards=3, seed=1, progress=lambda *_: None)
+    return out

@@ -1,0 +1,90 @@
+"""Checkpoints on a real file system with real TensorFlow state."""
+
+import json
+import os
+
+import pytest
+
+from pipeline import checkpoint
+from pipeline.checkpoint import CheckpointWriter, latest, list_complete, should_save
+
+
+@pytest.mark.parametrize("step, every, last, expected", [
+    (200, 200, 1000, True), (199, 200, 1000, False), (1000, 300, 1000, True), (5, 0, 10, False), (10, 0, 10, True)])
+def test_should_save(step, every, last, expected):
+    assert should_save(step, every, last) is expected
+
+
+@pytest.fixture
+def state():
+    import tensorflow as tf
+
+    v = tf.Variable([1.0, 2.0, 3.0])
+    return v, tf.train.Checkpoint(model=tf.train.Checkpoint(v=v))
+
+
+def test_save_keeps_last_k_and_only_complete_ones_count(tmp_path, state):
+    v, ckpt = state
+    w = CheckpointWriter(tmp_path / "ck", keep=2, enabled=True)
+    for step in (10, 20, 30):
+        v.assign_add([1.0, 1.0, 1.0])
+        w.save(ckpt, step, epoch=1)
+    assert [r.step for r in list_complete(tmp_path / "ck")] == [20, 30]
+    # A newer directory without its completion mark (a crash mid-write) is never chosen.
+    (tmp_path / "ck" / "step-00000040").mkdir()
+    (tmp_path / "ck" / "step-00000040" / "state.index").write_bytes(b"partial")
+    # A mark that does not say complete, or names another step, is not trusted either.
+    (tmp_path / "ck" / "step-00000050").mkdir()
+    (tmp_path / "ck" / "step-00000050" / "meta.json").write_text(json.dumps({"complete": True, "step": 7}))
+    assert latest(tmp_path / "ck").step == 30
+
+
+def test_leftover_temporaries_are_removed_on_start(tmp_path, state):
+    _, ckpt = state
+    w = CheckpointWriter(tmp_path / "ck", keep=2, enabled=True)
+    w.save(ckpt, 10, epoch=1)
+    (tmp_path / "ck" / ".tmp-step-00000020-123").mkdir()
+    (tmp_path / "ck" / ".tmp-step-00000020-123" / "state.index").write_bytes(b"x")
+    CheckpointWriter(tmp_path / "ck", keep=2, enabled=True)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["step-00000010"]
+
+
+def test_failed_write_leaves_previous_checkpoint_selected(tmp_path, state):
+    _, ckpt = state
+    w = CheckpointWriter(tmp_path / "ck", keep=3, enabled=True)
+    w.save(ckpt, 10, epoch=1)
+
+    class Exploding:
+        def write(self, prefix):
+            open(prefix + ".index", "wb").write(b"half")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        w.save(Exploding(), 20, epoch=1)
+    assert latest(tmp_path / "ck").step == 10
+    assert sorted(os.listdir(tmp_path / "ck")) == ["step-00000010"]
+
+
+def test_disabled_writer_does_nothing(tmp_path, state):
+    _, ckpt = state
+    w = CheckpointWriter(tmp_path / "ck", keep=1, enabled=False)
+    assert w.save(ckpt, 10, epoch=1) is None and w.latest() is None
+    assert not (tmp_path / "ck").exists()
+
+
+def test_digest_tracks_variable_values(tmp_path, state):
+    import tensorflow as tf
+
+    v, _ = state
+    opt_var = tf.Variable([0.5])
+    ckpt = tf.train.Checkpoint(model=tf.train.Checkpoint(v=v), optimizer=tf.train.Checkpoint(m=opt_var))
+    run = tmp_path / "run"
+    w = CheckpointWriter(run / "checkpoints", keep=5, enabled=True)
+    w.save(ckpt, 1, epoch=1)
+    step1, d1 = checkpoint.digest(run)
+    w.save(ckpt, 2, epoch=1)
+    step2, d2 = checkpoint.digest(run)
+    assert (step1, step2) == (1, 2) and d1 == d2, "same values, same digest"
+    opt_var.assign([0.25])
+    w.save(ckpt, 3, epoch=1)
+    assert checkpoint.digest(run)[1] != d1, "optimizer state is part of the digest"

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+from pipeline.dist import Dist, rank_threads
+
+
+def test_threads_follow_request_then_slurm_then_binding(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert rank_threads(3, local_size=2) == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert rank_threads(0, local_size=8) == 4
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    cores = os.cpu_count()
+    bound = len(os.sched_getaffinity(0))
+    expected = bound if bound < cores else max(1, cores // 2)
+    assert rank_threads(0, local_size=2) == expected
+    assert rank_threads(0, local_size=10 * cores) >= 1
+
+
+def test_single_process_context_needs_no_mpi():
+    d = Dist()
+    assert d.is_root and d.size == 1
+    assert list(d.allreduce_sum([1.0, 2.0])) == [1.0, 2.0]
+    assert d.broadcast_object({"a": 1}, name="x") == {"a": 1}
+    assert d.allgather_object(5, name="y") == [5]
+    d.barrier()
+    tape = object()
+    assert d.gradient_tape(tape) is tape

@@ -1,0 +1,71 @@
+"""End to end: real HDF5 shards, real Horovod ranks under mpirun, real checkpoints on disk."""
+
+import json
+
+import pytest
+
+from conftest import ROOT, mpirun, pipeline, read_jsonl
+
+
+def summaries(run):
+    return [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
+
+
+@pytest.mark.mpi
+def test_two_ranks_train_resume_and_agree(tmp_path, small_dataset):
+    run = tmp_path / "run"
+    common = ["train", "--config", ROOT / "configs" / "default.yaml", "--run-dir", run,
+              "--set", f"data.dir={small_dataset}", "--set", "train.batch_size=32",
+              "--set", "checkpoint.every_steps=50", "--set", "train.deterministic=true"]
+    # 8000 samples / 2 ranks / 32 = 125 steps per epoch; stop part-way, then finish 2 epochs.
+    first = mpirun(2, *common, "--set", "train.max_steps=150")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 rank(s)" in first.stdout
+    assert first.stdout.count("pipeline: 2 rank(s)") == 1, "only rank 0 prints progress"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["ranks"] == 2 and cfg["steps_per_epoch"] == 125 and cfg["train"]["batch_size"] == 32
+    assert cfg["versions"]["horovod"] == "0.28.1" and cfg["versions"]["tensorflow"] == "2.15.1"
+
+    second = mpirun(2, *common)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming after step 150" in second.stdout
+
+    logs = [read_jsonl(run / "steps" / f"rank-{r}.jsonl") for r in (0, 1)]
+    for r, log in enumerate(logs):
+        assert [rec["step"] for rec in log] == list(range(1, 251)), f"rank {r} steps"
+        assert {rec["rank"] for rec in log} == {r} and {rec["size"] for rec in log} == {2}
+        for rec in log:
+            for key in ("epoch", "time", "step_s", "data_s", "compute_s", "samples", "loss", "rss_mb"):
+                assert key in rec
+            assert rec["data_s"] + rec["compute_s"] <= rec["step_s"] + 1e-6
+        assert log[-1]["epoch"] == 2
+    # Same weights and optimizer state on both ranks, bit for bit.
+    s = summaries(run)
+    assert len(s) == 2 and s[0]["weights_sha256"] == s[1]["weights_sha256"]
+    assert s[0]["start_step"] == 150 and s[0]["end_step"] == 250
+
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [2, 1, 2][:len(metrics)] or metrics[-1]["step"] == 250
+    assert metrics[-1]["step"] == 250 and metrics[-1]["val_accuracy"] >= 0.9, metrics
+
+    digest = pipeline("checkpoint", "digest", run)
+    assert digest.returncode == 0 and digest.stdout.startswith("step 250 sha256 ")
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000150", "step-00000200", "step-00000250"]
+
+    # A third start finds the run finished and changes nothing.
+    third = mpirun(2, *common)
+    assert third.returncode == 0 and "nothing to do" in third.stdout
+    assert len(read_jsonl(run / "steps" / "rank-0.jsonl")) == 250
+
+
+def test_single_process_without_launcher(tmp_path, small_dataset):
+    run = tmp_path / "solo"
+    r = pipeline("train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "train.max_steps=40",
+                 "--set", "checkpoint.every_steps=20")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((run / "config.json").read_text())["ranks"] == 1
+    log = read_jsonl(run / "steps" / "rank-0.jsonl")
+    assert [rec["step"] for rec in log] == list(range(1, 41)) and log[0]["size"] == 1
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [40]
+    assert pipeline("checkpoint", "digest", run).stdout.startswith("step 40 ")
