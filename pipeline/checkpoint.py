@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .fsutil import fsync_path
 
 STATE = "state"
 META = "meta.json"
@@ -42,14 +43,6 @@ class CheckpointRef:
 def should_save(step: int, every_steps: int, last_step: int) -> bool:
     """Save after `step` when it is a multiple of every_steps, and always after the last step."""
     return step == last_step or (every_steps > 0 and step % every_steps == 0)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_meta(path: Path) -> dict | None:
@@ -112,17 +105,17 @@ class CheckpointWriter:
         try:
             ckpt.write(str(tmp / STATE))
             for f in tmp.iterdir():
-                _fsync(f)
+                fsync_path(f)
             meta = {"complete": True, "step": step, "epoch": epoch, "time": time.time(), **(extra or {})}
             with open(tmp / META, "w") as f:
                 json.dump(meta, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync(tmp)
+            fsync_path(tmp)
             if final.exists():  # an incomplete directory of that name: never trusted, replaced
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync(self.directory)
+            fsync_path(self.directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -7,7 +7,6 @@ Per step each rank measures `data_s` (waiting for its batch) apart from `compute
 from __future__ import annotations
 
 import json
-import os
 import platform
 import socket
 import sys
@@ -17,16 +16,8 @@ from pathlib import Path
 from . import checkpoint, config as config_mod, dist as dist_mod, models, schedule
 from .data import reader, sharding, shards
 from .errors import UserError
+from .fsutil import atomic_write_text
 from .steplog import JsonLines, Nothing, Progress, StepLog, rss_mb
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -91,7 +82,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         (run_dir / "steps").mkdir(parents=True, exist_ok=True)
     hosts = dist.allgather_object(socket.gethostname(), name="hosts")
     if dist.is_root:
-        _atomic_write(run_dir / "config.json", config_mod.dumps(
+        atomic_write_text(run_dir / "config.json", config_mod.dumps(
             cfg, ranks=dist.size, hosts=hosts, threads_per_rank=dist.threads, backend=dist.backend,
             global_batch=global_batch, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
             dropped_train_samples=plan.dropped, dataset=str(manifest.dir.resolve()), versions=_versions()))
@@ -220,7 +211,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         "wall_s": round(time.time() - t_start, 3),
     }
     (run_dir / "ranks").mkdir(exist_ok=True)
-    _atomic_write(run_dir / "ranks" / f"rank-{dist.rank}.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run_dir / "ranks" / f"rank-{dist.rank}.json", json.dumps(summary, indent=2) + "\n")
     summaries = dist.allgather_object(summary, name="summaries")
     if steps_run:
         rates = ", ".join(f"rank {s['rank']} {s['samples_per_s']:.0f}" for s in summaries)

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
+from ..fsutil import atomic_write_text, fsync_path, temp_name
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -69,21 +70,13 @@ def open_shard(path: Path) -> h5py.File:
     return h5py.File(path, "r", locking=False)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """Writes one shard from batches of samples, so memory stays bounded by one batch."""
 
     def __init__(self, path: Path, num_samples: int, shape: tuple[int, ...], num_classes: int,
                  split: str, chunk_samples: int = 256, compression: str | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_name(self.path)
         self.num_samples = num_samples
         self._pos = 0
         self._f = h5py.File(self.tmp, "w")
@@ -105,8 +98,7 @@ class ShardWriter:
         if self._pos != self.num_samples:
             raise RuntimeError(f"{self.path}: wrote {self._pos} of {self.num_samples} samples")
         self._f.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_path(self.tmp)
         digest = sha256_file(self.tmp)
         os.replace(self.tmp, self.path)
         return ShardInfo(self.path.name, self.num_samples, digest)
@@ -136,14 +128,7 @@ def write_manifest(out: Path, shape: tuple[int, ...], num_classes: int,
         **extra,
     }
     path = Path(out) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
 
 
