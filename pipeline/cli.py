@@ -25,7 +25,16 @@ def _shape(text: str) -> tuple[int, ...]:
 def cmd_data_synth(a) -> int:
     from .data.synth import synth
 
-    synth(a.out, a.samples, a.val_samples, a.shards, a.val_shards, a.shape, a.classes, a.seed)
+    synth(a.out, a.samples, a.val_samples, a.shards, a.val_shards, a.shape, a.classes, a.seed,
+          a.chunk_samples, a.compression, a.dtype)
+    return 0
+
+
+def cmd_data_convert(a) -> int:
+    from .data.convert import convert
+
+    convert(a.format, a.src, a.out, a.shards, a.val_shards, a.val_fraction, a.seed, a.chunk_samples,
+            a.compression, a.dtype)
     return 0
 
 
@@ -72,6 +81,12 @@ def cmd_checkpoint_list(a) -> int:
     return 0
 
 
+def _writer_options(p) -> None:
+    p.add_argument("--chunk-samples", type=int, default=256, help="HDF5 chunk length in samples (default 256)")
+    p.add_argument("--compression", default="none", help="none | lzf | gzip | gzip:LEVEL (default none)")
+    p.add_argument("--dtype", default="uint8", help="stored pixel type: uint8 | float16 | float32 (default uint8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pipeline", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -87,7 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", type=_shape, default=(28, 28, 1), help="H,W,C (default 28,28,1)")
     s.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     s.add_argument("--seed", type=int, default=0)
+    _writer_options(s)
     s.set_defaults(func=cmd_data_synth)
+    cv = data.add_parser("convert", help="convert mnist.npz, MNIST/Fashion-MNIST IDX or CIFAR-10 binary to shards")
+    cv.add_argument("--format", required=True, choices=["npz", "idx", "cifar10"])
+    cv.add_argument("--src", required=True, help="npz file; IDX directory; CIFAR-10 directory or .tar.gz")
+    cv.add_argument("--out", required=True, help="dataset directory to create")
+    cv.add_argument("--shards", type=int, default=4, help="training shards (default 4)")
+    cv.add_argument("--val-shards", type=int, default=1, help="validation shards (default 1)")
+    cv.add_argument("--val-fraction", type=float, default=None,
+                    help="hold out this fraction of training samples when the source has no test split (default 0.1)")
+    cv.add_argument("--seed", type=int, default=0, help="seed of the hold-out draw")
+    _writer_options(cv)
+    cv.set_defaults(func=cmd_data_convert)
     v = data.add_parser("verify", help="check every shard against manifest.json")
     v.add_argument("dir")
     v.add_argument("--fast", action="store_true", help="skip the sha256 checksums")
@@ -117,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"pipeline: error: {e}", file=sys.stderr)
+        if not e.quiet:
+            print(f"pipeline: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("pipeline: interrupted", file=sys.stderr)

@@ -28,10 +28,19 @@ class DataConfig:
     shuffle: bool = True
     # Batches tf.data keeps ready ahead of the step loop; -1 lets tf.data tune it.
     prefetch: int = -1
+    # A rank whose share fits this budget reads it into memory once; larger shares stream.
+    cache_mb: int = 4096
+    # Samples per contiguous read (rounded down to whole HDF5 chunks).
+    read_block: int = 1024
+    # Samples shuffled together: a window of blocks read, then visited in random order.
+    shuffle_buffer: int = 65536
 
     def validate(self) -> None:
         _require(self.dir != "", "data.dir must not be empty")
         _require(self.prefetch == -1 or self.prefetch >= 1, "data.prefetch must be -1 (auto) or >= 1")
+        _require(self.cache_mb >= 0, "data.cache_mb must be >= 0 (0: always stream from the shards)")
+        _require(self.read_block >= 1, "data.read_block must be >= 1")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
 
 
 @dataclass

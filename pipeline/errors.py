@@ -8,4 +8,12 @@ EXIT_USER_ERROR = 2
 
 
 class UserError(Exception):
-    """A bad flag, file, key or value; the message names it and says what is wrong."""
+    """A bad flag, file, key or value; the message names it and says what is wrong.
+
+    quiet: the same error was already reported by rank 0; this rank exits 2 silently so a
+    job prints the line once, not once per rank.
+    """
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet

@@ -41,6 +41,16 @@ def _versions() -> dict:
     return v
 
 
+def _source(manifest, split: str, plan, budget: int):
+    """In memory when this rank's share fits the budget, else streamed from the shards."""
+    need = reader.share_bytes(manifest, plan)
+    if need <= budget:
+        x, y = reader.read_share(manifest, split, plan)
+        return reader.MemorySource(x, y), f"in memory ({need / 2**20:.0f} MiB per rank)"
+    return reader.ShardSource(manifest, split), \
+        f"streamed from the shards ({need / 2**20:.0f} MiB per rank > data.cache_mb)"
+
+
 def warmup_steps(steps_run: int) -> int:
     """Steps left out of a rank's speed figure: 10, or a fifth of a short run."""
     return min(10, steps_run // 5)
@@ -52,13 +62,20 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
 
     # --- Check everything a user can get wrong before any rank joins, reads or writes ---
     manifest = shards.load_manifest(cfg.data.dir)
-    shards.check_fast(manifest)
+    shards.check_exist(manifest)
     _check_run_dir(run_dir)
     train_counts = [s.num_samples for s in manifest.shards("train")]
     val_counts = [s.num_samples for s in manifest.shards("val")]
 
     # --- Join the job; pin threads before TensorFlow runs its first op ---
     dist = dist_mod.init(cfg.train.threads)
+    # Rank 0 alone opens every shard for the fast checks (no checksums) and tells the others:
+    # hundreds of ranks each opening every shard would hammer a shared file system.
+    problems = dist.broadcast_object(list(shards.verify(manifest, checksums=False)) if dist.is_root else None,
+                                     name="data_problems")
+    if problems:
+        more = f" (and {len(problems) - 1} more; run: pipeline data verify {manifest.dir})" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more, quiet=not dist.is_root)
     import tensorflow as tf
 
     if cfg.train.deterministic:
@@ -114,11 +131,16 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     if not val_counts:
         say.print(f"pipeline: {manifest.dir} has no validation split; metrics.jsonl will stay empty")
 
-    # --- Data: this rank's share, read after the process started (h5py is not fork-safe) ---
-    x, y = reader.read_share(manifest, "train", plan)
-    batches = reader.train_dataset(x, y, plan, cfg.train.batch_size, cfg.train.seed, start, total,
-                                   cfg.data.shuffle, cfg.data.prefetch)
-    val_x, val_y = reader.read_share(manifest, "val", val_plan) if val_plan else (None, None)
+    # --- Data: this rank's share, opened after the process started (h5py is not fork-safe) ---
+    train_source, train_mode = _source(manifest, "train", plan, cfg.data.cache_mb * 2**20)
+    val_source, _ = _source(manifest, "val", val_plan, cfg.data.cache_mb * 2**20 - reader.share_bytes(manifest, plan)) \
+        if val_plan else (None, None)
+    say.print(f"pipeline: input {train_mode}")
+    block = reader.block_size(cfg.data.read_block, manifest.chunk_samples)
+    blocks = reader.cut_blocks(plan, block)
+    val_blocks = reader.cut_blocks(val_plan, block) if val_plan else []
+    batches = reader.train_dataset(train_source, blocks, plan, cfg.train.batch_size, cfg.train.seed, start, total,
+                                   cfg.data.shuffle_buffer, cfg.data.shuffle, cfg.data.prefetch)
 
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     per_sample = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
@@ -126,7 +148,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     @tf.function
     def train_step(xb, yb):
         with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=True))
+            loss = loss_fn(yb, model(reader.to_float(xb), training=True))
         # Horovod's tape averages the gradients over all ranks (ring-allreduce).
         grads = dist.gradient_tape(tape).gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
@@ -134,15 +156,15 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
 
     @tf.function
     def eval_step(xb, yb):
-        logits = model(xb, training=False)
+        logits = model(reader.to_float(xb), training=False)
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), yb)
         return tf.reduce_sum(per_sample(yb, logits)), tf.reduce_sum(tf.cast(hits, tf.float32))
 
     def evaluate() -> tuple[float, float]:
         """Validation loss and accuracy over every rank's share, summed exactly across ranks."""
         sums = [0.0, 0.0, 0.0]
-        if val_x is not None and len(val_x):
-            for xb, yb in reader.eval_dataset(val_x, val_y, cfg.train.batch_size):
+        if val_source is not None:
+            for xb, yb in reader.eval_batches(val_source, val_blocks, cfg.train.batch_size):
                 loss_sum, hits = eval_step(xb, yb)
                 sums[0] += float(loss_sum)
                 sums[1] += float(hits)

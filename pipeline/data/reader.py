@@ -1,14 +1,23 @@
-"""Per-rank input: read this rank's share of the shards, then feed batches through tf.data.
+"""Per-rank input: this rank's share of the shards, in a deterministic order, through tf.data.
 
-The share is read once into memory as uint8 (contiguous, chunk-aligned slices of each
-shard) and scaled to float on the fly. The order of batches is a pure function of
-(seed, epoch, rank), so a run resumed at global step s replays exactly the batches an
-uninterrupted run would have seen from s on. Shards are opened here, inside the rank's own
-process, never before a fork: h5py handles are not fork-safe.
+The share (a contiguous index range from `sharding.assign`) is cut into blocks at multiples
+of `read_block` samples in each shard's own coordinates, so each block is one contiguous,
+chunk-aligned HDF5 read. An epoch visits the blocks in a permuted order, a window of blocks
+(the shuffle buffer, `shuffle_buffer` samples) at a time, shuffling samples within the
+window. That order is a pure function of (seed, epoch, rank), and two sources follow it:
+
+- MemorySource: the whole share read once into memory, used when it fits `data.cache_mb`;
+- ShardSource: streams each window's blocks from the shards, for data larger than memory.
+
+Both give the same batches, and a run resumed at any step sees exactly the batches the
+uninterrupted run would have. Batches leave as uint8 (scaled to float inside the step), in
+stacks of several batches so tf.data's per-element cost is paid once per stack. Shards are
+opened inside the rank's own process, never before a fork: h5py handles are not fork-safe.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -16,65 +25,224 @@ import numpy as np
 from .sharding import Plan
 from .shards import Manifest, open_shard
 
+STACK = 8  # batches handed to tf.data per element
+
+
+@dataclass(frozen=True)
+class Block:
+    shard: int
+    start: int  # first sample, in the shard's own indices
+    stop: int
+    offset: int  # rank-local index of the first sample
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def cut_blocks(plan: Plan, block: int) -> list[Block]:
+    """The rank's ranges cut at multiples of `block` (shard coordinates); in order."""
+    out, offset = [], 0
+    for shard, a, b in plan.ranges:
+        s = a
+        while s < b:
+            e = min(b, (s // block + 1) * block)
+            out.append(Block(shard, s, e, offset))
+            offset += e - s
+            s = e
+    return out
+
+
+def block_size(read_block: int, chunk: int) -> int:
+    """read_block rounded down to whole chunks (at least one), so reads stay chunk-aligned."""
+    return max(chunk, read_block - read_block % chunk)
+
+
+def epoch_groups(blocks: list[Block], seed: int, epoch: int, rank: int, window: int,
+                 shuffle: bool = True) -> Iterator[tuple[list[Block], np.ndarray]]:
+    """Windows of blocks read together, each with the order (rank-local indices) its samples go in."""
+    rng = np.random.default_rng([seed, epoch, rank]) if shuffle else None
+    order = rng.permutation(len(blocks)) if shuffle else range(len(blocks))
+    group: list[Block] = []
+    size = 0
+    for i in order:
+        group.append(blocks[i])
+        size += blocks[i].size
+        if size >= window:
+            yield group, _group_order(group, rng)
+            group, size = [], 0
+    if group:
+        yield group, _group_order(group, rng)
+
+
+def _group_order(group: list[Block], rng) -> np.ndarray:
+    idx = np.concatenate([np.arange(b.offset, b.offset + b.size) for b in group])
+    return rng.permutation(idx) if rng is not None else idx
+
+
+def epoch_order(blocks: list[Block], seed: int, epoch: int, rank: int, window: int, shuffle: bool = True) -> np.ndarray:
+    """The whole epoch's order of rank-local indices (for tests and small shares)."""
+    return np.concatenate([o for _, o in epoch_groups(blocks, seed, epoch, rank, window, shuffle)])
+
+
+class MemorySource:
+    """The share in memory; `take` gathers samples by rank-local index."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+
+    def load(self, group: list[Block]) -> None:
+        pass
+
+    def take(self, idx: np.ndarray, out_x: np.ndarray, out_y: np.ndarray) -> None:
+        np.take(self.x, idx, axis=0, out=out_x)
+        np.take(self.y, idx, axis=0, out=out_y)
+
+
+class ShardSource:
+    """Streams a window's blocks from the shards into a buffer, then gathers from it."""
+
+    def __init__(self, m: Manifest, split: str):
+        self.paths = [m.path(s) for s in m.shards(split)]
+        self.shape, self.dtype = m.shape, np.dtype(m.x_dtype)
+        self._files: dict[int, object] = {}
+        self.bytes_read = 0
+
+    def _file(self, shard: int):
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open_shard(self.paths[shard])
+        return f
+
+    def load(self, group: list[Block]) -> None:
+        group = sorted(group, key=lambda b: b.offset)
+        n = sum(b.size for b in group)
+        self.x = np.empty((n, *self.shape), self.dtype)
+        self.y = np.empty((n,), np.int32)
+        self._offsets = np.array([b.offset for b in group])
+        self._starts = np.cumsum([0] + [b.size for b in group[:-1]])
+        pos = 0
+        for b in group:
+            f = self._file(b.shard)
+            f["x"].read_direct(self.x, np.s_[b.start:b.stop], np.s_[pos:pos + b.size])
+            f["y"].read_direct(self.y, np.s_[b.start:b.stop], np.s_[pos:pos + b.size])
+            pos += b.size
+        self.bytes_read += self.x.nbytes + self.y.nbytes
+
+    def take(self, idx: np.ndarray, out_x: np.ndarray, out_y: np.ndarray) -> None:
+        j = np.searchsorted(self._offsets, idx, side="right") - 1
+        pos = idx - self._offsets[j] + self._starts[j]
+        np.take(self.x, pos, axis=0, out=out_x)
+        np.take(self.y, pos, axis=0, out=out_y)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
 
 def read_share(m: Manifest, split: str, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's samples of `split` as (uint8 x, int32 y), in shard order."""
+    """This rank's samples of `split` as (x, int32 y) in rank-local order: one read per range."""
     shards = m.shards(split)
-    x = np.empty((plan.samples_per_rank, *m.shape), dtype=np.uint8)
+    x = np.empty((plan.samples_per_rank, *m.shape), dtype=m.x_dtype)
     y = np.empty((plan.samples_per_rank,), dtype=np.int32)
     pos = 0
     for shard_index, start, stop in plan.ranges:
         with open_shard(m.path(shards[shard_index])) as f:
             n = stop - start
             f["x"].read_direct(x, np.s_[start:stop], np.s_[pos:pos + n])
-            y[pos:pos + n] = f["y"][start:stop]
+            f["y"].read_direct(y, np.s_[start:stop], np.s_[pos:pos + n])
             pos += n
     return x, y
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int, shuffle: bool = True) -> np.ndarray:
-    """The order this rank visits its n samples in `epoch` (0-based)."""
-    if not shuffle:
-        return np.arange(n)
-    return np.random.default_rng([seed, epoch, rank]).permutation(n)
+def batch_stacks(source, blocks: list[Block], batch_size: int, steps_per_epoch: int, seed: int, rank: int,
+                 start_step: int, end_step: int, window: int, shuffle: bool = True,
+                 stack: int = STACK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches for global steps start_step+1 .. end_step, as (k, batch, ...) stacks, k <= stack."""
+    shape, dtype = _sample_spec(source)
+    step = start_step
+    while step < end_step:
+        epoch, first = divmod(step, steps_per_epoch)
+        batches = min(steps_per_epoch - first, end_step - step)
+        skip, need = first * batch_size, batches * batch_size
+        out_x = out_y = None
+        filled = 0
+        for group, order in epoch_groups(blocks, seed, epoch, rank, window, shuffle):
+            if skip >= len(order):
+                skip -= len(order)  # a window wholly before the resume point is never read
+                continue
+            order = order[skip:skip + need]
+            skip = 0
+            source.load(group)
+            pos = 0
+            while pos < len(order):
+                if out_x is None:
+                    k = min(stack * batch_size, need)
+                    out_x, out_y, filled = np.empty((k, *shape), dtype), np.empty((k,), np.int32), 0
+                n = min(len(out_x) - filled, len(order) - pos)
+                source.take(order[pos:pos + n], out_x[filled:filled + n], out_y[filled:filled + n])
+                filled += n
+                pos += n
+                if filled == len(out_x):
+                    yield out_x.reshape(-1, batch_size, *shape), out_y.reshape(-1, batch_size)
+                    need -= len(out_x)
+                    out_x = None
+            if need == 0:
+                break
+        step += batches
 
 
-def batch_indices(n: int, batch_size: int, steps_per_epoch: int, seed: int, rank: int,
-                  start_step: int, end_step: int, shuffle: bool = True) -> Iterator[np.ndarray]:
-    """Sample indices for global steps start_step+1 .. end_step (steps count from 1)."""
-    epoch = None
-    order = None
-    for done in range(start_step, end_step):
-        e, b = divmod(done, steps_per_epoch)
-        if e != epoch:
-            epoch, order = e, epoch_order(n, seed, e, rank, shuffle)
-        yield order[b * batch_size:(b + 1) * batch_size]
+def _sample_spec(source) -> tuple[tuple[int, ...], np.dtype]:
+    if isinstance(source, MemorySource):
+        return source.x.shape[1:], source.x.dtype
+    return source.shape, source.dtype
 
 
-def _scale(x, y):
+def to_float(x):
+    """Pixels to float32 in [0, 1], inside the step: uint8 travels, float is computed."""
     import tensorflow as tf
 
-    return tf.cast(x, tf.float32) * (1.0 / 255.0), y
+    if x.dtype == tf.uint8:
+        return tf.cast(x, tf.float32) * (1.0 / 255.0)
+    return tf.cast(x, tf.float32)
 
 
-def train_dataset(x: np.ndarray, y: np.ndarray, plan: Plan, batch_size: int, seed: int,
-                  start_step: int, end_step: int, shuffle: bool = True, prefetch: int = -1):
+def train_dataset(source, blocks: list[Block], plan: Plan, batch_size: int, seed: int, start_step: int,
+                  end_step: int, window: int, shuffle: bool = True, prefetch: int = -1):
     """tf.data batches for steps start_step+1 .. end_step, prefetched so reads overlap compute."""
     import tensorflow as tf
 
-    def gen():
-        for idx in batch_indices(len(x), batch_size, plan.steps_per_epoch, seed, plan.rank,
-                                 start_step, end_step, shuffle):
-            yield x[idx], y[idx]
+    shape, dtype = _sample_spec(source)
 
-    spec = (tf.TensorSpec((batch_size, *x.shape[1:]), tf.uint8), tf.TensorSpec((batch_size,), tf.int32))
-    ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
-    ds = ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
+    def gen():
+        yield from batch_stacks(source, blocks, batch_size, plan.steps_per_epoch, seed, plan.rank,
+                                start_step, end_step, window, shuffle)
+
+    spec = (tf.TensorSpec((None, batch_size, *shape), tf.as_dtype(dtype)),
+            tf.TensorSpec((None, batch_size), tf.int32))
+    ds = tf.data.Dataset.from_generator(gen, output_signature=spec).unbatch()
     return ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
 
 
-def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int):
-    import tensorflow as tf
+def eval_batches(source, blocks: list[Block], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The share in order, in batches (the last may be short)."""
+    shape, dtype = _sample_spec(source)
+    pending_x, pending_y = [], []
+    for block in blocks:
+        source.load([block])
+        idx = np.arange(block.offset, block.stop - block.start + block.offset)
+        x, y = np.empty((len(idx), *shape), dtype), np.empty((len(idx),), np.int32)
+        source.take(idx, x, y)
+        pending_x.append(x)
+        pending_y.append(y)
+        while sum(len(p) for p in pending_y) >= batch_size:
+            xs, ys = np.concatenate(pending_x), np.concatenate(pending_y)
+            yield xs[:batch_size], ys[:batch_size]
+            pending_x, pending_y = [xs[batch_size:]], [ys[batch_size:]]
+    if pending_y and sum(len(p) for p in pending_y):
+        yield np.concatenate(pending_x), np.concatenate(pending_y)
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
-    return ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+def share_bytes(m: Manifest, plan: Plan) -> int:
+    return plan.samples_per_rank * (m.sample_bytes + 4)

@@ -2,8 +2,8 @@
 
 A dataset directory holds HDF5 shards, each with datasets ``x`` (N, H, W, C) and ``y``
 (N,) chunked along the sample axis, and ``manifest.json`` listing every shard with its
-sample count and sha256. Shards and the manifest are written under a temporary name and
-renamed when complete, so a reader never sees half a file.
+sample count, size in bytes and sha256. Shards and the manifest are written under a
+temporary name and renamed when complete, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from ..fsutil import atomic_write_text, fsync_path, temp_name
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+X_DTYPES = ("uint8", "float16", "float32")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+DEFAULT_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class ShardInfo:
     file: str
     num_samples: int
     sha256: str
+    bytes: int | None = None  # None in manifests written before the field existed
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,14 @@ class Manifest:
     def path(self, shard: ShardInfo) -> Path:
         return self.dir / shard.file
 
+    @property
+    def sample_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.x_dtype).itemsize
+
+    @property
+    def chunk_samples(self) -> int:
+        return int(self.raw.get("chunk_samples", DEFAULT_CHUNK))
+
 
 def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.h5"
@@ -70,26 +82,46 @@ def open_shard(path: Path) -> h5py.File:
     return h5py.File(path, "r", locking=False)
 
 
+def parse_compression(text: str) -> tuple[str | None, int | None]:
+    """'none' | 'lzf' | 'gzip' | 'gzip:LEVEL' -> h5py's (compression, compression_opts)."""
+    name, _, level = text.partition(":")
+    if name == "none" and not level:
+        return None, None
+    if name == "lzf" and not level:
+        return "lzf", None
+    if name == "gzip":
+        if not level:
+            return "gzip", 4
+        if level.isdigit() and 0 <= int(level) <= 9:
+            return "gzip", int(level)
+    raise UserError(f"--compression must be none, lzf, gzip or gzip:0-9, got {text!r}")
+
+
 class ShardWriter:
     """Writes one shard from batches of samples, so memory stays bounded by one batch."""
 
     def __init__(self, path: Path, num_samples: int, shape: tuple[int, ...], num_classes: int,
-                 split: str, chunk_samples: int = 256, compression: str | None = None):
+                 split: str, chunk_samples: int = DEFAULT_CHUNK, compression: str = "none",
+                 x_dtype: str = "uint8"):
         self.path = Path(path)
         self.tmp = temp_name(self.path)
         self.num_samples = num_samples
         self._pos = 0
+        comp, level = parse_compression(compression)
         self._f = h5py.File(self.tmp, "w")
         chunk = max(1, min(chunk_samples, num_samples))
-        self._x = self._f.create_dataset("x", shape=(num_samples, *shape), dtype="uint8",
-                                         chunks=(chunk, *shape), compression=compression)
+        self._x = self._f.create_dataset("x", shape=(num_samples, *shape), dtype=x_dtype,
+                                         chunks=(chunk, *shape), compression=comp, compression_opts=level)
         self._y = self._f.create_dataset("y", shape=(num_samples,), dtype="int32",
-                                         chunks=(max(1, min(4096, num_samples)),), compression=compression)
+                                         chunks=(max(1, min(65536, num_samples)),), compression=comp,
+                                         compression_opts=level)
         self._f.attrs.update(schema_version=SCHEMA_VERSION, num_samples=num_samples,
                              num_classes=num_classes, split=split)
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
         n = len(x)
+        if self._pos + n > self.num_samples:
+            raise RuntimeError(f"{self.path}: more than the {self.num_samples} samples planned")
         self._x[self._pos:self._pos + n] = x
         self._y[self._pos:self._pos + n] = y
         self._pos += n
@@ -100,8 +132,9 @@ class ShardWriter:
         self._f.close()
         fsync_path(self.tmp)
         digest = sha256_file(self.tmp)
+        size = self.tmp.stat().st_size
         os.replace(self.tmp, self.path)
-        return ShardInfo(self.path.name, self.num_samples, digest)
+        return ShardInfo(self.path.name, self.num_samples, digest, size)
 
     def abort(self) -> None:
         try:
@@ -111,13 +144,16 @@ class ShardWriter:
 
 
 def write_manifest(out: Path, shape: tuple[int, ...], num_classes: int,
-                   splits: dict[str, Iterable[ShardInfo]], **extra) -> Path:
+                   splits: dict[str, Iterable[ShardInfo]], x_dtype: str = "uint8",
+                   chunk_samples: int = DEFAULT_CHUNK, compression: str = "none", **extra) -> Path:
     doc = {
         "schema_version": SCHEMA_VERSION,
         "shape": list(shape),
         "num_classes": num_classes,
-        "x_dtype": "uint8",
+        "x_dtype": x_dtype,
         "y_dtype": "int32",
+        "chunk_samples": chunk_samples,
+        "compression": compression,
         "splits": {
             name: {
                 "num_samples": sum(s.num_samples for s in shards),
@@ -130,6 +166,17 @@ def write_manifest(out: Path, shape: tuple[int, ...], num_classes: int,
     path = Path(out) / MANIFEST
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """The directory a new dataset is written to; refuses to mix with an existing dataset."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if (out / MANIFEST).exists():
+        raise UserError(f"{out}: already holds a dataset (manifest.json); choose another --out or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def load_manifest(data_dir: str | Path) -> Manifest:
@@ -152,12 +199,17 @@ def load_manifest(data_dir: str | Path) -> Manifest:
             raise UserError(f"{path}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}")
         splits = {}
         for name, split in raw["splits"].items():
-            shards = tuple(ShardInfo(str(s["file"]), int(s["num_samples"]), str(s["sha256"])) for s in split["shards"])
+            shards = tuple(ShardInfo(str(s["file"]), int(s["num_samples"]), str(s["sha256"]),
+                                     int(s["bytes"]) if s.get("bytes") is not None else None)
+                           for s in split["shards"])
             if sum(s.num_samples for s in shards) != int(split["num_samples"]):
                 raise UserError(f"{path}: split {name!r} num_samples does not equal the sum of its shards")
             splits[name] = shards
         m = Manifest(d, tuple(int(v) for v in raw["shape"]), int(raw["num_classes"]),
                      str(raw["x_dtype"]), str(raw["y_dtype"]), splits, raw)
+        if m.x_dtype not in X_DTYPES:
+            raise UserError(f"{path}: x_dtype {m.x_dtype!r} is not one of {', '.join(X_DTYPES)}")
+        np.dtype(m.y_dtype)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: manifest is malformed (missing or bad field {e})") from None
     if "train" not in m.splits or m.num_samples("train") == 0:
@@ -165,8 +217,8 @@ def load_manifest(data_dir: str | Path) -> Manifest:
     return m
 
 
-def check_fast(m: Manifest, splits: Iterable[str] = SPLITS) -> None:
-    """Cheap checks before any rank reads: every listed shard exists and is not empty."""
+def check_exist(m: Manifest, splits: Iterable[str] = SPLITS) -> None:
+    """The cheapest check, one stat per shard, run by every rank before joining the job."""
     for split in splits:
         for s in m.shards(split):
             p = m.path(s)
@@ -176,33 +228,115 @@ def check_fast(m: Manifest, splits: Iterable[str] = SPLITS) -> None:
                 raise UserError(f"{p}: shard is empty (0 bytes)")
 
 
-def verify(m: Manifest, checksums: bool = True) -> Iterator[str]:
-    """Full check of every shard against the manifest; yields one line per problem found."""
-    for split in m.splits:
+def _check_shard(m: Manifest, s: ShardInfo, checksums: bool) -> str | None:
+    """The first problem of one shard, as a line naming the file; None if it matches."""
+    p = m.path(s)
+    if not p.exists():
+        return f"{p}: shard listed in the manifest is missing"
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(len(HDF5_SIGNATURE))
+    if head != HDF5_SIGNATURE:
+        return f"{p}: not an HDF5 file (no HDF5 signature)"
+    if s.bytes is not None and size != s.bytes:
+        kind = "truncated" if size < s.bytes else "longer than written"
+        return f"{p}: {kind}: {size} bytes, manifest says {s.bytes}"
+    try:
+        with open_shard(p) as f:
+            for name in ("x", "y"):
+                if name not in f:
+                    return f"{p}: missing dataset {name!r}"
+            x, y = f["x"], f["y"]
+            if tuple(x.shape[1:]) != m.shape:
+                return f"{p}: x has sample shape {tuple(x.shape[1:])}, manifest says {m.shape}"
+            if x.dtype != np.dtype(m.x_dtype):
+                return f"{p}: x has dtype {x.dtype}, manifest says {m.x_dtype}"
+            if y.dtype != np.dtype(m.y_dtype):
+                return f"{p}: y has dtype {y.dtype}, manifest says {m.y_dtype}"
+            if y.ndim != 1 or len(x) != len(y):
+                return f"{p}: x has {len(x)} samples but y has shape {y.shape}"
+            if len(x) != s.num_samples:
+                return f"{p}: has {len(x)} samples, manifest says {s.num_samples}"
+            step = 1 << 20
+            for start in range(0, len(y), step):
+                labels = y[start:start + step]
+                lo, hi = int(labels.min()), int(labels.max())
+                if lo < 0 or hi >= m.num_classes:
+                    bad = lo if lo < 0 else hi
+                    return f"{p}: label {bad} out of range [0, {m.num_classes})"
+    except OSError as e:
+        first = str(e).splitlines()[0]
+        if "truncated" in first:
+            return f"{p}: truncated ({first})"
+        return f"{p}: cannot be read as HDF5 ({first})"
+    if checksums and sha256_file(p) != s.sha256:
+        return f"{p}: sha256 does not match the manifest"
+    return None
+
+
+def verify(m: Manifest, checksums: bool = True, splits: Iterable[str] | None = None) -> Iterator[str]:
+    """Checks every shard against the manifest; yields one line per bad shard."""
+    for split in (m.splits if splits is None else splits):
         for s in m.shards(split):
-            p = m.path(s)
-            if not p.exists():
-                yield f"{p}: shard listed in the manifest is missing"
-                continue
-            try:
-                with open_shard(p) as f:
-                    if "x" not in f or "y" not in f:
-                        yield f"{p}: missing dataset {'x' if 'x' not in f else 'y'}"
-                        continue
-                    x, y = f["x"], f["y"]
-                    if tuple(x.shape[1:]) != m.shape:
-                        yield f"{p}: x has sample shape {tuple(x.shape[1:])}, manifest says {m.shape}"
-                    if x.dtype != np.dtype(m.x_dtype) or y.dtype != np.dtype(m.y_dtype):
-                        yield f"{p}: dtypes x={x.dtype} y={y.dtype}, manifest says x={m.x_dtype} y={m.y_dtype}"
-                    if len(x) != len(y):
-                        yield f"{p}: x has {len(x)} samples but y has {len(y)}"
-                    if len(x) != s.num_samples:
-                        yield f"{p}: has {len(x)} samples, manifest says {s.num_samples}"
-                    labels = y[:]
-                    if len(labels) and (labels.min() < 0 or labels.max() >= m.num_classes):
-                        yield f"{p}: label out of range [0, {m.num_classes}): min {labels.min()} max {labels.max()}"
-            except OSError as e:
-                yield f"{p}: cannot be read as HDF5 ({str(e).splitlines()[0]})"
-                continue
-            if checksums and sha256_file(p) != s.sha256:
-                yield f"{p}: sha256 does not match the manifest"
+            problem = _check_shard(m, s, checksums)
+            if problem:
+                yield problem
+
+
+class SplitWriter:
+    """Streams one split's samples into its K shards in order, a shard at a time."""
+
+    def __init__(self, out: Path, split: str, total: int, shards: int, shape: tuple[int, ...],
+                 num_classes: int, chunk_samples: int = DEFAULT_CHUNK, compression: str = "none",
+                 x_dtype: str = "uint8", progress=print):
+        self.out, self.split, self.total = Path(out), split, total
+        self.count = max(1, min(shards, total))
+        self.sizes = split_counts(total, self.count)
+        self._args = (shape, num_classes, split, chunk_samples, compression, x_dtype)
+        self._progress = progress
+        self._index = -1
+        self._writer: ShardWriter | None = None
+        self._left = 0
+        self.infos: list[ShardInfo] = []
+
+    def _next(self) -> None:
+        if self._writer is not None:
+            self.infos.append(self._writer.close())
+            self._progress(f"wrote {self.out / self.infos[-1].file} ({self.infos[-1].num_samples} samples)")
+        self._index += 1
+        self._writer = None
+        if self._index < self.count:
+            name = shard_name(self.split, self._index, self.count)
+            self._writer = ShardWriter(self.out / name, self.sizes[self._index], *self._args)
+            self._left = self.sizes[self._index]
+
+    def write(self, x: np.ndarray, y: np.ndarray) -> None:
+        pos = 0
+        while pos < len(x):
+            if self._writer is None or self._left == 0:
+                self._next()
+                if self._writer is None:
+                    raise RuntimeError(f"{self.split}: more than the {self.total} samples planned")
+            n = min(self._left, len(x) - pos)
+            self._writer.write(x[pos:pos + n], y[pos:pos + n])
+            self._left -= n
+            pos += n
+
+    def close(self) -> list[ShardInfo]:
+        while self._index < self.count:
+            if self._writer is not None and self._left:
+                raise RuntimeError(f"{self.split}: {self._left} samples short of the planned {self.total}")
+            self._next()
+        return self.infos
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        for info in self.infos:
+            (self.out / info.file).unlink(missing_ok=True)
+
+
+def split_counts(total: int, shards: int) -> list[int]:
+    """Sample counts per shard, as equal as possible (the first ones take the remainder)."""
+    base, extra = divmod(total, shards)
+    return [base + (i < extra) for i in range(shards)]

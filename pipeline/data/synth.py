@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .shards import ShardWriter, shard_name, write_manifest
+from .shards import SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, shard_name, write_manifest
 
 MAX_SHIFT = 3
 
@@ -61,16 +61,10 @@ def samples(protos: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.nd
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8), labels
 
 
-def split_counts(total: int, shards: int) -> list[int]:
-    """Sample counts per shard, as equal as possible (the first ones take the remainder)."""
-    base, extra = divmod(total, shards)
-    return [base + (i < extra) for i in range(shards)]
-
-
 def synth(out: str | Path, samples_train: int = 20000, samples_val: int = 2000, shards: int = 4,
           val_shards: int = 1, shape: tuple[int, int, int] = (28, 28, 1), num_classes: int = 10,
-          seed: int = 0, chunk_samples: int = 256, progress=print) -> Path:
-    out = Path(out)
+          seed: int = 0, chunk_samples: int = 256, compression: str = "none", x_dtype: str = "uint8",
+          progress=print) -> Path:
     if samples_train <= 0:
         raise UserError(f"--samples must be > 0, got {samples_train}")
     if samples_val < 0:
@@ -81,32 +75,33 @@ def synth(out: str | Path, samples_train: int = 20000, samples_val: int = 2000, 
         raise UserError(f"--classes must be >= 2, got {num_classes}")
     if len(shape) != 3 or min(shape) <= 0 or shape[0] < 12 or shape[1] < 12:
         raise UserError(f"--shape must be H,W,C with H and W >= 12, got {shape}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    if (out / "manifest.json").exists():
-        raise UserError(f"{out}: already holds a dataset (manifest.json); choose another --out or remove it")
-    out.mkdir(parents=True, exist_ok=True)
+    if chunk_samples <= 0:
+        raise UserError(f"--chunk-samples must be > 0, got {chunk_samples}")
+    if x_dtype not in X_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(X_DTYPES)}, got {x_dtype!r}")
+    parse_compression(compression)
+    out = prepare_out_dir(out)
     protos = prototypes(num_classes, shape, seed)
     t0 = time.perf_counter()
     written = {}
     plan = [("train", samples_train, shards)]
     if samples_val > 0:
-        plan.append(("val", samples_val, min(val_shards, samples_val)))
+        plan.append(("val", samples_val, val_shards))
     for split, total, count in plan:
-        infos = []
-        for i, n in enumerate(split_counts(total, count)):
-            rng = np.random.default_rng([seed, 1 + (split == "val"), i])
-            writer = ShardWriter(out / shard_name(split, i, count), n, shape, num_classes, split, chunk_samples)
-            try:
+        sink = SplitWriter(out, split, total, count, shape, num_classes, chunk_samples, compression, x_dtype,
+                           progress)
+        try:
+            for i, n in enumerate(sink.sizes):
+                # One generator per shard: a shard's content depends only on (seed, split, index).
+                rng = np.random.default_rng([seed, 1 + (split == "val"), i])
                 for start in range(0, n, 4096):
-                    writer.write(*samples(protos, min(4096, n - start), rng))
-                infos.append(writer.close())
-            except BaseException:
-                writer.abort()
-                raise
-            progress(f"wrote {out / infos[-1].file} ({n} samples)")
-        written[split] = infos
-    path = write_manifest(out, shape, num_classes, written, source="synth",
+                    x, y = samples(protos, min(4096, n - start), rng)
+                    sink.write(x if x_dtype == "uint8" else (x / 255.0).astype(x_dtype), y)
+            written[split] = sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+    path = write_manifest(out, shape, num_classes, written, x_dtype, chunk_samples, compression, source="synth",
                           synth={"seed": seed, "max_shift": MAX_SHIFT})
     progress(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
     return path

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.data import shards
-from pipeline.data.synth import prototypes, samples, split_counts, synth
+from pipeline.data.shards import split_counts
+from pipeline.data.synth import prototypes, samples, synth
 from pipeline.errors import UserError
 
 
@@ -75,18 +76,81 @@ def test_manifest_errors_name_the_file(tmp_path, dataset):
         shards.load_manifest(dataset)
 
 
-def test_fast_check_and_verify_find_problems(dataset):
+def test_check_exist_names_a_missing_shard(dataset):
     m = shards.load_manifest(dataset)
-    shards.check_fast(m)
-    first, second = (m.path(s) for s in m.shards("train"))
-    # A shard whose bytes changed: the checksum catches it; --fast does not read checksums.
-    with h5py.File(second, "r+") as f:
-        f["y"][0] = (f["y"][0] + 1) % 10
-    problems = list(shards.verify(m))
-    assert len(problems) == 1 and str(second) in problems[0] and "sha256" in problems[0]
-    assert list(shards.verify(m, checksums=False)) == []
-    first.write_bytes(b"not an hdf5 file")
-    assert any(str(first) in p and "cannot be read as HDF5" in p for p in shards.verify(m))
+    shards.check_exist(m)
+    first = m.path(m.shards("train")[0])
     first.unlink()
     with pytest.raises(UserError, match=rf"{first.name}: shard listed in .* is missing"):
-        shards.check_fast(m)
+        shards.check_exist(m)
+
+
+def _rewrite(path, x=None, y=None, drop=None):
+    """Replaces a shard's datasets in place (the manifest keeps the old description)."""
+    with h5py.File(path, "r+") as f:
+        if drop:
+            del f[drop]
+        if x is not None:
+            del f["x"]
+            f["x"] = x
+        if y is not None:
+            del f["y"]
+            f["y"] = y
+
+
+CORRUPTIONS = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "truncated"),
+    "not hdf5": (lambda p: p.write_bytes(b"PK\x03\x04 this is a zip, not HDF5" * 100), "not an HDF5 file"),
+    "missing dataset": (lambda p: _rewrite(p, drop="y"), "missing dataset 'y'"),
+    "wrong shape": (lambda p: _rewrite(p, x=np.zeros((150, 28, 27, 1), np.uint8)), "sample shape (28, 27, 1)"),
+    "wrong dtype": (lambda p: _rewrite(p, x=np.zeros((150, 28, 28, 1), np.float32)), "x has dtype float32"),
+    "count mismatch": (lambda p: _rewrite(p, x=np.zeros((149, 28, 28, 1), np.uint8),
+                                          y=np.zeros(149, np.int32)), "has 149 samples, manifest says 150"),
+    "x y lengths": (lambda p: _rewrite(p, y=np.zeros(151, np.int32)), "x has 150 samples but y has shape (151,)"),
+    "label out of range": (lambda p: _rewrite(p, y=np.full(150, 10, np.int32)), "label 10 out of range [0, 10)"),
+    "checksum": (lambda p: _flip_a_pixel(p), "sha256 does not match"),
+}
+
+
+def _flip_a_pixel(path):
+    with h5py.File(path, "r+") as f:
+        f["x"][0, 0, 0, 0] ^= 0xFF
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_verify_names_the_file_and_the_problem(tmp_path, case):
+    from conftest import pipeline
+
+    synth(tmp_path / "d", samples_train=300, samples_val=60, shards=2, progress=lambda *_: None)
+    m = shards.load_manifest(tmp_path / "d")
+    victim = m.path(m.shards("train")[1])
+    corrupt, words = CORRUPTIONS[case]
+    corrupt(victim)
+    if case not in ("truncated", "not hdf5", "checksum"):
+        # Rewriting datasets changes the file size; keep the manifest's size so the
+        # structural check, not the size check, is what speaks.
+        doc = json.loads((tmp_path / "d" / "manifest.json").read_text())
+        doc["splits"]["train"]["shards"][1]["bytes"] = victim.stat().st_size
+        (tmp_path / "d" / "manifest.json").write_text(json.dumps(doc))
+    r = pipeline("data", "verify", tmp_path / "d")
+    assert r.returncode == 2, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(victim) in lines[0] and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    fast = pipeline("data", "verify", "--fast", tmp_path / "d")
+    assert (fast.returncode == 0) == (case == "checksum"), "--fast skips only the checksum"
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "manifest missing"), ("{oops", "not valid JSON"), ('{"schema_version": 1}', "malformed"),
+    ('{"schema_version": 99}', "schema_version 99")])
+def test_verify_manifest_problems(tmp_path, content, words):
+    from conftest import pipeline
+
+    synth(tmp_path / "d", samples_train=50, samples_val=0, shards=1, progress=lambda *_: None)
+    if content is None:
+        (tmp_path / "d" / "manifest.json").unlink()
+    else:
+        (tmp_path / "d" / "manifest.json").write_text(content)
+    r = pipeline("data", "verify", tmp_path / "d")
+    assert r.returncode == 2 and "manifest.json" in r.stderr and words in r.stderr, r.stderr
