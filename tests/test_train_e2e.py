@@ -69,3 +69,44 @@ def test_single_process_without_launcher(tmp_path, small_dataset):
     assert [rec["step"] for rec in log] == list(range(1, 41)) and log[0]["size"] == 1
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [40]
     assert pipeline("checkpoint", "digest", run).stdout.startswith("step 40 ")
+
+
+@pytest.mark.mpi
+def test_more_ranks_than_shards_uneven_total_streaming(tmp_path):
+    """One shard of 1001 samples, 2 ranks, nothing cached: both ranks run the same steps."""
+    from pipeline.data.synth import synth
+
+    data = tmp_path / "one-shard"
+    synth(data, samples_train=1001, samples_val=101, shards=1, seed=2, progress=lambda *_: None)
+    run = tmp_path / "run"
+    r = mpirun(2, "train", "--run-dir", run, "--set", f"data.dir={data}", "--set", "train.batch_size=16",
+               "--set", "data.cache_mb=0", "--set", "data.read_block=128", "--set", "data.shuffle_buffer=256",
+               "--set", "train.epochs=2", "--set", "model.name=mlp")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "streamed from the shards" in r.stdout
+    # 1001 // 2 = 500 per rank, cut to 31 batches of 16: 496 each, 9 left out, said once.
+    assert r.stdout.count("9 of 1001 training samples are left out") == 1
+    logs = [read_jsonl(run / "steps" / f"rank-{k}.jsonl") for k in (0, 1)]
+    assert [x["step"] for x in logs[0]] == [x["step"] for x in logs[1]] == list(range(1, 63))
+    s = summaries(run)
+    assert s[0]["weights_sha256"] == s[1]["weights_sha256"]
+
+
+@pytest.mark.mpi
+def test_corrupt_shard_stops_every_rank_with_one_line(tmp_path, small_dataset):
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    data = tmp_path / "d"
+    shutil.copytree(small_dataset, data)
+    victim = sorted(data.glob("train-*.h5"))[2]
+    with h5py.File(victim, "r+") as f:
+        f["y"][5] = 99  # a label out of range: found by rank 0's fast check
+    r = mpirun(2, "train", "--run-dir", tmp_path / "run", "--set", f"data.dir={data}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("pipeline: error:")]
+    assert len(errors) == 1 and str(victim) in errors[0] and "label 99 out of range" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "steps").exists()
