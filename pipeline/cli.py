@@ -87,6 +87,13 @@ def _writer_options(p) -> None:
     p.add_argument("--dtype", default="uint8", help="stored pixel type: uint8 | float16 | float32 (default uint8)")
 
 
+def cmd_bench_data(a) -> int:
+    from .bench import data
+
+    data.run(a.dir, a.batch_size, a.repeats, a.read_block, a.shuffle_buffer, a.threads, a.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pipeline", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -134,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     ls = c.add_parser("list", help="complete checkpoints, oldest first")
     ls.add_argument("run_dir")
     ls.set_defaults(func=cmd_checkpoint_list)
+    b = verbs.add_parser("bench", help="benchmarks measured against baselines in the same run").add_subparsers(
+        dest="bench_verb", required=True, parser_class=_Parser)
+    bd = b.add_parser("data", help="reader vs raw h5py read vs training consumption, per rank")
+    bd.add_argument("dir")
+    bd.add_argument("--batch-size", type=int, default=64)
+    bd.add_argument("--repeats", type=int, default=3)
+    bd.add_argument("--read-block", type=int, default=4096)
+    bd.add_argument("--shuffle-buffer", type=int, default=65536)
+    bd.add_argument("--threads", type=int, default=0)
+    bd.add_argument("--json", help="also write the results here")
+    bd.set_defaults(func=cmd_bench_data)
     return p
 
 

@@ -31,7 +31,7 @@ class DataConfig:
     # A rank whose share fits this budget reads it into memory once; larger shares stream.
     cache_mb: int = 4096
     # Samples per contiguous read (rounded down to whole HDF5 chunks).
-    read_block: int = 1024
+    read_block: int = 4096
     # Samples shuffled together: a window of blocks read, then visited in random order.
     shuffle_buffer: int = 65536
 

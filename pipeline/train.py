@@ -182,7 +182,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     rss_peak = 0.0
     last_eval_step = start
     loss = float("nan")
-    it = iter(batches)
+    it = reader.batches(batches)
     t_loop = time.perf_counter()
     for step in range(start + 1, total + 1):
         epoch = (step - 1) // plan.steps_per_epoch + 1

@@ -86,7 +86,7 @@ def test_train_dataset_hands_out_uint8_batches(small_dataset):
     source = MemorySource(*reader.read_share(m, "train", plan))
     blocks = cut_blocks(plan, 256)
     ds = reader.train_dataset(source, blocks, plan, 16, seed=1, start_step=5, end_step=30, window=1000)
-    batches = list(ds)
+    batches = list(reader.batches(ds))
     assert len(batches) == 25
     expected = stacks_to_batches(batch_stacks(source, blocks, 16, plan.steps_per_epoch, 1, 0, 5, 30, 1000))
     for (xb, yb), (xe, ye) in zip(batches, expected):

@@ -1,0 +1,178 @@
+"""`pipeline bench data DIR`: the reader against the raw read of the same shards, and against
+what training consumes, measured side by side in one run.
+
+Per rank (run it alone or under `mpirun -np N` for N concurrent readers):
+- raw: the rank's share read with one contiguous h5py `read_direct` per range into a
+  preallocated numpy array: the limit for reading these files with h5py;
+- reader: one epoch of the training input pipeline in streaming mode (windowed shuffle,
+  chunk-aligned block reads, tf.data with prefetch), consumed batch by batch as the step
+  loop does; and the same from the in-memory cache;
+- both cold (every shard's pages dropped from the page cache first, with
+  posix_fadvise(DONTNEED): data coming from storage, as it must when it is larger than
+  memory; the case the target is set for) and warm (a second read of cached pages, where a
+  memory copy, not storage, is the limit);
+- consumption: samples/s of the default model's training step at the same batch size and
+  thread count (allreduce included under mpirun).
+Phases run in the same order on every rank between barriers, so ranks compete for the disk
+and cores as they would in training; each is repeated and reported as median [min-max].
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from .stats import fmt, summary
+
+
+def _time_raw(m, plan) -> float:
+    from ..data import reader
+
+    t0 = time.perf_counter()
+    reader.read_share(m, "train", plan)
+    return time.perf_counter() - t0
+
+
+def _evict(m) -> None:
+    """Drops the shards' pages from the page cache (no root needed for files one can open)."""
+    import os
+
+    for s in m.shards("train"):
+        fd = os.open(m.path(s), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _time_reader(source, blocks, plan, batch_size: int, window: int) -> float:
+    from ..data import reader
+
+    ds = reader.train_dataset(source, blocks, plan, batch_size, seed=0, start_step=0,
+                              end_step=plan.steps_per_epoch, window=window)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in reader.batches(ds):
+        n += 1
+    elapsed = time.perf_counter() - t0
+    assert n == plan.steps_per_epoch
+    return elapsed
+
+
+def _consumption(m, dist, batch_size: int, steps: int = 30, warmup: int = 5) -> float:
+    import numpy as np
+    import tensorflow as tf
+
+    from .. import models
+    from ..data import reader
+
+    model = models.build("cnn", m.shape, m.num_classes)
+    opt = tf.keras.optimizers.Adam(1e-3)
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(0)
+    xb = tf.constant(rng.integers(0, 256, (batch_size, *m.shape), dtype=np.uint8).astype(m.x_dtype))
+    yb = tf.constant(rng.integers(0, m.num_classes, batch_size, dtype=np.int32))
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(reader.to_float(x), training=True))
+        grads = dist.gradient_tape(tape).gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for _ in range(warmup):
+        float(step(xb, yb))
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        float(step(xb, yb))
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int = 4096,
+        shuffle_buffer: int = 65536, threads: int = 0, json_out: str | None = None, out=sys.stdout) -> dict:
+    from .. import dist as dist_mod
+    from ..data import reader, sharding, shards
+
+    m = shards.load_manifest(data_dir)
+    shards.check_exist(m, ["train"])
+    if m.raw.get("compression", "none") != "none":
+        print(f"note: {data_dir} is compressed ({m.raw['compression']}); the raw read decompresses too", file=out)
+    dist = dist_mod.init(threads)
+    plan = sharding.assign([s.num_samples for s in m.shards("train")], dist.rank, dist.size, batch_size)
+    if plan.steps_per_epoch == 0:
+        raise UserError(f"{data_dir}: too few samples for one batch of {batch_size} per rank")
+    blocks = reader.cut_blocks(plan, reader.block_size(read_block, m.chunk_samples))
+    share_mb = plan.samples_per_rank * (m.sample_bytes + 4) / 1e6
+    samples = plan.samples_per_rank
+
+    def timed(phase: str, cold: bool) -> float:
+        dist.barrier()
+        if cold:
+            _evict(m)
+            dist.barrier()  # every rank's shards are out of the cache before anyone reads
+        if phase == "raw":
+            return samples / _time_raw(m, plan)
+        source = reader.ShardSource(m, "train")
+        try:
+            return samples / _time_reader(source, blocks, plan, batch_size, shuffle_buffer)
+        finally:
+            source.close()
+
+    results = {k: [] for k in ("raw_cold", "stream_cold", "raw_warm", "stream_warm", "memory")}
+    cached = reader.MemorySource(*reader.read_share(m, "train", plan))
+    for r in range(repeats):
+        # Alternate the order so neither side always runs second.
+        order = ("raw", "stream") if r % 2 == 0 else ("stream", "raw")
+        for phase in order:
+            results[f"{phase}_cold"].append(timed(phase, cold=True))
+        for phase in order:
+            timed(phase, cold=False)  # bring the share into the page cache
+            results[f"{phase}_warm"].append(timed(phase, cold=False))
+        dist.barrier()
+        results["memory"].append(samples / _time_reader(cached, blocks, plan, batch_size, shuffle_buffer))
+    consume = [_consumption(m, dist, batch_size)]
+
+    def ratio(a, b):
+        return summary([x / y for x, y in zip(a, b)])
+
+    mine = {"rank": dist.rank, "samples": samples, "share_mb": share_mb,
+            **{k: summary(v) for k, v in results.items()}, "consume": summary(consume),
+            "stream_vs_raw_cold": ratio(results["stream_cold"], results["raw_cold"]),
+            "stream_vs_raw_warm": ratio(results["stream_warm"], results["raw_warm"]),
+            "stream_vs_consume": summary([s / consume[0] for s in results["stream_cold"]])}
+    ranks = dist.allgather_object(mine, name="bench_data")
+    result = {"data_dir": str(data_dir), "ranks": dist.size, "threads_per_rank": dist.threads,
+              "batch_size": batch_size, "read_block": blocks[0].size if blocks else 0,
+              "shuffle_buffer": shuffle_buffer, "sample_bytes": m.sample_bytes,
+              "per_rank": ranks,
+              "reader_vs_raw": summary([r["stream_vs_raw_cold"]["value"] for r in ranks]),
+              "reader_vs_raw_warm": summary([r["stream_vs_raw_warm"]["value"] for r in ranks]),
+              "reader_vs_consumption": summary([r["stream_vs_consume"]["value"] for r in ranks])}
+    if dist.is_root:
+        mb = (m.sample_bytes + 4) / 1e6
+        print(f"bench data: {data_dir}, {dist.size} rank(s) x {dist.threads} thread(s), batch {batch_size}, "
+              f"read block {result['read_block']}, shuffle buffer {shuffle_buffer}; samples/s, "
+              f"median [min-max] of {repeats}", file=out)
+        cols = [("raw_cold", "raw cold"), ("stream_cold", "reader cold"), ("raw_warm", "raw warm"),
+                ("stream_warm", "reader warm"), ("memory", "reader cached"), ("consume", "training")]
+        print(f"{'rank':>4} {'MB':>6} " + " ".join(f"{label:>24}" for _, label in cols), file=out)
+        for r in ranks:
+            print(f"{r['rank']:>4} {r['share_mb']:>6.0f} " + " ".join(f"{fmt(r[k]):>24}" for k, _ in cols), file=out)
+        cold_mb = summary([r["stream_cold"]["value"] * mb for r in ranks])
+        print(f"reader cold, per rank:          {fmt(cold_mb, ' MB/s')}", file=out)
+        print(f"reader / raw read (cold):       {fmt(result['reader_vs_raw'], 'x', digits=2)}  target >= 0.8x",
+              file=out)
+        print(f"reader / raw read (warm):       {fmt(result['reader_vs_raw_warm'], 'x', digits=2)}  "
+              f"(memory-copy bound: the reader copies each sample twice more to shuffle and batch it)", file=out)
+        print(f"reader / training consumption: {fmt(result['reader_vs_consumption'], 'x', digits=1)}  target >= 20x",
+              file=out)
+        if json_out:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    dist.shutdown()
+    return result
