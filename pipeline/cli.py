@@ -94,6 +94,19 @@ def cmd_bench_data(a) -> int:
     return 0
 
 
+def cmd_bench_convert(a) -> int:
+    from .bench import convert
+
+    return 0 if convert.run(a.gib, a.work, a.keep)["bounded"] else 1
+
+
+def cmd_bench_layout(a) -> int:
+    from .bench import layout
+
+    layout.run(a.samples, repeats=a.repeats, work=a.work)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pipeline", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -152,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--threads", type=int, default=0)
     bd.add_argument("--json", help="also write the results here")
     bd.set_defaults(func=cmd_bench_data)
+    bc = b.add_parser("convert", help="convert a generated multi-GiB CIFAR-10 source; report peak memory")
+    bc.add_argument("--gib", type=float, default=4.0, help="source size in GiB (default 4)")
+    bc.add_argument("--work", help="directory for the source and shards (default: a temporary one)")
+    bc.add_argument("--keep", action="store_true", help="keep the generated files")
+    bc.set_defaults(func=cmd_bench_convert)
+    bl = b.add_parser("layout", help="shard size and read rate for chunk lengths x compressions")
+    bl.add_argument("--samples", type=int, default=100000)
+    bl.add_argument("--repeats", type=int, default=3)
+    bl.add_argument("--work", help="directory for the trial datasets (default: a temporary one)")
+    bl.set_defaults(func=cmd_bench_layout)
     return p
 
 

@@ -272,7 +272,8 @@ def _cifar_source(src: Path) -> Source:
         for fname in files:
             with opener(fname) as f:
                 while block := f.read(CIFAR_RECORD * BLOCK):
-                    labels.append(np.frombuffer(block, np.uint8).reshape(-1, CIFAR_RECORD)[:, 0])
+                    # copy(): a view of the label column would keep the whole block alive.
+                    labels.append(np.frombuffer(block, np.uint8).reshape(-1, CIFAR_RECORD)[:, 0].copy())
         y = np.concatenate(labels).astype(np.int32)
         if len(y) and y.max() > 9:
             raise UserError(f"{src}: label {y.max()} out of range for CIFAR-10 (0-9)")
