@@ -329,7 +329,7 @@ def to_float(x):
 
 
 def train_dataset(source, blocks: list[Block], plan: Plan, batch_size: int, seed: int, start_step: int,
-                  end_step: int, window: int, shuffle: bool = True, prefetch: int = -1):
+                  end_step: int, window: int, shuffle: bool = True, prefetch: int = 2):
     """tf.data stacks of batches for steps start_step+1 .. end_step, prefetched so reads overlap
     compute; iterate it with `batches()`."""
     import tensorflow as tf
