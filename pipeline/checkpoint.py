@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .fsutil import fsync_path
+from .fsutil import atomic_write_text, fsync_path
 
 STATE = "state"
 META = "meta.json"
@@ -72,13 +72,37 @@ def latest(directory: Path) -> CheckpointRef | None:
     return refs[-1] if refs else None
 
 
+def best(refs: list[CheckpointRef], metric: str) -> CheckpointRef | None:
+    """The checkpoint with the best `metric` in its meta (val_loss: lowest; else highest)."""
+    scored = [r for r in refs if isinstance(r.meta.get(metric), (int, float))]
+    if not scored:
+        return None
+    pick = min if metric.endswith("loss") else max
+    return pick(scored, key=lambda r: r.meta[metric])
+
+
+def to_prune(refs: list[CheckpointRef], keep: int, keep_best: str = "") -> list[CheckpointRef]:
+    """Complete checkpoints (oldest first) to delete: all but the newest `keep`, and the best."""
+    keepers = {r.step for r in refs[-keep:]}
+    if keep_best:
+        b = best(refs, keep_best)
+        if b is not None:
+            keepers.add(b.step)
+    return [r for r in refs if r.step not in keepers]
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (disk full, quota, file size limit, I/O error)."""
+
+
 class CheckpointWriter:
     """Writes, prunes and finds checkpoints. On ranks other than 0 it is built disabled and
     every method does nothing, so the training loop never asks which rank it is."""
 
-    def __init__(self, directory: Path, keep: int, enabled: bool):
+    def __init__(self, directory: Path, keep: int, enabled: bool, keep_best: str = ""):
         self.directory = Path(directory)
         self.keep = keep
+        self.keep_best = keep_best
         self.enabled = enabled
         if enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -98,32 +122,47 @@ class CheckpointWriter:
             return None
         final = self.directory / f"step-{step:08d}"
         if read_meta(final) is not None:
-            return CheckpointRef(final, step, read_meta(final))
+            meta = read_meta(final)
+            if extra and any(meta.get(k) != v for k, v in extra.items()):
+                # Same step saved again with new facts (a metric computed after the first save).
+                meta = {**meta, **extra}
+                atomic_write_text(final / META, json.dumps(meta, indent=2))
+                self._prune()
+            return CheckpointRef(final, step, meta)
         tmp = self.directory / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            ckpt.write(str(tmp / STATE))
-            for f in tmp.iterdir():
-                fsync_path(f)
-            meta = {"complete": True, "step": step, "epoch": epoch, "time": time.time(), **(extra or {})}
-            with open(tmp / META, "w") as f:
-                json.dump(meta, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_path(tmp)
-            if final.exists():  # an incomplete directory of that name: never trusted, replaced
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_path(self.directory)
-        except BaseException:
+            self._write(ckpt, tmp, step, epoch, extra, final)
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) or type(e).__module__.startswith("tensorflow"):
+                previous = latest(self.directory)
+                raise CheckpointWriteError(
+                    f"{final}: checkpoint write failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                    f"newest complete checkpoint is still {previous.path if previous else 'none'}") from None
             raise
         self._prune()
-        return CheckpointRef(final, step, meta)
+        return CheckpointRef(final, step, read_meta(final))
+
+    def _write(self, ckpt, tmp: Path, step: int, epoch: int, extra: dict | None, final: Path) -> None:
+        """Everything into `tmp`, fsynced, the completion mark last, then one rename."""
+        ckpt.write(str(tmp / STATE))
+        for f in tmp.iterdir():
+            fsync_path(f)
+        meta = {"complete": True, "step": step, "epoch": epoch, "time": time.time(), **(extra or {})}
+        with open(tmp / META, "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp)
+        if final.exists():  # an incomplete directory of that name: never trusted, replaced
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_path(self.directory)
 
     def _prune(self) -> None:
-        for old in list_complete(self.directory)[:-self.keep]:
+        for old in to_prune(list_complete(self.directory), self.keep, self.keep_best):
             # Rename first, so a half-deleted checkpoint never looks like a candidate.
             trash = self.directory / f".trash-{old.path.name}-{os.getpid()}"
             os.rename(old.path, trash)

@@ -55,9 +55,11 @@ def cmd_data_verify(a) -> int:
 def cmd_train(a) -> int:
     from . import config, train
 
+    from .preempt import EXIT_OK, EXIT_REQUEUE
+
     cfg = config.load(a.config, a.set or [])
-    train.run(cfg, a.run_dir)
-    return 0
+    summary = train.run(cfg, a.run_dir)
+    return EXIT_REQUEUE if summary["status"] == "stopped" else EXIT_OK
 
 
 def cmd_checkpoint_digest(a) -> int:
@@ -188,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         if not e.quiet:
             print(f"pipeline: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:
+        from .checkpoint import CheckpointWriteError
+
+        if not isinstance(e, CheckpointWriteError):
+            raise
+        print(f"pipeline: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pipeline: interrupted", file=sys.stderr)
         return 130

@@ -68,6 +68,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     # Threads per rank for TensorFlow's intra-op pool; 0 picks the CPUs this rank owns.
     threads: int = 0
+    # A rank with no finished step for this long exits (code 76): its peer probably died.
+    step_timeout_s: float = 300.0
 
     def validate(self) -> None:
         _require(self.batch_size > 0, "train.batch_size must be > 0")
@@ -79,16 +81,22 @@ class TrainConfig:
         _require(self.lr_schedule in ("constant", "cosine"),
                  f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         _require(self.threads >= 0, "train.threads must be >= 0 (0 means: the CPUs this rank owns)")
+        _require(self.step_timeout_s >= 0, "train.step_timeout_s must be >= 0 (0: no watchdog)")
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 200
     keep: int = 3
+    # "" or a metric of metrics.jsonl (val_accuracy: higher is better; val_loss: lower): also
+    # checkpoint after each evaluation and keep the best one besides the last `keep`.
+    keep_best: str = ""
 
     def validate(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: only at the end)")
         _require(self.keep >= 1, "checkpoint.keep must be >= 1")
+        _require(self.keep_best in ("", "val_accuracy", "val_loss"),
+                 f"checkpoint.keep_best must be '', 'val_accuracy' or 'val_loss', got {self.keep_best!r}")
 
 
 @dataclass

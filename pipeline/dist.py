@@ -1,8 +1,8 @@
 """The one distribution context: rank, size, collectives. Nothing else initializes Horovod.
 
-Under a launcher (mpirun, srun --mpi=pmix, horovodrun) Horovod joins the ranks; run alone,
-Horovod still initializes as a world of one, and where Horovod is not installed at all a
-plain single-process context stands in, so every code path runs without MPI.
+Under a launcher (mpirun, srun --mpi=pmix, horovodrun) Horovod joins the ranks. Run alone,
+or where Horovod is not installed, a plain single-process context stands in with the same
+methods, so every code path runs without MPI.
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ def rank_threads(requested: int, local_size: int) -> int:
     if bound < cores:
         return max(1, bound)
     return max(1, cores // max(1, local_size))
+
+
+# Set by the launchers this pipeline supports: OpenMPI's mpirun, PMI/PMIx (srun --mpi=pmix,
+# MPICH, MVAPICH) and horovodrun (Gloo).
+LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MV2_COMM_WORLD_SIZE",
+                 "HOROVOD_RANK")
+
+
+def under_launcher(environ=os.environ) -> bool:
+    """True when a launcher started this process as one rank of a job."""
+    return any(v in environ for v in LAUNCHER_VARS)
 
 
 @dataclass
@@ -74,6 +85,13 @@ class Dist:
         if self._hvd is not None and self.size > 1:
             self.allreduce_sum([0.0])
 
+    def sum_in_step(self, value):
+        """Sum of a tensor over ranks, inside a compiled step: Horovod negotiates it in the same
+        cycle as the gradients and fuses it with them, so it adds no collective of its own."""
+        if self._hvd is None or self.size == 1:
+            return value
+        return self._hvd.allreduce(value, op=self._hvd.Sum, name="stop_flag")
+
     def gradient_tape(self, tape):
         # Averages gradients over ranks with ring-allreduce before the optimizer applies them.
         if self._hvd is None or self.size == 1:
@@ -93,7 +111,9 @@ def init(threads: int = 0, use_horovod: bool = True) -> Dist:
     # value already in the environment wins.
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     hvd = None
-    if use_horovod:
+    # Alone, without a launcher, there is nobody to talk to: skip MPI's singleton start-up,
+    # which spawns a daemon and fails on some login nodes and under file-size limits.
+    if use_horovod and under_launcher():
         try:
             import horovod.tensorflow as hvd
         except ImportError:

@@ -7,6 +7,7 @@ Per step each rank measures `data_s` (waiting for its batch) apart from `compute
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import sys
@@ -17,6 +18,7 @@ from . import checkpoint, config as config_mod, dist as dist_mod, models, schedu
 from .data import reader, sharding, shards
 from .errors import UserError
 from .fsutil import atomic_write_text
+from .preempt import StopSignals, Watchdog
 from .steplog import JsonLines, Nothing, Progress, StepLog, rss_mb
 
 
@@ -49,6 +51,12 @@ def _source(manifest, split: str, plan, budget: int):
         return reader.MemorySource(x, y), f"in memory ({need / 2**20:.0f} MiB per rank)"
     return reader.ShardSource(manifest, split), \
         f"streamed from the shards ({need / 2**20:.0f} MiB per rank > data.cache_mb)"
+
+
+def _signal_name(signum) -> str | None:
+    import signal
+
+    return signal.Signals(signum).name if signum else None
 
 
 def warmup_steps(steps_run: int) -> int:
@@ -113,7 +121,8 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     # Create the optimizer's slots now, so they can be restored and broadcast before step 1.
     opt.build(model.trainable_variables)
     state = tf.train.Checkpoint(model=model, optimizer=opt)
-    writer = checkpoint.CheckpointWriter(run_dir / "checkpoints", cfg.checkpoint.keep, enabled=dist.is_root)
+    writer = checkpoint.CheckpointWriter(run_dir / "checkpoints", cfg.checkpoint.keep, enabled=dist.is_root,
+                                         keep_best=cfg.checkpoint.keep_best)
 
     # --- Resume: rank 0 picks the newest complete checkpoint and tells the others ---
     ref = writer.latest()
@@ -146,13 +155,14 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     per_sample = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 
     @tf.function
-    def train_step(xb, yb):
+    def train_step(xb, yb, stop):
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(reader.to_float(xb), training=True))
         # Horovod's tape averages the gradients over all ranks (ring-allreduce).
         grads = dist.gradient_tape(tape).gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+        # Any rank's stop request reaches every rank in this same step.
+        return loss, dist.sum_in_step(stop)
 
     @tf.function
     def eval_step(xb, yb):
@@ -182,6 +192,15 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     rss_peak = 0.0
     last_eval_step = start
     loss = float("nan")
+    stopped_at = None
+    signal_to_checkpoint = None
+    go, stop = tf.constant(0.0), tf.constant(1.0)
+    signals = StopSignals(dist.rank)
+    watchdog = Watchdog(cfg.train.step_timeout_s, dist.rank)
+    (run_dir / "ranks").mkdir(exist_ok=True)
+    atomic_write_text(run_dir / "ranks" / f"rank-{dist.rank}.json", json.dumps(
+        {"rank": dist.rank, "pid": os.getpid(), "host": socket.gethostname(), "status": "running",
+         "start_step": start}) + "\n")
     it = reader.batches(batches)
     t_loop = time.perf_counter()
     for step in range(start + 1, total + 1):
@@ -189,8 +208,10 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         t0 = time.perf_counter()
         xb, yb = next(it)
         t1 = time.perf_counter()
-        loss = float(train_step(xb, yb))  # reading the loss waits for the whole step
+        loss_t, stops = train_step(xb, yb, stop if signals.requested else go)
+        loss = float(loss_t)  # reading the loss waits for the whole step
         t2 = time.perf_counter()
+        watchdog.progress()
         rss = rss_mb()
         rss_peak = max(rss_peak, rss)
         step_times.append(t2 - t0)
@@ -199,6 +220,18 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
                        "samples": cfg.train.batch_size, "loss": loss, "rss_mb": round(rss, 1)})
         progress.maybe_print(step, loss)
 
+        if float(stops) > 0:
+            # Every rank saw the same sum in this step: all stop here, rank 0 saves.
+            ref = writer.save(state, step, epoch, {"stopped_by_signal": True})
+            dist.barrier()  # no rank exits (and gets the job torn down) before the save is complete
+            first_signal = min(t for t in dist.allgather_object(signals.time, name="signal_times") if t)
+            signal_to_checkpoint = time.time() - first_signal
+            stopped_at = step
+            if ref is not None:
+                say.print(f"stopped at step {step}: checkpoint {ref.path} complete {signal_to_checkpoint:.2f}s "
+                          f"after the first signal; exit 75 (run again to resume)")
+            break
+        evaluated = {}
         if step % plan.steps_per_epoch == 0 or step == total:
             t_eval = time.perf_counter()
             val_loss, val_acc = evaluate()
@@ -206,23 +239,28 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
                            "val_accuracy": val_acc, "eval_s": round(time.perf_counter() - t_eval, 3)})
             say.print(f"epoch {epoch} step {step}: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}")
             last_eval_step = step
-        if checkpoint.should_save(step, cfg.checkpoint.every_steps, total):
-            ref = writer.save(state, step, epoch)
+            evaluated = {"val_loss": val_loss, "val_accuracy": val_acc}
+        if checkpoint.should_save(step, cfg.checkpoint.every_steps, total) or (evaluated and cfg.checkpoint.keep_best):
+            ref = writer.save(state, step, epoch, evaluated)
             if ref is not None and step == total:
                 say.print(f"checkpoint: {ref.path}")
+    watchdog.close()
+    signals.close()
     wall_loop = time.perf_counter() - t_loop
     steplog.close()
-    progress.maybe_print(total, loss, force=start < total)
+    end = stopped_at or total
+    progress.maybe_print(end, loss, force=start < end and stopped_at is None)
 
     # --- Per-rank summary: speed, logging cost, and a digest proving the replicas agree ---
-    steps_run = total - start
+    steps_run = end - start
     train_s = sum(step_times)
     # Speed leaves out the first steps (graph tracing, allocator and pipeline warm-up).
     warmup = warmup_steps(steps_run)
     steady = step_times[warmup:]
     summary = {
         "rank": dist.rank, "size": dist.size, "host": socket.gethostname(), "threads": dist.threads,
-        "start_step": start, "end_step": total, "steps_run": steps_run, "loop_s": round(wall_loop, 3),
+        "pid": os.getpid(), "status": "stopped" if stopped_at else "finished",
+        "start_step": start, "end_step": end, "steps_run": steps_run, "loop_s": round(wall_loop, 3),
         "train_s": round(train_s, 3),
         "warmup_steps": warmup,
         "samples_per_s": round(len(steady) * cfg.train.batch_size / sum(steady), 2) if steady else 0.0,
@@ -231,8 +269,8 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         "rss_mb_peak": round(rss_peak, 1), "last_eval_step": last_eval_step,
         "weights_sha256": checkpoint.variables_digest(model.variables + opt.variables),
         "wall_s": round(time.time() - t_start, 3),
+        "stopped_by": _signal_name(signals.signum), "signal_to_checkpoint_s": signal_to_checkpoint,
     }
-    (run_dir / "ranks").mkdir(exist_ok=True)
     atomic_write_text(run_dir / "ranks" / f"rank-{dist.rank}.json", json.dumps(summary, indent=2) + "\n")
     summaries = dist.allgather_object(summary, name="summaries")
     if steps_run:

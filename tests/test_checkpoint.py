@@ -59,7 +59,7 @@ def test_failed_write_leaves_previous_checkpoint_selected(tmp_path, state):
             open(prefix + ".index", "wb").write(b"half")
             raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device.*still .*step-00000010"):
         w.save(Exploding(), 20, epoch=1)
     assert latest(tmp_path / "ck").step == 10
     assert sorted(os.listdir(tmp_path / "ck")) == ["step-00000010"]
@@ -88,3 +88,16 @@ def test_digest_tracks_variable_values(tmp_path, state):
     opt_var.assign([0.25])
     w.save(ckpt, 3, epoch=1)
     assert checkpoint.digest(run)[1] != d1, "optimizer state is part of the digest"
+
+
+def ref(step, **meta):
+    return checkpoint.CheckpointRef(None, step, {"complete": True, "step": step, **meta})
+
+
+def test_retention_keeps_the_last_k_and_the_best():
+    refs = [ref(10, val_accuracy=0.5, val_loss=1.0), ref(20, val_accuracy=0.9, val_loss=0.2),
+            ref(30, val_accuracy=0.7, val_loss=0.1), ref(40), ref(50)]
+    assert [r.step for r in checkpoint.to_prune(refs, keep=2)] == [10, 20, 30]
+    assert [r.step for r in checkpoint.to_prune(refs, keep=2, keep_best="val_accuracy")] == [10, 30]
+    assert [r.step for r in checkpoint.to_prune(refs, keep=2, keep_best="val_loss")] == [10, 20]
+    assert checkpoint.best([ref(1), ref(2)], "val_accuracy") is None

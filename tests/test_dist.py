@@ -27,3 +27,11 @@ def test_single_process_context_needs_no_mpi():
     d.barrier()
     tape = object()
     assert d.gradient_tape(tape) is tape
+
+
+def test_launcher_detection():
+    from pipeline.dist import under_launcher
+
+    assert not under_launcher({"PATH": "/bin", "SLURM_JOB_ID": "5"})
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK"):
+        assert under_launcher({var: "0"})

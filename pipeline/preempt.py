@@ -1,0 +1,80 @@
+"""Stopping cleanly: preemption signals, the exit codes a scheduler acts on, and a watchdog.
+
+SIGTERM, SIGUSR1 or SIGINT on any rank sets a local flag; the flag rides along with the
+step's gradient allreduce, so every rank learns of it at the same step boundary without an
+extra collective. Rank 0 then writes a checkpoint and every rank exits EXIT_REQUEUE.
+A handler only sets the flag, so a second signal during the save changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # e.g. a checkpoint could not be written (disk full); earlier checkpoints are intact
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on a signal after a complete checkpoint; run again to resume
+EXIT_STALLED = 76  # no step finished within train.step_timeout_s: a peer rank died or hangs
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopSignals:
+    """Installs handlers that record the first stop signal; restores the old ones on close."""
+
+    def __init__(self, rank: int, signals=SIGNALS):
+        self.rank = rank
+        self.signum: int | None = None
+        self.time: float | None = None  # wall clock of the first signal, to time the stop
+        self._old = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum, self.time = signum, time.time()
+            print(f"rank {self.rank}: {signal.Signals(signum).name} received; stopping at the next step boundary",
+                  file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def close(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+class Watchdog:
+    """Ends the process when no step finishes for `timeout_s`: a rank whose peer died would
+    otherwise wait in the allreduce until the job's wall-time limit."""
+
+    def __init__(self, timeout_s: float, rank: int, on_stall=None):
+        self.timeout_s = timeout_s
+        self.rank = rank
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._on_stall = on_stall or self._exit
+        self._thread = threading.Thread(target=self._run, name="step-watchdog", daemon=True)
+        if timeout_s > 0:
+            self._thread.start()
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._done.wait(min(1.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                self._on_stall(idle)
+                return
+
+    def _exit(self, idle: float) -> None:
+        print(f"rank {self.rank}: no step finished for {idle:.0f}s (train.step_timeout_s={self.timeout_s:g}); "
+              f"a peer rank probably died. Exiting {EXIT_STALLED}; resume from the last complete checkpoint.",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_STALLED)
+
+    def close(self) -> None:
+        self._done.set()

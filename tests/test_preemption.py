@@ -1,0 +1,195 @@
+"""Preemption and crashes with real signals sent to real ranks under mpirun.
+
+Tests wait on conditions they can observe (step-log lines, pid files) with a deadline;
+none sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, env, pipeline, read_jsonl, require_tool
+from pipeline.checkpoint import latest
+from pipeline.preempt import EXIT_REQUEUE
+
+KILL_BOUND_S = 30  # documented in docs/checkpointing.md: mpirun ends the job this fast after a rank dies
+
+
+def start(np_: int, *args, **kw) -> subprocess.Popen:
+    mpi = require_tool("mpirun")
+    return subprocess.Popen([mpi, "-np", str(np_), sys.executable, "-m", "pipeline", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            stdin=subprocess.DEVNULL, cwd=ROOT, **kw)
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}:\n{out}\n{err}")
+        time.sleep(0.05)  # polling an observable condition, not waiting for luck
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def steps_done(run, rank: int) -> int:
+    p = run / "steps" / f"rank-{rank}.jsonl"
+    return p.read_text().count("\n") if p.exists() else 0
+
+
+def rank_pid(run, rank: int) -> int | None:
+    p = run / "ranks" / f"rank-{rank}.json"
+    try:
+        return json.loads(p.read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def common(data, run, *extra):
+    return ["train", "--config", ROOT / "configs" / "default.yaml", "--run-dir", run, "--set", f"data.dir={data}",
+            "--set", "train.batch_size=32", "--set", "train.deterministic=true", *extra]
+
+
+@pytest.mark.mpi
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path, small_dataset):
+    n = ["--set", "train.max_steps=160", "--set", "checkpoint.every_steps=50"]
+    straight = tmp_path / "straight"
+    r = subprocess.run([require_tool("mpirun"), "-np", "2", sys.executable, "-m", "pipeline",
+                        *map(str, common(small_dataset, straight, *n))],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    run = tmp_path / "interrupted"
+    proc = start(2, *common(small_dataset, run, *n))
+    wait_for(lambda: steps_done(run, 0) >= 60 and rank_pid(run, 0), "60 steps", proc)
+    os.kill(rank_pid(run, 0), signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, out + err
+    stop = latest(run / "checkpoints")
+    assert stop.meta.get("stopped_by_signal") and 60 <= stop.step < 160
+    assert [x["step"] for x in read_jsonl(run / "steps" / "rank-1.jsonl")][-1] == stop.step
+
+    resumed = subprocess.run([require_tool("mpirun"), "-np", "2", sys.executable, "-m", "pipeline",
+                              *map(str, common(small_dataset, run, *n))],
+                             capture_output=True, text=True, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming after step {stop.step}" in resumed.stdout
+    a, b = pipeline("checkpoint", "digest", straight), pipeline("checkpoint", "digest", run)
+    assert a.stdout.startswith("step 160 ") and a.stdout == b.stdout, (a.stdout, b.stdout)
+    # The same per-step losses after the resume point, on both ranks.
+    for rank in (0, 1):
+        want = {x["step"]: x["loss"] for x in read_jsonl(straight / "steps" / f"rank-{rank}.jsonl")}
+        got = {x["step"]: x["loss"] for x in read_jsonl(run / "steps" / f"rank-{rank}.jsonl") if x["step"] > stop.step}
+        assert got == {s: want[s] for s in range(stop.step + 1, 161)}
+
+
+@pytest.mark.mpi
+def test_sigusr1_to_rank_1_stops_both_ranks_at_the_same_step(tmp_path, small_dataset):
+    run = tmp_path / "run"
+    proc = start(2, *common(small_dataset, run, "--set", "checkpoint.every_steps=1000"))
+    wait_for(lambda: steps_done(run, 1) >= 30 and rank_pid(run, 1), "30 steps on rank 1", proc)
+    t_signal = time.time()
+    os.kill(rank_pid(run, 1), signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, out + err
+    last = [read_jsonl(run / "steps" / f"rank-{r}.jsonl")[-1]["step"] for r in (0, 1)]
+    assert last[0] == last[1]
+    ref = latest(run / "checkpoints")
+    assert ref.step == last[0] and ref.meta["stopped_by_signal"]
+    assert "SIGUSR1 received" in err
+    summary = json.loads((run / "ranks" / "rank-0.json").read_text())
+    assert summary["status"] == "stopped" and 0 <= summary["signal_to_checkpoint_s"] <= ref.meta["time"] - t_signal + 1
+
+
+@pytest.mark.mpi
+def test_sigkill_of_one_rank_ends_the_job_and_resume_works(tmp_path, small_dataset):
+    run = tmp_path / "run"
+    args = common(small_dataset, run, "--set", "checkpoint.every_steps=20", "--set", "train.max_steps=200")
+    proc = start(2, *args)
+    wait_for(lambda: latest(run / "checkpoints") is not None and rank_pid(run, 1), "a first checkpoint", proc)
+    t_kill = time.monotonic()
+    os.kill(rank_pid(run, 1), signal.SIGKILL)
+    proc.communicate(timeout=KILL_BOUND_S + 60)
+    elapsed = time.monotonic() - t_kill
+    assert proc.returncode != 0
+    assert elapsed < KILL_BOUND_S, f"rank 0 outlived its peer by {elapsed:.1f}s"
+    kept = latest(run / "checkpoints")
+    r = subprocess.run([require_tool("mpirun"), "-np", "2", sys.executable, "-m", "pipeline", *map(str, args)],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resuming after step {kept.step}" in r.stdout
+    assert latest(run / "checkpoints").step == 200
+
+
+def test_writer_killed_during_checkpointing_leaves_a_usable_checkpoint(tmp_path, small_dataset):
+    """SIGKILL while rank 0 checkpoints every step, as soon as a temporary checkpoint is seen.
+    Wherever the kill lands, the newest complete checkpoint restores, and the next start
+    removes the leftovers and resumes from it."""
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "model.name=mlp",
+            "--set", "checkpoint.every_steps=1", "--set", "checkpoint.keep=2", "--set", "train.max_steps=2000"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL)
+    ckpts = run / "checkpoints"
+    wait_for(lambda: len(list(ckpts.glob("step-*"))) >= 2 and list(ckpts.glob(".tmp-*")), "a checkpoint being written",
+             proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    kept = latest(ckpts)
+    assert kept is not None
+    digest = pipeline("checkpoint", "digest", run)
+    assert digest.returncode == 0 and digest.stdout.startswith(f"step {kept.step} ")
+    resumed = pipeline(*args[:-2], "--set", f"train.max_steps={kept.step + 5}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after step {kept.step}" in resumed.stdout
+    assert not list(ckpts.glob(".tmp-*")) and not list(ckpts.glob(".trash-*")), "leftovers removed"
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, small_dataset):
+    """A write that fails part-way (here: the file-size limit, EFBIG, as a full disk gives
+    ENOSPC) ends the run with one line and exit 1; the previous checkpoint stays newest."""
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "model.name=mlp",
+            "--set", "checkpoint.every_steps=10", "--set", "checkpoint.keep=5"]
+    assert pipeline(*args, "--set", "train.max_steps=20").returncode == 0
+    data_file = next((run / "checkpoints" / "step-00000020").glob("state.data-*"))
+    limit = data_file.stat().st_size // 3  # the next checkpoint's data file stops a third of the way in
+
+    failed = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args), "--set", "train.max_steps=40"],
+                            capture_output=True, text=True, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "step-00000030: checkpoint write failed" in lines[0] and "step-00000020" in lines[0]
+    assert latest(run / "checkpoints").step == 20
+    assert not list((run / "checkpoints").glob(".tmp-*")), "the partial checkpoint is removed"
+
+    done = pipeline(*args, "--set", "train.max_steps=40")
+    assert done.returncode == 0, done.stderr
+    assert "resuming after step 20" in done.stdout
+    assert latest(run / "checkpoints").step == 40
+
+
+def test_watchdog_fires_when_steps_stop():
+    import threading
+
+    from pipeline.preempt import Watchdog
+
+    fired = threading.Event()
+    idle = []
+    w = Watchdog(0.2, rank=0, on_stall=lambda s: (idle.append(s), fired.set()))
+    assert fired.wait(10), "no stall reported"
+    assert idle[0] > 0.2
+    w.close()
