@@ -110,3 +110,17 @@ def test_corrupt_shard_stops_every_rank_with_one_line(tmp_path, small_dataset):
     assert len(errors) == 1 and str(victim) in errors[0] and "label 99 out of range" in errors[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "steps").exists()
+
+
+def test_keep_best_retains_the_best_evaluated_checkpoint(tmp_path, small_dataset):
+    from pipeline.checkpoint import list_complete
+
+    run = tmp_path / "best"
+    r = pipeline("train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "model.name=mlp",
+                 "--set", "train.epochs=4", "--set", "train.batch_size=256", "--set", "checkpoint.keep=1",
+                 "--set", "checkpoint.every_steps=0", "--set", "checkpoint.keep_best=val_loss")
+    assert r.returncode == 0, r.stderr
+    evals = read_jsonl(run / "metrics.jsonl")
+    best_step = min(evals, key=lambda m: m["val_loss"])["step"]
+    kept = [c.step for c in list_complete(run / "checkpoints")]
+    assert kept == sorted({best_step, evals[-1]["step"]})
