@@ -109,6 +109,19 @@ def cmd_bench_layout(a) -> int:
     return 0
 
 
+def cmd_slurm_command(a) -> int:
+    from . import launch
+
+    env = dict(os.environ)
+    if "SLURM_JOB_NODELIST" not in env:
+        raise UserError("not inside a SLURM allocation (SLURM_JOB_NODELIST is not set)")
+    program = a.program[1:] if a.program[:1] == ["--"] else a.program
+    cmd = launch.command(a.launcher, env, launch.expand_hostnames(env["SLURM_JOB_NODELIST"]), program)
+    # NUL-separated, so the batch script can run it with any arguments intact (mapfile -d '').
+    sys.stdout.write("\0".join(cmd) + "\0")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pipeline", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
@@ -156,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = c.add_parser("list", help="complete checkpoints, oldest first")
     ls.add_argument("run_dir")
     ls.set_defaults(func=cmd_checkpoint_list)
+    sl = verbs.add_parser("slurm", help="helpers for slurm/*.sbatch").add_subparsers(
+        dest="slurm_verb", required=True, parser_class=_Parser)
+    sc = sl.add_parser("command", help="print the launcher command for this allocation, NUL-separated")
+    sc.add_argument("--launcher", default="mpirun", choices=["mpirun", "srun"])
+    sc.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
+    sc.set_defaults(func=cmd_slurm_command)
+
     b = verbs.add_parser("bench", help="benchmarks measured against baselines in the same run").add_subparsers(
         dest="bench_verb", required=True, parser_class=_Parser)
     bd = b.add_parser("data", help="reader vs raw h5py read vs training consumption, per rank")

@@ -1,0 +1,59 @@
+"""The launcher command for a SLURM allocation, built from SLURM's variables.
+
+slurm/train.sbatch asks for it (`pipeline slurm command -- PROGRAM...`), so the node list,
+ranks per node, core binding and environment pass-through are decided here, in code that
+is tested for allocations this machine cannot have (several nodes).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from .errors import UserError
+
+# Variables mpirun must carry to ranks on other nodes (it copies the whole environment only
+# to local ones). Prefixes: every variable starting with one of these is passed.
+PASS_PREFIXES = ("HOROVOD_", "NCCL_", "TF_", "OMP_", "HDF5_", "PIPELINE_", "CUDA_")
+PASS_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "SLURM_CPUS_PER_TASK")
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE ('2(x3),1') as one count per node ([2, 2, 2, 1])."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise UserError(f"SLURM_TASKS_PER_NODE: cannot parse {spec!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def expand_hostnames(nodelist: str) -> list[str]:
+    """SLURM_JOB_NODELIST expanded by `scontrol show hostnames` (SLURM's own parser)."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def command(launcher: str, env: dict, hostnames: list[str], program: list[str]) -> list[str]:
+    """The command that starts one rank of `program` per SLURM task."""
+    if not program:
+        raise UserError("no program to launch (give it after --)")
+    counts = tasks_per_node(env.get("SLURM_TASKS_PER_NODE", "1"))
+    if len(counts) != len(hostnames):
+        raise UserError(f"SLURM_TASKS_PER_NODE gives {len(counts)} nodes but the node list has {len(hostnames)}")
+    ntasks = int(env.get("SLURM_NTASKS") or sum(counts))
+    cpus = int(env.get("SLURM_CPUS_PER_TASK") or 1)
+    if launcher == "srun":
+        # PMIx lets Horovod's MPI get its ranks from SLURM directly, no mpirun daemons.
+        return ["srun", "--mpi=pmix", f"--ntasks={ntasks}", f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1",
+                *program]
+    if launcher != "mpirun":
+        raise UserError(f"LAUNCHER must be mpirun or srun, got {launcher!r}")
+    cmd = ["mpirun", "-np", str(ntasks), "--host", ",".join(f"{h}:{n}" for h, n in zip(hostnames, counts)),
+           # One rank per task, each bound to its cpus-per-task cores, as SLURM allotted them.
+           "--map-by", f"slot:PE={cpus}", "--bind-to", "core"]
+    for name in sorted(env):
+        if name in PASS_NAMES or name.startswith(PASS_PREFIXES):
+            cmd += ["-x", name]
+    return cmd + list(program)

@@ -1,0 +1,40 @@
+"""The launcher command for allocations this machine cannot have: built from a fake SLURM
+environment (a second node cannot be started here)."""
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.launch import command, tasks_per_node
+
+TWO_NODES = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4",
+             "SLURM_CPUS_PER_TASK": "8", "PATH": "/opt/venv/bin:/usr/bin", "NCCL_IB_DISABLE": "0",
+             "HOROVOD_FUSION_THRESHOLD": "67108864", "HOME": "/home/u", "SECRET_TOKEN": "x"}
+
+
+def test_tasks_per_node():
+    assert tasks_per_node("2(x2)") == [2, 2]
+    assert tasks_per_node("3,2(x2),1") == [3, 2, 2, 1]
+    with pytest.raises(UserError):
+        tasks_per_node("two")
+
+
+def test_mpirun_for_two_nodes_four_tasks():
+    cmd = command("mpirun", TWO_NODES, ["gpu01", "gpu02"], ["pipeline", "train", "--run-dir", "runs/x"])
+    assert cmd[:9] == ["mpirun", "-np", "4", "--host", "gpu01:2,gpu02:2", "--map-by", "slot:PE=8",
+                       "--bind-to", "core"]
+    passed = {cmd[i + 1] for i, a in enumerate(cmd) if a == "-x"}
+    assert passed == {"PATH", "NCCL_IB_DISABLE", "HOROVOD_FUSION_THRESHOLD", "SLURM_CPUS_PER_TASK"}
+    assert cmd[-4:] == ["pipeline", "train", "--run-dir", "runs/x"]
+
+
+def test_srun_uses_pmix():
+    cmd = command("srun", TWO_NODES, ["gpu01", "gpu02"], ["pipeline", "train"])
+    assert cmd == ["srun", "--mpi=pmix", "--ntasks=4", "--cpus-per-task=8", "--kill-on-bad-exit=1",
+                   "pipeline", "train"]
+
+
+def test_inconsistent_allocation_and_unknown_launcher():
+    with pytest.raises(UserError, match="2 nodes but the node list has 1"):
+        command("mpirun", TWO_NODES, ["gpu01"], ["p"])
+    with pytest.raises(UserError, match="LAUNCHER must be"):
+        command("aprun", TWO_NODES, ["gpu01", "gpu02"], ["p"])

@@ -1,0 +1,103 @@
+"""slurm/train.sbatch against real SLURM daemons (munged, slurmctld, slurmd) started for
+this session by slurm/local/up.sh: sbatch -> mpirun or srun -> 2 Horovod ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import IN_CI, ROOT, read_jsonl
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the SLURM tests start munged and slurmd, which needs root")
+        pytest.skip("the SLURM tests start munged and slurmd, which needs root")
+    state = tmp_path_factory.mktemp("slurm") / "cluster"
+    up = subprocess.run(["bash", str(ROOT / "slurm/local/up.sh"), str(state)], capture_output=True, text=True)
+    assert up.returncode == 0, up.stdout + up.stderr
+    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), PIPELINE=PIPELINE, TF_CPP_MIN_LOG_LEVEL="2",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    yield env
+    subprocess.run(["bash", str(ROOT / "slurm/local/down.sh"), str(state)], capture_output=True)
+
+
+def sbatch(env, args, *, wait=True, cwd=ROOT, launcher="mpirun", output=None):
+    cmd = ["sbatch", "--parsable", f"--output={output}"] + (["--wait"] if wait else []) + \
+          [str(ROOT / "slurm/train.sbatch"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(env, LAUNCHER=launcher), cwd=cwd,
+                          timeout=900)
+
+
+def job(env, jid: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "srun"])
+def test_sbatch_trains_with_two_ranks(slurm, tmp_path, small_dataset, launcher):
+    # Submitted from a directory with a site hook, as a cluster user's checkout would have.
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "site.sh").write_text('echo "site hook: module load would go here"\n')
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    r = sbatch(slurm, ["--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "train.max_steps=30"],
+               cwd=tmp_path, launcher=launcher, output=log)
+    text = log.read_text()
+    assert r.returncode == 0, r.stderr + text
+    assert "site hook: module load would go here" in text
+    assert ("srun --mpi=pmix" if launcher == "srun" else "mpirun -np 2") in text
+    for rank in (0, 1):
+        assert [x["step"] for x in read_jsonl(run / "steps" / f"rank-{rank}.jsonl")] == list(range(1, 31))
+    assert json.loads((run / "config.json").read_text())["ranks"] == 2
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path, small_dataset):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    args = ["--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "train.batch_size=32",
+            "--set", "train.max_steps=250", "--set", "checkpoint.every_steps=1000"]
+    r = sbatch(slurm, args, wait=False, output=log)
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+    steps = run / "steps" / "rank-0.jsonl"
+    deadline = time.monotonic() + 300
+    while not (steps.exists() and steps.read_text().count("\n") >= 40):
+        assert time.monotonic() < deadline, "the job never reached step 40"
+        time.sleep(0.1)  # polling the step log, an observable condition
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm, check=True)
+    while job(slurm, jid).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < deadline + 300, f"job {jid} did not finish: {job(slurm, jid)}"
+        time.sleep(0.2)
+    info, text = job(slurm, jid), log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text)
+    assert "USR1 received" in text and "requeuing job" in text and "restart 1" in text
+    stop = int(re.search(r"stopped at step (\d+)", text).group(1))
+    assert f"resuming after step {stop}" in text
+    for rank in (0, 1):
+        log_steps = read_jsonl(run / "steps" / f"rank-{rank}.jsonl")
+        assert [x["step"] for x in log_steps] == list(range(1, 251)), "no repeated or missing step"
+        gap = log_steps[stop]["time"] - log_steps[stop - 1]["time"]
+        typical = log_steps[stop - 1]["time"] - log_steps[stop - 2]["time"]
+        assert gap > 10 * typical, "the requeue shows as a gap in the step times"
+
+
+def test_invalid_config_fails_once_and_is_not_requeued(slurm, tmp_path, small_dataset):
+    log = tmp_path / "job.out"
+    r = sbatch(slurm, ["--run-dir", tmp_path / "run", "--set", f"data.dir={small_dataset}",
+                       "--set", "train.bogus=1"], output=log)
+    jid = r.stdout.strip().split(";")[0]
+    text = log.read_text()
+    assert r.returncode == 2, r.stderr + text
+    assert "pipeline: error: --set train.bogus: unknown key" in text and "Traceback" not in text
+    info = job(slurm, jid)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0"
