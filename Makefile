@@ -18,7 +18,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: env train test data clean
+.PHONY: env train test data clean slurm-up slurm-down
 
 env: $(VENV)/.ready
 
@@ -36,6 +36,14 @@ train: env data
 
 test: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# A throwaway single-node SLURM cluster (root) and the default dataset, so that
+# `sbatch slurm/train.sbatch` runs as is. Other shells: `source .slurm-local/env`.
+slurm-up: env data
+	LINK_DEFAULT=1 bash slurm/local/up.sh .slurm-local
+
+slurm-down:
+	bash slurm/local/down.sh .slurm-local
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -14,5 +14,7 @@ stop() {  # pid file, name: TERM, then KILL if it lingers
 stop "$DIR/slurmd.pid"
 stop "$DIR/slurmctld.pid"
 stop "$DIR/munge/munged.pid"
+# The default-path link that up.sh made with LINK_DEFAULT=1, only if it is ours.
+[ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$DIR/slurm.conf" ] && rm -f /etc/slurm/slurm.conf
 rm -rf "$DIR"
 echo "[slurm-down] stopped and removed $DIR"

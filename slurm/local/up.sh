@@ -67,6 +67,14 @@ NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 printf 'export SLURM_CONF=%s\n' "$DIR/slurm.conf" > "$DIR/env"
+# LINK_DEFAULT=1 (make slurm-up): where this machine has no SLURM config of its own, point the
+# default path at ours, so plain `sbatch` works without sourcing DIR/env. slurm-down unlinks it.
+DEFAULT_CONF=/etc/slurm/slurm.conf
+if [ "${LINK_DEFAULT:-0}" = 1 ] && [ ! -e "$DEFAULT_CONF" ] && [ ! -L "$DEFAULT_CONF" ]; then
+    mkdir -p "$(dirname "$DEFAULT_CONF")"
+    ln -s "$DIR/slurm.conf" "$DEFAULT_CONF"
+    log "linked $DEFAULT_CONF -> $DIR/slurm.conf (removed by slurm-down)"
+fi
 export SLURM_CONF="$DIR/slurm.conf"
 
 slurmctld
