@@ -18,7 +18,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: env train test data clean slurm-up slurm-down
+.PHONY: env train test data analyze clean slurm-up slurm-down
 
 env: $(VENV)/.ready
 
@@ -33,6 +33,10 @@ $(DATA)/manifest.json: | $(VENV)/.ready
 
 train: env data
 	mpirun -np $(NP) $(PIPELINE) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+# Offline analysis of one or more run directories: make analyze RUN="runs/a runs/b" ARGS=--json
+analyze: env
+	$(PIPELINE) analyze $(RUN) $(ARGS)
 
 test: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -62,6 +63,18 @@ def cmd_train(a) -> int:
     return EXIT_REQUEUE if summary["status"] == "stopped" else EXIT_OK
 
 
+def cmd_analyze(a) -> int:
+    from .analysis import report
+
+    result = report.analyze(a.run_dirs, target=a.target, plots_dir=a.plots, report=a.report, compare=a.compare)
+    if a.json:
+        json.dump(result, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(report.text(result))
+    return 0
+
+
 def cmd_checkpoint_digest(a) -> int:
     from .checkpoint import digest
 
@@ -100,6 +113,12 @@ def cmd_bench_convert(a) -> int:
     from .bench import convert
 
     return 0 if convert.run(a.gib, a.work, a.keep)["bounded"] else 1
+
+
+def cmd_bench_analyze(a) -> int:
+    from .bench import analyze
+
+    return 0 if analyze.run(a.ranks, a.steps, a.work)["met"] else 1
 
 
 def cmd_bench_layout(a) -> int:
@@ -161,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.batch_size=128")
     t.set_defaults(func=cmd_train)
 
+    an = verbs.add_parser("analyze", help="throughput, step-time percentiles, data wait, stragglers, scaling and "
+                                          "time to accuracy from run directories")
+    an.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    an.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the text summary")
+    an.add_argument("--plots", metavar="DIR", help="write PNG plots here")
+    an.add_argument("--report", metavar="FILE", help="one page with summary, tables and plots (.html or .md)")
+    an.add_argument("--target", type=float, default=0.9, help="validation accuracy for time to accuracy (0.9)")
+    an.add_argument("--compare", action="store_true", help="two run directories A B: the differences, figure by figure")
+    an.set_defaults(func=cmd_analyze)
+
     c = verbs.add_parser("checkpoint", help="inspect checkpoints").add_subparsers(
         dest="ckpt_verb", required=True, parser_class=_Parser)
     d = c.add_parser("digest", help="step and sha256 of the newest complete checkpoint's variables")
@@ -197,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--repeats", type=int, default=3)
     bl.add_argument("--work", help="directory for the trial datasets (default: a temporary one)")
     bl.set_defaults(func=cmd_bench_layout)
+    ba = b.add_parser("analyze", help="time and peak memory of pipeline analyze on a million step records")
+    ba.add_argument("--ranks", type=int, default=8)
+    ba.add_argument("--steps", type=int, default=125_000)
+    ba.add_argument("--work", help="directory for the generated run (default: a temporary one)")
+    ba.set_defaults(func=cmd_bench_analyze)
     return p
 
 

@@ -102,6 +102,7 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     progress_every_s: float = 5.0
+    timeline: bool = False  # a Horovod timeline in the run directory (timeline.json), for analyze
 
     def validate(self) -> None:
         _require(self.progress_every_s > 0, "log.progress_every_s must be > 0")

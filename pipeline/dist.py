@@ -98,18 +98,35 @@ class Dist:
             return tape
         return self._hvd.DistributedGradientTape(tape)
 
+    def start_timeline(self, path) -> bool:
+        """Records a Horovod timeline (rank 0 writes it, with every rank's negotiation ticks)."""
+        if self._hvd is None or os.environ.get("HOROVOD_TIMELINE") != "DYNAMIC":
+            return False
+        self._hvd.start_timeline(str(path))
+        return True
+
+    def stop_timeline(self) -> None:
+        if self._hvd is not None and os.environ.get("HOROVOD_TIMELINE") == "DYNAMIC":
+            self._hvd.stop_timeline()
+
     def shutdown(self) -> None:
         if self._hvd is not None:
             self._hvd.shutdown()
 
 
-def init(threads: int = 0, use_horovod: bool = True) -> Dist:
-    """Joins the job and pins TensorFlow's thread pools; call before TensorFlow runs any op."""
+def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False) -> Dist:
+    """Joins the job and pins TensorFlow's thread pools; call before TensorFlow runs any op.
+    timeline: let start_timeline() record a Horovod timeline once the run directory exists."""
     # Horovod's background thread shares a core with this rank's compute; OpenMPI's default
     # busy-polling in that thread steals the core. Yielding instead measured 3,300 vs 2,000
     # samples/s per rank with 2 ranks on 2 cores (docs/training.md). Read at MPI_Init; a
     # value already in the environment wins.
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    if timeline:
+        os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"  # read by hvd.init; the file comes later
+        # With the response cache on, negotiations after the first step record no per-rank
+        # ticks, so the timeline could not say who arrived last. Off costs ~6% (docs/analysis.md).
+        os.environ.setdefault("HOROVOD_CACHE_CAPACITY", "0")
     hvd = None
     # Alone, without a launcher, there is nobody to talk to: skip MPI's singleton start-up,
     # which spawns a daemon and fails on some login nodes and under file-size limits.

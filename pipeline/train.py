@@ -76,7 +76,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     val_counts = [s.num_samples for s in manifest.shards("val")]
 
     # --- Join the job; pin threads before TensorFlow runs its first op ---
-    dist = dist_mod.init(cfg.train.threads)
+    dist = dist_mod.init(cfg.train.threads, timeline=cfg.log.timeline)
     # Rank 0 alone opens every shard for the fast checks (no checksums) and tells the others:
     # hundreds of ranks each opening every shard would hammer a shared file system.
     problems = dist.broadcast_object(list(shards.verify(manifest, checksums=False)) if dist.is_root else None,
@@ -102,6 +102,8 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         if val_counts else None
     global_batch = cfg.train.batch_size * dist.size
 
+    model = models.build(cfg.model.name, manifest.shape, manifest.num_classes)
+
     # --- The run directory: rank 0 writes the resolved config; every rank its step log ---
     if dist.is_root:
         (run_dir / "steps").mkdir(parents=True, exist_ok=True)
@@ -110,11 +112,10 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         atomic_write_text(run_dir / "config.json", config_mod.dumps(
             cfg, ranks=dist.size, hosts=hosts, threads_per_rank=dist.threads, backend=dist.backend,
             global_batch=global_batch, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
-            dropped_train_samples=plan.dropped, dataset=str(manifest.dir.resolve()), versions=_versions()))
+            dropped_train_samples=plan.dropped, model_params=model.count_params(), dataset=str(manifest.dir.resolve()), versions=_versions()))
     dist.barrier()  # the run directory exists before other ranks open their logs in it
 
     # --- Model, optimizer, checkpoint state ---
-    model = models.build(cfg.model.name, manifest.shape, manifest.num_classes)
     lr = schedule.keras_schedule(base_lr=cfg.train.lr, size=dist.size, warmup_steps=cfg.train.warmup_steps,
                                  scale=cfg.train.scale_lr, schedule=cfg.train.lr_schedule, total_steps=total)
     opt = tf.keras.optimizers.Adam(lr) if cfg.train.optimizer == "adam" else tf.keras.optimizers.SGD(lr, momentum=0.9)
@@ -130,6 +131,9 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     if ref is not None:
         state.read(ref.prefix).assert_existing_objects_matched()
     dist.broadcast_variables(model.variables + opt.variables)
+    if cfg.log.timeline:
+        # Written by rank 0 with every rank's negotiation ticks; a resumed run gets its own file.
+        dist.start_timeline(run_dir / ("timeline.json" if start == 0 else f"timeline-from-{start}.json"))
 
     say.print(f"pipeline: {dist.size} rank(s) x {dist.threads} thread(s) [{dist.backend}], "
               f"global batch {global_batch}, {plan.steps_per_epoch} steps/epoch, {total} steps"
@@ -281,5 +285,6 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
                   f"step-log cost {overhead:.3%} of step time")
     else:
         say.print(f"done: {run_dir} was already trained to step {total}; nothing to do")
+    dist.stop_timeline()
     dist.shutdown()
     return summary

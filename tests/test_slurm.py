@@ -60,6 +60,10 @@ def test_sbatch_trains_with_two_ranks(slurm, tmp_path, small_dataset, launcher):
     for rank in (0, 1):
         assert [x["step"] for x in read_jsonl(run / "steps" / f"rank-{rank}.jsonl")] == list(range(1, 31))
     assert json.loads((run / "config.json").read_text())["ranks"] == 2
+    a = subprocess.run([PIPELINE, "analyze", str(run), "--json"], capture_output=True, text=True)
+    assert a.returncode == 0, a.stderr
+    s = json.loads(a.stdout)["runs"][0]
+    assert (s["ranks"], s["steps"], s["missing_ranks"], s["skipped_lines"]) == (2, 30, [], 0)
 
 
 def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path, small_dataset):

@@ -1,0 +1,1 @@
+"""Offline analysis of run directories: step logs, metrics and Horovod timelines."""

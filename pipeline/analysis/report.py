@@ -1,0 +1,203 @@
+"""`pipeline analyze`: summaries as text, JSON, plots and a one-page report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+from ..errors import UserError
+from . import logs, plots, summary as summary_mod
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1e3:.2f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _num(v, digits=0) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def text_summary(s: dict) -> list[str]:
+    lines = [f"== {s['run_dir']}"]
+    lines.append(f"ranks {s['ranks']} (logs from {s['ranks_with_logs']}), global batch {s['global_batch']}, "
+                 f"steps {s['steps']}")
+    problems = []
+    if s["missing_ranks"]:
+        problems.append(f"missing or empty rank logs: {s['missing_ranks']}")
+    if s["skipped_lines"]:
+        problems.append(f"skipped_lines {s['skipped_lines']} (unparseable or incomplete)")
+    if s["partial_last_lines"]:
+        problems.append(f"truncated last line on ranks {s['partial_last_lines']} (still being written, or cut off)")
+    if s["repeated_steps"]:
+        problems.append(f"{s['repeated_steps']} step records repeated (re-run after a crash; the last counts)")
+    lines += [f"  ! {p}" for p in problems + s["notes"]]
+    if not s["steps"]:
+        return lines
+    st = s["step_s"]
+    lines += [
+        f"warm-up: {s['warmup_steps']} steps left out ({s['warmup_rule']}); {s['steady_steps']} steady steps",
+        f"throughput: {_num(s['throughput_samples_per_s'])} samples/s (global)",
+        f"step time ms: p50 {_ms(st['p50'])}  p90 {_ms(st['p90'])}  p99 {_ms(st['p99'])}  max {_ms(st['max'])}  "
+        f"mean {_ms(st['mean'])}",
+        f"time split: data wait {_pct(s['data_wait_fraction'])}, compute+allreduce {_pct(s['compute_fraction'])} "
+        f"(of which waiting for a slower rank's batch, estimated: {_pct(s['sync_wait_fraction_estimate'])})",
+    ]
+    comm = s.get("communication", {})
+    if comm.get("source") == "timeline":
+        ph = comm["phases"]
+        parts = [f"{k} {_ms(v['per_step_s'])} ms ({_pct(v['fraction_of_step'])})" for k, v in ph.items()
+                 if k.startswith(("NEGOTIATE_ALLREDUCE", "ALLREDUCE", "MPI_ALLREDUCE", "MEMCPY", "NCCL", "QUEUE"))]
+        lines.append("communication per step (timeline): " + ", ".join(parts))
+        if comm["last_to_negotiate"]:
+            lines.append("last to negotiate: " + ", ".join(
+                f"rank {e['rank']} {e['share']:.0%} of tensors, others waited {_ms(e['late_s_per_step'])} ms/step"
+                for e in comm["last_to_negotiate"]))
+    elif comm.get("source") == "estimate":
+        lines.append(f"communication per step (estimate, vs 1-rank run {comm['baseline_run']}): "
+                     f"{_ms(comm['per_step_s'])} ms ({_pct(comm['fraction_of_step'])} of a step)")
+    elif comm.get("note"):
+        lines.append(f"communication: {comm['note']}")
+    lines.append("rank  steps  step p50 ms  data p50 ms  compute p50 ms  data wait  samples/s  RSS max MiB")
+    for r in s["per_rank"]:
+        flag = "  <- straggler" if r["rank"] in s["stragglers"] else ""
+        lines.append(f"{r['rank']:>4}  {r['steps']:>5}  {_ms(r['step_s_p50']):>11}  {_ms(r['data_s_p50']):>11}  "
+                     f"{_ms(r['compute_s_p50']):>14}  {_pct(r['data_wait_fraction']):>9}  "
+                     f"{_num(r['samples_per_s']):>9}  {_num(r['rss_mb_max']):>11}{flag}")
+    if s["stragglers"]:
+        for d in s["straggler_details"]:
+            if d["figure"] == "negotiation":
+                lines.append(f"straggler: rank {d['rank']} arrives last at negotiation; the others wait "
+                             f"{_ms(d['excess_s_per_step'])} ms per step for it")
+            else:
+                lines.append(f"straggler: rank {d['rank']} {d['figure']} median {_ms(d['median_s'])} ms vs "
+                             f"{_ms(d['others_median_s'])} ms for the others ({d['ratio']:.2f}x, above them in "
+                             f"{d['share_of_steps_above']:.0%} of steps, +{_ms(d['excess_s_per_step'])} ms per step)")
+    else:
+        lines.append("stragglers: none (rule: docs/analysis.md)")
+    tta = s["time_to_accuracy"]
+    if tta["reached"]:
+        lines.append(f"time to val_accuracy >= {tta['target']}: {_num(tta['seconds'], 1)} s "
+                     f"(step {tta['step']}, epoch {tta['epoch']})")
+    else:
+        best = tta["best_val_accuracy"]
+        lines.append(f"time to val_accuracy >= {tta['target']}: not reached"
+                     + (f" (best {best:.4f})" if best is not None else " (no evaluations)"))
+    return lines
+
+
+def scaling_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    out = ["== scaling (against the run with the fewest ranks)",
+           "ranks  global batch  samples/s  speedup  efficiency  mode"]
+    out += [f"{r['ranks']:>5}  {r['global_batch']:>12}  {_num(r['throughput_samples_per_s']):>9}  "
+            f"{r['speedup']:>7.2f}  {r['efficiency']:>10.2f}  {r['mode']}" for r in rows]
+    return out
+
+
+def compare_lines(a: dict, b: dict, rows: list[dict]) -> list[str]:
+    out = [f"== compare  A: {a['run_dir']}  B: {b['run_dir']}", f"{'figure':<26} {'A':>12} {'B':>12} {'B/A':>7}"]
+    for r in rows:
+        fa, fb = (_fmt_any(r["a"]), _fmt_any(r["b"]))
+        ratio = f"{r['b_over_a']:.3f}" if r.get("b_over_a") is not None else ""
+        out.append(f"{r['figure']:<26} {fa:>12} {fb:>12} {ratio:>7}")
+    return out
+
+
+def _fmt_any(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _safe_name(run_dir: str, i: int) -> str:
+    return f"{i}-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(run_dir).name) or "run")
+
+
+def analyze(run_dirs: list[str], *, target: float = 0.9, plots_dir: str | None = None,
+            report: str | None = None, compare: bool = False) -> dict:
+    if compare and len(run_dirs) != 2:
+        raise UserError("--compare takes exactly two run directories (A B)")
+    if report and Path(report).suffix.lower() not in (".html", ".md"):
+        raise UserError(f"--report {report}: give a .html or .md file")
+    runs = [logs.load(d) for d in run_dirs]
+    sums = [summary_mod.summarize(r, target) for r in runs]
+    summary_mod.communication_estimates(sums)
+    result = {"runs": sums}
+    rows = summary_mod.scaling(sums)
+    if rows:
+        result["scaling"] = rows
+    if compare:
+        result["compare"] = summary_mod.compare(sums[0], sums[1])
+    pics: list[list[Path]] = [[] for _ in runs]
+    scaling_png = None
+    if plots_dir or report:
+        pdir = Path(plots_dir) if plots_dir else Path(report).with_suffix("").parent / (Path(report).stem + "-plots")
+        for i, (run, s) in enumerate(zip(runs, sums)):
+            pics[i] = plots.run_plots(run, s, pdir, _safe_name(s["run_dir"], i))
+        scaling_png = plots.scaling_plot(rows, pdir)
+        result["plots"] = [str(p) for ps in pics for p in ps] + ([str(scaling_png)] if scaling_png else [])
+    if report:
+        write_report(Path(report), result, pics, scaling_png)
+        result["report"] = report
+    return result
+
+
+def text(result: dict) -> str:
+    lines = []
+    for s in result["runs"]:
+        lines += text_summary(s) + [""]
+    lines += scaling_lines(result.get("scaling", []))
+    if "compare" in result:
+        lines += compare_lines(result["runs"][0], result["runs"][1], result["compare"])
+    if result.get("plots"):
+        lines.append(f"plots: {len(result['plots'])} PNG files in {Path(result['plots'][0]).parent}")
+    if result.get("report"):
+        lines.append(f"report: {result['report']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(path: Path, result: dict, pics: list[list[Path]], scaling_png: Path | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = text(result)
+    if path.suffix.lower() == ".md":
+        parts = ["# pipeline analyze", "", "```", body.rstrip(), "```", ""]
+        for s, ps in zip(result["runs"], pics):
+            parts.append(f"## {s['run_dir']}")
+            parts += [f"![{p.stem}]({_rel(p, path.parent)})" for p in ps] + [""]
+        if scaling_png:
+            parts += ["## Scaling", f"![scaling]({_rel(scaling_png, path.parent)})", ""]
+        path.write_text("\n".join(parts))
+        return
+    # HTML: one self-contained page, plots embedded, readable offline.
+    def img(p: Path) -> str:
+        data = base64.b64encode(p.read_bytes()).decode()
+        return f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">'
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>pipeline analyze</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:8px;"
+             "overflow-x:auto}img{max-width:100%}</style></head><body><h1>pipeline analyze</h1>",
+             f"<pre>{html.escape(body)}</pre>"]
+    for s, ps in zip(result["runs"], pics):
+        parts.append(f"<h2>{html.escape(s['run_dir'])}</h2>" + "".join(img(p) for p in ps))
+    if scaling_png:
+        parts.append("<h2>Scaling</h2>" + img(scaling_png))
+    parts.append("<h2>JSON</h2><pre>" + html.escape(json.dumps(
+        {k: v for k, v in result.items() if k != "report"}, indent=1, default=str)) + "</pre></body></html>")
+    path.write_text("".join(parts))
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(p.resolve())

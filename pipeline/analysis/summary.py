@@ -1,0 +1,288 @@
+"""The figures of a run (and across runs): warm-up, throughput, step-time percentiles, data
+wait, stragglers, communication, scaling, time to accuracy. Definitions: docs/analysis.md.
+
+Everything is computed on a step x rank matrix built from the per-rank columns, so ranks
+with unequal step counts simply leave holes (NaN) that every figure ignores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import timeline as timeline_mod
+from .logs import Run
+
+WARMUP_MAX = 10          # steps left out at the start of each segment ...
+WARMUP_FRACTION = 5      # ... or a fifth of a short segment
+RESTART_GAP_S = 30.0     # idle time between two steps that means the job was restarted
+# The straggler rule (docs/analysis.md): a rank is flagged for a figure when it is above the
+# median of the other ranks in at least STRAGGLER_SHARE of the steady steps, its median is at
+# least STRAGGLER_RATIO x the others', and the excess costs at least STRAGGLER_COST of a step.
+STRAGGLER_SHARE = 0.75
+STRAGGLER_RATIO = 1.2
+STRAGGLER_COST = 0.02
+
+
+@dataclass
+class Matrix:
+    steps: np.ndarray           # (S,) global step numbers present on any rank
+    cols: dict[str, np.ndarray]  # field -> (S, R), NaN where a rank has no record
+    ranks: list[int]
+
+
+def matrix(run: Run) -> Matrix:
+    present = [r for r in sorted(run.ranks) if run.ranks[r].steps]
+    if not present:
+        return Matrix(np.empty(0), {}, [])
+    steps = np.unique(np.concatenate([run.ranks[r].cols["step"] for r in present]))
+    fields = run.ranks[present[0]].cols.keys()
+    cols = {f: np.full((len(steps), len(present)), np.nan) for f in fields}
+    for j, r in enumerate(present):
+        idx = np.searchsorted(steps, run.ranks[r].cols["step"])
+        for f in fields:
+            cols[f][idx, j] = run.ranks[r].cols[f]
+    return Matrix(steps, cols, present)
+
+
+def segments(time: np.ndarray, step_s: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) index ranges of uninterrupted training: a new one starts where the idle
+    time before a step (its start minus the previous step's end) exceeds RESTART_GAP_S, as
+    after a requeue or a crash. Evaluation pauses are shorter and do not split."""
+    n = len(step_s)
+    if n == 0:
+        return []
+    starts = [0]
+    if n > 1 and np.isfinite(time).any():
+        idle = (time[1:] - step_s[1:]) - time[:-1]
+        starts += [int(i) + 1 for i in np.flatnonzero(idle > RESTART_GAP_S)]
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def warmup_count(n: int) -> int:
+    return min(WARMUP_MAX, n // WARMUP_FRACTION)
+
+
+def steady_mask(time: np.ndarray, step_s: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Which steps count, how many were left out as warm-up, and the number of segments."""
+    mask = np.ones(len(step_s), dtype=bool)
+    segs = segments(time, step_s)
+    left_out = 0
+    for a, b in segs:
+        w = warmup_count(b - a)
+        mask[a:a + w] = False
+        left_out += w
+    return mask, left_out, len(segs)
+
+
+def percentiles(values: np.ndarray) -> dict:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return {k: None for k in ("p50", "p90", "p99", "max", "mean")}
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(v.max()), "mean": float(v.mean())}
+
+
+def stragglers(values: np.ndarray, step_s_p50: float, ranks: list[int]) -> list[dict]:
+    """The straggler rule on one figure (steps x ranks, steady steps, NaN allowed): each rank
+    against the median of the others, step by step. Pure, so it is tested with plain numbers."""
+    out = []
+    if values.ndim != 2 or values.shape[1] < 2 or not step_s_p50:
+        return out
+    full = values[np.all(np.isfinite(values), axis=1)]
+    if len(full) < 5:
+        return out
+    for j, rank in enumerate(ranks):
+        others = np.delete(full, j, axis=1)
+        excess = full[:, j] - np.median(others, axis=1)
+        mine, theirs = float(np.median(full[:, j])), float(np.median(others))
+        share = float(np.mean(excess > 0))
+        cost = float(np.median(excess))
+        ratio = mine / theirs if theirs > 0 else (float("inf") if mine > 0 else 1.0)
+        if share >= STRAGGLER_SHARE and ratio >= STRAGGLER_RATIO and cost >= STRAGGLER_COST * step_s_p50:
+            out.append({"rank": rank, "median_s": mine, "others_median_s": theirs, "ratio": ratio,
+                        "share_of_steps_above": share, "excess_s_per_step": cost})
+    return out
+
+
+def time_to_accuracy(metrics: list[dict], t0: float | None, target: float) -> dict:
+    out = {"target": target, "reached": False, "step": None, "epoch": None, "seconds": None}
+    for m in metrics:
+        acc = m.get("val_accuracy")
+        if isinstance(acc, (int, float)) and acc >= target:
+            t = m.get("time")
+            out.update(reached=True, step=m.get("step"), epoch=m.get("epoch"), val_accuracy=acc,
+                       seconds=(t - t0) if isinstance(t, (int, float)) and t0 is not None else None)
+            break
+    best = [m["val_accuracy"] for m in metrics if isinstance(m.get("val_accuracy"), (int, float))]
+    out["best_val_accuracy"] = max(best) if best else None
+    return out
+
+
+def summarize(run: Run, target: float = 0.9) -> dict:
+    m = matrix(run)
+    cfg = run.config
+    out = {
+        "run_dir": str(run.dir), "ranks": run.expected_ranks, "ranks_with_logs": len(m.ranks),
+        "missing_ranks": run.missing_ranks, "skipped_lines": run.skipped_lines,
+        "partial_last_lines": [r for r, log in sorted(run.ranks.items()) if log.partial_last_line],
+        "repeated_steps": sum(log.repeated_steps for log in run.ranks.values()),
+        "notes": list(run.notes),
+    }
+    if not m.ranks:
+        out.update(global_batch=cfg.get("global_batch"), steps=0, warmup_steps=0, throughput_samples_per_s=None,
+                   step_s=percentiles(np.empty(0)), data_wait_fraction=None, compute_fraction=None,
+                   per_rank=[], stragglers=[], time_to_accuracy=time_to_accuracy(run.metrics, None, target))
+        out["notes"].append("no step records")
+        return out
+
+    step_s, data_s, compute_s, samples = (m.cols[k] for k in ("step_s", "data_s", "compute_s", "samples"))
+    # Ranks run in lock step: a step lasts as long as its slowest rank's record says.
+    step_wall = np.nanmax(step_s, axis=1)
+    t_end = np.nanmax(m.cols["time"], axis=1) if np.isfinite(m.cols["time"]).any() else np.full(len(m.steps), np.nan)
+    steady, warm, n_segments = steady_mask(t_end, step_wall)
+    st = steady
+    total_step = np.nansum(step_s[st])
+    per_rank_batch = float(np.nanmedian(samples))
+    out.update({
+        "global_batch": cfg.get("global_batch") or int(round(per_rank_batch * run.expected_ranks)),
+        "steps": int(m.steps[-1]),
+        "steps_logged": int(len(m.steps)),
+        "warmup_steps": warm,
+        "warmup_rule": f"first min({WARMUP_MAX}, n/{WARMUP_FRACTION}) steps of each of {n_segments} segment(s)",
+        "segments": n_segments,
+        "steady_steps": int(st.sum()),
+        "throughput_samples_per_s": float(np.nansum(samples[st]) / np.sum(step_wall[st])) if st.any() else None,
+        "step_s": percentiles(step_s[st].ravel()),
+        "data_wait_fraction": float(np.nansum(data_s[st]) / total_step) if total_step else None,
+        "compute_fraction": float(np.nansum(compute_s[st]) / total_step) if total_step else None,
+    })
+    # Waiting at the collective for a rank whose batch came later: estimated from the data
+    # skew, assuming equal compute (docs/analysis.md).
+    skew = np.nanmax(data_s[st], axis=1, keepdims=True) - data_s[st] if st.any() else np.empty((0, 1))
+    out["sync_wait_fraction_estimate"] = float(np.nansum(skew) / total_step) if total_step else None
+    rss = m.cols["rss_mb"]
+    per_rank = []
+    for j, r in enumerate(m.ranks):
+        col = st & np.isfinite(step_s[:, j])
+        sum_step = float(np.sum(step_s[col, j]))
+        per_rank.append({
+            "rank": r, "steps": int(np.isfinite(step_s[:, j]).sum()),
+            "step_s_p50": float(np.median(step_s[col, j])) if col.any() else None,
+            "data_s_p50": float(np.median(data_s[col, j])) if col.any() else None,
+            "compute_s_p50": float(np.median(compute_s[col, j])) if col.any() else None,
+            "data_wait_fraction": float(np.sum(data_s[col, j]) / sum_step) if sum_step else None,
+            "samples_per_s": float(np.sum(samples[col, j]) / sum_step) if sum_step else None,
+            "rss_mb_max": float(np.nanmax(rss[:, j])) if np.isfinite(rss[:, j]).any() else None,
+            "rss_mb_p50": float(np.nanmedian(rss[:, j])) if np.isfinite(rss[:, j]).any() else None,
+        })
+    out["per_rank"] = per_rank
+    p50 = out["step_s"]["p50"] or 0.0
+    found = []
+    for figure, values in (("data_s", data_s[st]), ("step_s", step_s[st])):
+        for s in stragglers(values, p50, m.ranks):
+            found.append({"figure": figure, **s})
+    out["straggler_details"] = found
+    out["stragglers"] = sorted({s["rank"] for s in found})
+
+    # Communication: measured from a timeline when there is one.
+    out["communication"] = {"source": None}
+    if run.timelines:
+        tl = timeline_mod.analyze(run.timelines, run.expected_ranks)
+        n = max(len(m.steps), 1)
+        all_step = float(np.nansum(step_wall))
+        comm = {"source": "timeline", "files": tl["files"], "negotiations": tl["negotiations"],
+                "phases": {k: {**v, "per_step_s": v["wall_s"] / n,
+                               "fraction_of_step": v["wall_s"] / all_step if all_step else None}
+                           for k, v in tl["phases"].items()},
+                "last_to_negotiate": tl["last_to_negotiate"]}
+        for entry in comm["last_to_negotiate"]:
+            entry["late_s_per_step"] = entry["late_s_total"] / n
+        # A rank whose compute before the collective is slow arrives last at negotiation:
+        # flagged when others wait for it >= STRAGGLER_COST of a step and 2x any other rank.
+        lates = comm["last_to_negotiate"]
+        for e in lates:
+            rest = [o["late_s_per_step"] for o in lates if o is not e]
+            if rest and e["late_s_per_step"] >= STRAGGLER_COST * p50 and e["late_s_per_step"] >= 2 * max(rest):
+                found.append({"figure": "negotiation", "rank": e["rank"], "excess_s_per_step": e["late_s_per_step"],
+                              "share_of_steps_above": e["share"]})
+        out["stragglers"] = sorted({s["rank"] for s in found})
+        out["communication"] = comm
+    params = cfg.get("model_params")
+    if params:
+        out["gradient_bytes_per_step"] = int(params) * 4
+
+    # Time to accuracy counts from the start of the first logged step.
+    first = np.isfinite(t_end)
+    t0 = float(t_end[first][0] - step_wall[first][0]) if first.any() else None
+    out["time_to_accuracy"] = time_to_accuracy(run.metrics, t0, target)
+    out["wall_s"] = float(t_end[first][-1] - t0) if first.any() else None
+    return out
+
+
+def scaling(summaries: list[dict]) -> list[dict]:
+    """Speedup and efficiency against the run with the fewest ranks."""
+    runs = [s for s in summaries if s.get("throughput_samples_per_s")]
+    if len({s["ranks"] for s in runs}) < 2:
+        return []
+    runs.sort(key=lambda s: (s["ranks"], s["run_dir"]))
+    base = runs[0]
+    out = []
+    for s in runs:
+        speedup = s["throughput_samples_per_s"] / base["throughput_samples_per_s"]
+        out.append({"ranks": s["ranks"], "run_dir": s["run_dir"], "global_batch": s["global_batch"],
+                    "throughput_samples_per_s": s["throughput_samples_per_s"], "speedup": speedup,
+                    "efficiency": speedup / (s["ranks"] / base["ranks"]),
+                    "mode": "base" if s is base else
+                    ("strong" if s["global_batch"] == base["global_batch"] else "weak")})
+    return out
+
+
+def communication_estimates(summaries: list[dict]) -> None:
+    """Without a timeline: communication per step estimated as the extra compute time of an
+    N-rank run over a 1-rank run at the same per-rank batch (compute_s includes the
+    allreduce). Marked as an estimate; left out when there is no such pair."""
+    singles = {s["global_batch"]: s for s in summaries if s["ranks"] == 1 and s.get("per_rank")}
+    for s in summaries:
+        if s["ranks"] < 2 or s.get("communication", {}).get("source") == "timeline" or not s.get("per_rank"):
+            continue
+        per_rank_batch = s["global_batch"] // s["ranks"]
+        base = singles.get(per_rank_batch)
+        if base is None or base["per_rank"][0]["compute_s_p50"] is None:
+            s["communication"] = {"source": None, "note": "no timeline and no 1-rank run at the same per-rank "
+                                                          "batch: communication cannot be separated from compute"}
+            continue
+        fastest = min(r["compute_s_p50"] for r in s["per_rank"] if r["compute_s_p50"] is not None)
+        est = max(0.0, fastest - base["per_rank"][0]["compute_s_p50"])
+        s["communication"] = {"source": "estimate", "baseline_run": base["run_dir"], "per_step_s": est,
+                              "fraction_of_step": est / s["step_s"]["p50"] if s["step_s"]["p50"] else None}
+
+
+COMPARE = [
+    ("ranks", "ranks"), ("global batch", "global_batch"), ("steps", "steps"),
+    ("throughput samples/s", "throughput_samples_per_s"), ("step p50 s", "step_s.p50"),
+    ("step p90 s", "step_s.p90"), ("step p99 s", "step_s.p99"), ("step max s", "step_s.max"),
+    ("data-wait fraction", "data_wait_fraction"), ("compute fraction", "compute_fraction"),
+    ("sync-wait fraction (est.)", "sync_wait_fraction_estimate"), ("stragglers", "stragglers"),
+    ("time to target s", "time_to_accuracy.seconds"), ("best val accuracy", "time_to_accuracy.best_val_accuracy"),
+    ("wall s", "wall_s"),
+]
+
+
+def _get(d: dict, dotted: str):
+    for k in dotted.split("."):
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def compare(a: dict, b: dict) -> list[dict]:
+    rows = []
+    for label, key in COMPARE:
+        va, vb = _get(a, key), _get(b, key)
+        row = {"figure": label, "key": key, "a": va, "b": vb}
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
+            row["b_minus_a"] = vb - va
+            row["b_over_a"] = vb / va if va else None
+        rows.append(row)
+    return rows

@@ -1,0 +1,134 @@
+"""Horovod timelines (Chrome trace format, written by rank 0): where communication time goes
+and which rank arrives last at negotiation.
+
+Each tensor is a trace "process" (pid). Its life is a NEGOTIATE_<OP> bar, with one
+zero-length tick per rank named after that rank as it reports the tensor ready, followed by
+an <OP> bar (ALLREDUCE, ...) whose nested bars are the phases: MPI_ALLREDUCE,
+MEMCPY_IN_FUSION_BUFFER, QUEUE, ... Fused tensors overlap in time, so each phase's time is the
+union of its bars' intervals (wall time during which the phase was running for any tensor),
+not their sum. A file cut off mid-write (a killed run) is read up to its last whole event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def events(path: Path, chunk: int = 1 << 20):
+    """Trace events one by one, streaming; stops quietly at a truncated tail."""
+    dec = json.JSONDecoder()
+    buf = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        started = False
+        while True:
+            data = f.read(chunk)
+            buf += data
+            pos = 0
+            if not started:
+                stripped = buf.lstrip()
+                if not stripped:
+                    if not data:
+                        return
+                    continue
+                if stripped[0] != "[":
+                    return  # not a trace array
+                pos = len(buf) - len(stripped) + 1
+                started = True
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n,":
+                    pos += 1
+                if pos >= len(buf) or buf[pos] == "]":
+                    break
+                try:
+                    ev, end = dec.raw_decode(buf, pos)
+                except ValueError:
+                    break  # an event split across chunks (or a truncated tail)
+                if isinstance(ev, dict):
+                    yield ev
+                pos = end
+            buf = buf[pos:]
+            if not data or buf.startswith("]"):
+                return
+
+
+def _union_s(intervals: list[tuple[float, float]]) -> float:
+    if not intervals:
+        return 0.0
+    iv = np.array(sorted(intervals))
+    total, cur_s, cur_e = 0.0, iv[0, 0], iv[0, 1]
+    for s, e in iv[1:]:
+        if s > cur_e:
+            total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return (total + cur_e - cur_s) / 1e6
+
+
+def analyze(paths: list[Path], ranks: int) -> dict:
+    """Phase times and negotiation arrival order from one or more timeline files."""
+    wall: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    last_counts = np.zeros(max(ranks, 1), dtype=np.int64)
+    lateness: list[list[float]] = [[] for _ in range(max(ranks, 1))]
+    late_total = np.zeros(max(ranks, 1))
+    negotiations = 0
+    span, n_events = 0.0, 0
+    for path in paths:
+        phases: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        stack: dict[int, list[tuple[str, float]]] = defaultdict(list)
+        ticks: dict[int, dict[int, float]] = defaultdict(dict)
+        t_min, t_max = float("inf"), float("-inf")
+        late_iv: list[list[tuple[float, float]]] = [[] for _ in range(max(ranks, 1))]
+        for ev in events(path):
+            ph, pid, ts = ev.get("ph"), ev.get("pid"), ev.get("ts")
+            if ph not in ("B", "E", "X") or not isinstance(ts, (int, float)):
+                continue
+            n_events += 1
+            t_min, t_max = min(t_min, ts), max(t_max, ts)
+            if ph == "B":
+                stack[pid].append((str(ev.get("name", "")), ts))
+            elif ph == "X":
+                if stack[pid] and stack[pid][-1][0].startswith("NEGOTIATE_"):
+                    try:
+                        ticks[pid][int(ev.get("name"))] = ts
+                    except (TypeError, ValueError):
+                        pass
+            elif stack[pid]:
+                name, start = stack[pid].pop()
+                phases[name].append((start, ts))
+                if name.startswith("NEGOTIATE_"):
+                    arrived = ticks.pop(pid, {})
+                    if len(arrived) == ranks and ranks > 1:
+                        order = sorted(arrived.items(), key=lambda kv: kv[1])
+                        (last, t_last), (_, t_prev) = order[-1], order[-2]
+                        if 0 <= last < ranks:
+                            negotiations += 1
+                            last_counts[last] += 1
+                            lateness[last].append((t_last - t_prev) / 1e6)
+                            late_iv[last].append((t_prev, t_last))
+        span += (t_max - t_min) / 1e6 if t_max >= t_min else 0.0
+        for r, iv in enumerate(late_iv):
+            late_total[r] += _union_s(iv)
+        for name, iv in phases.items():  # files are separate runs: union within, sum across
+            wall[name] += _union_s(iv)
+            count[name] += len(iv)
+    out = {
+        "files": [str(p) for p in paths],
+        "events": n_events,
+        "span_s": span,
+        "phases": {name: {"wall_s": wall[name], "count": count[name]} for name in sorted(wall)},
+        "negotiations": negotiations,
+        "last_to_negotiate": [
+            {"rank": r, "share": float(last_counts[r] / negotiations) if negotiations else 0.0,
+             "lateness_p50_s": float(np.median(lateness[r])) if lateness[r] else 0.0,
+             # wall time during which the others were ready for a tensor and this rank was not
+             # (a union: tensors negotiated together count once)
+             "late_s_total": float(late_total[r])}
+            for r in range(ranks)] if ranks > 1 else [],
+    }
+    return out

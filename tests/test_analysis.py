@@ -1,0 +1,236 @@
+"""pipeline analyze on run directories written here with known answers, on damaged logs, and
+on the logs and Horovod timeline of a real 2-rank run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import mpirun, pipeline
+from pipeline.analysis import logs, report, summary, timeline
+
+
+def write_run(d: Path, *, ranks: int, steps: int, batch: int = 32, step_s=0.05, data_s=None, seed=0,
+              noise=0.0, t0=1_700_000_000.0, metrics=()) -> Path:
+    """A run directory as the pipeline writes it. step_s/data_s: a number, or a function of
+    (rank, step) giving seconds. Every rank's step ends at the same time, as in lock step."""
+    rng = np.random.default_rng(seed)
+    (d / "steps").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"ranks": ranks, "global_batch": batch * ranks}))
+    files = [open(d / "steps" / f"rank-{r}.jsonl", "w") for r in range(ranks)]
+    t = t0
+    for s in range(1, steps + 1):
+        durs = [(step_s(r, s) if callable(step_s) else step_s) * (1 + noise * rng.standard_normal())
+                for r in range(ranks)]
+        t += max(durs)
+        for r, f in enumerate(files):
+            ds = (data_s(r, s) if callable(data_s) else data_s) if data_s is not None else 0.001
+            ds *= 1 + noise * abs(rng.standard_normal())
+            f.write(json.dumps({"step": s, "epoch": 1, "rank": r, "size": ranks, "time": t, "step_s": durs[r],
+                                "data_s": ds, "compute_s": durs[r] - ds, "samples": batch, "loss": 1.0 / s,
+                                "rss_mb": 400.0 + r}) + "\n")
+    for f in files:
+        f.close()
+    with open(d / "metrics.jsonl", "w") as f:
+        for m in metrics:
+            f.write(json.dumps(m) + "\n")
+    return d
+
+
+def test_percentiles_and_throughput_follow_their_definitions(tmp_path):
+    rng = np.random.default_rng(3)
+    times = rng.uniform(0.02, 0.08, size=(200, 2))
+    d = write_run(tmp_path / "r", ranks=2, steps=200, step_s=lambda r, s: times[s - 1, r])
+    s = summary.summarize(logs.load(d))
+    steady = times[10:]  # warm-up: the first min(10, 200/5) steps
+    assert s["warmup_steps"] == 10
+    for q in (50, 90, 99):
+        assert s["step_s"][f"p{q}"] == pytest.approx(np.percentile(steady.ravel(), q))
+    assert s["step_s"]["max"] == pytest.approx(steady.max())
+    # Global samples over the lock-step wall time (each step lasts as long as its slowest rank).
+    assert s["throughput_samples_per_s"] == pytest.approx(190 * 2 * 32 / steady.max(axis=1).sum())
+    assert s["per_rank"][1]["step_s_p50"] == pytest.approx(np.median(steady[:, 1]))
+
+
+def test_warmup_restarts_each_segment_and_repeated_steps_keep_the_last(tmp_path):
+    d = write_run(tmp_path / "r", ranks=1, steps=100)
+    lines = (d / "steps/rank-0.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    # A crash after step 100 lost everything after step 80; the requeued job (60 s later)
+    # re-ran 81..100 slower, then went on to 150.
+    t = recs[-1]["time"] + 60
+    with open(d / "steps/rank-0.jsonl", "a") as f:
+        for s in range(81, 151):
+            t += 0.07
+            f.write(json.dumps({**recs[0], "step": s, "time": t, "step_s": 0.07}) + "\n")
+    s = summary.summarize(logs.load(d))
+    assert s["repeated_steps"] == 20
+    assert s["segments"] == 2
+    assert s["steps"] == 150 and s["steps_logged"] == 150
+    assert s["warmup_steps"] == 10 + 10
+    run = logs.load(d)
+    assert run.ranks[0].cols["step_s"][85] == pytest.approx(0.07)  # step 86: the re-run's record
+
+
+def test_rank_thirty_percent_slower_in_data_is_flagged(tmp_path):
+    d = write_run(tmp_path / "slow", ranks=4, steps=300, step_s=0.05, noise=0.1, seed=1,
+                  data_s=lambda r, s: 0.013 if r == 2 else 0.010)
+    s = summary.summarize(logs.load(d))
+    assert s["stragglers"] == [2]
+    detail = next(x for x in s["straggler_details"] if x["figure"] == "data_s")
+    assert detail["ratio"] == pytest.approx(1.3, rel=0.1)
+    out = report.text({"runs": [s]})
+    assert "straggler: rank 2 data_s" in out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_noisy_run_flags_nobody(tmp_path, seed):
+    d = write_run(tmp_path / "even", ranks=4, steps=300, step_s=0.05, noise=0.2, seed=seed, data_s=0.01)
+    assert summary.summarize(logs.load(d))["stragglers"] == []
+
+
+def test_straggler_rule_with_plain_numbers():
+    base = np.full((100, 3), 0.010)
+    slow = base.copy()
+    slow[:, 1] = 0.013
+    assert [s["rank"] for s in summary.stragglers(slow, 0.05, [0, 1, 2])] == [1]
+    # One very slow step is noise, not a straggler.
+    spike = base.copy()
+    spike[7, 2] = 1.0
+    assert summary.stragglers(spike, 0.05, [0, 1, 2]) == []
+    # 30% slower but a negligible part of the step (0.3 ms of 500 ms): not worth flagging.
+    assert summary.stragglers(slow, 0.5, [0, 1, 2]) == []
+
+
+def test_scaling_matches_a_hand_calculation(tmp_path):
+    # Per-rank batch 32; 1 rank 0.040 s/step, 2 ranks 0.050, 4 ranks 0.064.
+    dirs = [write_run(tmp_path / f"n{n}", ranks=n, steps=100, step_s=t) for n, t in ((1, 0.040), (2, 0.050),
+                                                                                    (4, 0.064))]
+    res = report.analyze([str(x) for x in dirs])
+    thr = {1: 32 / 0.040, 2: 64 / 0.050, 4: 128 / 0.064}
+    rows = {r["ranks"]: r for r in res["scaling"]}
+    for n in (1, 2, 4):
+        assert rows[n]["throughput_samples_per_s"] == pytest.approx(thr[n])
+        assert rows[n]["speedup"] == pytest.approx(thr[n] / thr[1])
+        assert rows[n]["efficiency"] == pytest.approx(thr[n] / (n * thr[1]))
+    assert rows[2]["mode"] == "weak"
+    # Communication estimated from the 1-rank run at the same per-rank batch, marked as such.
+    comm = res["runs"][1]["communication"]
+    assert comm["source"] == "estimate"
+    assert comm["per_step_s"] == pytest.approx((0.050 - 0.001) - (0.040 - 0.001))
+
+
+def test_damaged_logs_are_counted_not_fatal(tmp_path):
+    d = write_run(tmp_path / "bad", ranks=4, steps=50)
+    with open(d / "steps/rank-0.jsonl", "a") as f:
+        f.write("not json at all\n[1, 2]\n{\"step\": 51}\n")  # garbage, not an object, missing fields
+        f.write('{"step": 52, "epoch": 1, "rank": 0, "step_s": 0.0')  # a run still being written
+    lines = (d / "steps/rank-1.jsonl").read_text().splitlines()
+    (d / "steps/rank-1.jsonl").write_text("\n".join(lines[:30]) + "\n")  # unequal steps
+    (d / "steps/rank-2.jsonl").write_text("")  # empty
+    (d / "steps/rank-3.jsonl").unlink()  # missing
+    r = pipeline("analyze", d, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    s = json.loads(r.stdout)["runs"][0]
+    assert s["skipped_lines"] == 4
+    assert s["partial_last_lines"] == [0]
+    assert s["missing_ranks"] == [2, 3]
+    assert {p["rank"]: p["steps"] for p in s["per_rank"]} == {0: 50, 1: 30}
+    text = pipeline("analyze", d).stdout
+    assert "missing or empty rank logs: [2, 3]" in text and "skipped_lines 4" in text
+
+
+def test_time_to_accuracy_and_compare(tmp_path):
+    m = [{"epoch": e, "step": 50 * e, "time": 1_700_000_000.0 + 2.5 * e, "val_loss": 1.0,
+          "val_accuracy": acc} for e, acc in ((1, 0.6), (2, 0.92), (3, 0.95))]
+    a = write_run(tmp_path / "a", ranks=2, steps=150, step_s=0.05, metrics=m)
+    b = write_run(tmp_path / "b", ranks=2, steps=150, step_s=0.04, batch=64, metrics=m)
+    res = report.analyze([str(a), str(b)], target=0.9, compare=True)
+    tta = res["runs"][0]["time_to_accuracy"]
+    assert tta["reached"] and tta["step"] == 100 and tta["seconds"] == pytest.approx(5.0 - 0.0, abs=1e-6)
+    rows = {r["key"]: r for r in res["compare"]}
+    assert rows["global_batch"]["b_over_a"] == pytest.approx(2.0)
+    assert rows["throughput_samples_per_s"]["b_over_a"] == pytest.approx((128 / 0.04) / (64 / 0.05))
+    assert "scaling" not in res  # same rank count: nothing to scale
+    assert not report.analyze([str(a)], target=0.99)["runs"][0]["time_to_accuracy"]["reached"]
+
+
+def test_contract_keys_plots_and_report(tmp_path):
+    d = write_run(tmp_path / "r", ranks=2, steps=60)
+    r = pipeline("analyze", d, "--json", "--plots", tmp_path / "plots", "--report", tmp_path / "rep.html")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    run = out["runs"][0]
+    for k in ("run_dir", "ranks", "global_batch", "steps", "warmup_steps", "throughput_samples_per_s", "step_s",
+              "data_wait_fraction", "per_rank", "stragglers", "skipped_lines"):
+        assert k in run
+    assert set(run["step_s"]) >= {"p50", "p90", "p99", "max", "mean"}
+    assert set(run["per_rank"][0]) >= {"rank", "steps", "step_s_p50", "data_s_p50"}
+    pngs = list((tmp_path / "plots").glob("*.png"))
+    assert len(pngs) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    page = (tmp_path / "rep.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "throughput" in page
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path):
+    r = pipeline("analyze", tmp_path / "nope")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nope" in r.stderr
+    (tmp_path / "notarun").mkdir()
+    r = pipeline("analyze", tmp_path / "notarun")
+    assert r.returncode == 2 and "no steps/" in r.stderr
+    d = write_run(tmp_path / "r", ranks=1, steps=20)
+    r = pipeline("analyze", d, "--compare")
+    assert r.returncode == 2 and "--compare takes exactly two" in r.stderr
+    r = pipeline("analyze", d, "--report", tmp_path / "x.pdf")
+    assert r.returncode == 2 and ".html or .md" in r.stderr
+
+
+def test_truncated_timeline_is_read_to_its_last_whole_event(tmp_path):
+    evs = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "grad"}},
+           {"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": 0, "pid": 1},
+           {"ph": "X", "name": "0", "ts": 0, "pid": 1, "dur": 0},
+           {"ph": "X", "name": "1", "ts": 400, "pid": 1, "dur": 0},
+           {"ph": "E", "ts": 400, "pid": 1},
+           {"ph": "B", "name": "ALLREDUCE", "ts": 410, "pid": 1},
+           {"ph": "B", "name": "MPI_ALLREDUCE", "ts": 420, "pid": 1},
+           {"ph": "E", "ts": 1420, "pid": 1},
+           {"ph": "E", "ts": 1500, "pid": 1}]
+    text = "[\n" + ",".join(json.dumps(e) for e in evs)
+    p = tmp_path / "timeline.json"
+    p.write_text(text + ',{"ph": "B", "name": "NEGOT')  # cut off mid-event
+    res = timeline.analyze([p], 2)
+    assert res["phases"]["MPI_ALLREDUCE"]["wall_s"] == pytest.approx(0.001)
+    assert res["phases"]["NEGOTIATE_ALLREDUCE"]["wall_s"] == pytest.approx(0.0004)
+    assert res["last_to_negotiate"][1] == {"rank": 1, "share": 1.0, "lateness_p50_s": pytest.approx(0.0004),
+                                           "late_s_total": pytest.approx(0.0004)}
+
+
+def test_real_two_rank_run_and_its_timeline(tmp_path, small_dataset):
+    run = tmp_path / "run"
+    r = mpirun(2, "train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "train.max_steps=60",
+               "--set", "log.timeline=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "timeline.json").exists()
+    r = pipeline("analyze", run, "--json", "--report", tmp_path / "rep.md")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["runs"][0]
+    assert s["ranks"] == 2 and s["steps"] == 60 and s["skipped_lines"] == 0 and s["missing_ranks"] == []
+    assert s["throughput_samples_per_s"] > 0 and s["gradient_bytes_per_step"] > 0
+    comm = s["communication"]
+    assert comm["source"] == "timeline"
+    assert comm["phases"]["MPI_ALLREDUCE"]["count"] >= 60  # at least one fused allreduce per step
+    assert 0 < comm["phases"]["MPI_ALLREDUCE"]["per_step_s"] < s["step_s"]["max"]
+    assert comm["negotiations"] > 60  # the response cache is off: every negotiation has ticks
+    assert sum(e["share"] for e in comm["last_to_negotiate"]) == pytest.approx(1.0)
+    assert (tmp_path / "rep.md").read_text().count("![") == 4
+
+
+def test_bench_analyze_finds_the_slowed_rank(tmp_path):
+    from pipeline.bench import analyze as bench_analyze
+
+    res = bench_analyze.run(ranks=4, steps=3000, work=str(tmp_path))
+    assert res["records"] == 12000 and res["stragglers"] == [3]
