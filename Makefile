@@ -18,7 +18,8 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: env train test data analyze clean slurm-up slurm-down
+.PHONY: env train test data analyze bench clean slurm-up slurm-down
+BENCH ?=
 
 env: $(VENV)/.ready
 
@@ -33,6 +34,10 @@ $(DATA)/manifest.json: | $(VENV)/.ready
 
 train: env data
 	mpirun -np $(NP) $(PIPELINE) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+# The local benchmark (docs/bench.md): runs/bench/bench.json and report.md. BENCH=quick: short.
+bench: env
+	$(PIPELINE) bench run --out runs/bench $(if $(filter quick,$(BENCH)),--quick) $(ARGS)
 
 # Offline analysis of one or more run directories: make analyze RUN="runs/a runs/b" ARGS=--json
 analyze: env

@@ -121,6 +121,14 @@ def cmd_bench_analyze(a) -> int:
     return 0 if analyze.run(a.ranks, a.steps, a.work)["met"] else 1
 
 
+def cmd_bench_run(a) -> int:
+    from .bench import suite
+
+    ranks = [int(x) for x in a.ranks.split(",")] if a.ranks else None
+    suite.run(a.out, quick=a.quick, ranks=ranks, repeats=a.repeats, steps=a.steps, batch=a.batch_size)
+    return 0
+
+
 def cmd_bench_layout(a) -> int:
     from .bench import layout
 
@@ -135,7 +143,7 @@ def cmd_slurm_command(a) -> int:
     if "SLURM_JOB_NODELIST" not in env:
         raise UserError("not inside a SLURM allocation (SLURM_JOB_NODELIST is not set)")
     program = a.program[1:] if a.program[:1] == ["--"] else a.program
-    cmd = launch.command(a.launcher, env, launch.expand_hostnames(env["SLURM_JOB_NODELIST"]), program)
+    cmd = launch.command(a.launcher, env, launch.expand_hostnames(env["SLURM_JOB_NODELIST"]), program, a.ntasks)
     # NUL-separated, so the batch script can run it with any arguments intact (mapfile -d '').
     sys.stdout.write("\0".join(cmd) + "\0")
     return 0
@@ -202,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="slurm_verb", required=True, parser_class=_Parser)
     sc = sl.add_parser("command", help="print the launcher command for this allocation, NUL-separated")
     sc.add_argument("--launcher", default="mpirun", choices=["mpirun", "srun"])
+    sc.add_argument("--ntasks", type=int, default=0, help="use the first N tasks only (default: all)")
     sc.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
     sc.set_defaults(func=cmd_slurm_command)
 
@@ -226,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--repeats", type=int, default=3)
     bl.add_argument("--work", help="directory for the trial datasets (default: a temporary one)")
     bl.set_defaults(func=cmd_bench_layout)
+    br = b.add_parser("run", help="make bench: scaling, pipeline vs Keras and the Horovod loop, allreduce vs MPI")
+    br.add_argument("--out", default="runs/bench")
+    br.add_argument("--quick", action="store_true", help="one repeat, fewer steps (make bench BENCH=quick)")
+    br.add_argument("--ranks", help="rank counts, e.g. 1,2,4 (default: 1, 2 and the core count up to 8)")
+    br.add_argument("--repeats", type=int, help="default 5 (quick: 2)")
+    br.add_argument("--steps", type=int, help="steps per run (default 300; quick: 100)")
+    br.add_argument("--batch-size", type=int, default=64, help="per rank (default 64)")
+    br.set_defaults(func=cmd_bench_run)
     ba = b.add_parser("analyze", help="time and peak memory of pipeline analyze on a million step records")
     ba.add_argument("--ranks", type=int, default=8)
     ba.add_argument("--steps", type=int, default=125_000)

@@ -37,9 +37,20 @@ LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "M
                  "HOROVOD_RANK")
 
 
+# The job's rank count, where the launcher says it (srun: the step's task count).
+SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "HOROVOD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
 def under_launcher(environ=os.environ) -> bool:
     """True when a launcher started this process as one rank of a job."""
     return any(v in environ for v in LAUNCHER_VARS)
+
+
+def launcher_size(environ=os.environ) -> int | None:
+    for v in SIZE_VARS:
+        if environ.get(v, "").isdigit():
+            return int(environ[v])
+    return None
 
 
 @dataclass
@@ -130,7 +141,9 @@ def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False) -> 
     hvd = None
     # Alone, without a launcher, there is nobody to talk to: skip MPI's singleton start-up,
     # which spawns a daemon and fails on some login nodes and under file-size limits.
-    if use_horovod and under_launcher():
+    # A job of one rank has nobody to talk to either: Horovod's background thread would only
+    # take cycles from the step (measured in make bench's 1-rank runs).
+    if use_horovod and under_launcher() and launcher_size() != 1:
         try:
             import horovod.tensorflow as hvd
         except ImportError:

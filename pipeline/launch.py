@@ -35,19 +35,38 @@ def expand_hostnames(nodelist: str) -> list[str]:
     return out.stdout.split()
 
 
-def command(launcher: str, env: dict, hostnames: list[str], program: list[str]) -> list[str]:
-    """The command that starts one rank of `program` per SLURM task."""
+def first_tasks(hostnames: list[str], counts: list[int], ntasks: int) -> tuple[list[str], list[int]]:
+    """The nodes and per-node counts of the first `ntasks` tasks, filling nodes in order (a
+    scaling run at fewer ranks than the allocation has)."""
+    hosts, used, left = [], [], ntasks
+    for h, c in zip(hostnames, counts):
+        if left <= 0:
+            break
+        hosts.append(h)
+        used.append(min(c, left))
+        left -= used[-1]
+    return hosts, used
+
+
+def command(launcher: str, env: dict, hostnames: list[str], program: list[str], ntasks: int = 0) -> list[str]:
+    """The command that starts one rank of `program` per SLURM task (or on the first
+    `ntasks` tasks of the allocation)."""
     if not program:
         raise UserError("no program to launch (give it after --)")
     counts = tasks_per_node(env.get("SLURM_TASKS_PER_NODE", "1"))
     if len(counts) != len(hostnames):
         raise UserError(f"SLURM_TASKS_PER_NODE gives {len(counts)} nodes but the node list has {len(hostnames)}")
-    ntasks = int(env.get("SLURM_NTASKS") or sum(counts))
+    total = int(env.get("SLURM_NTASKS") or sum(counts))
+    if ntasks > total:
+        raise UserError(f"--ntasks {ntasks}: the allocation has only {total} tasks")
+    if ntasks:
+        hostnames, counts = first_tasks(hostnames, counts, ntasks)
+    ntasks = ntasks or total
     cpus = int(env.get("SLURM_CPUS_PER_TASK") or 1)
     if launcher == "srun":
         # PMIx lets Horovod's MPI get its ranks from SLURM directly, no mpirun daemons.
-        return ["srun", "--mpi=pmix", f"--ntasks={ntasks}", f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1",
-                *program]
+        return ["srun", "--mpi=pmix", f"--ntasks={ntasks}", f"--nodes={len(hostnames)}", f"--cpus-per-task={cpus}",
+                "--kill-on-bad-exit=1", *program]
     if launcher != "mpirun":
         raise UserError(f"LAUNCHER must be mpirun or srun, got {launcher!r}")
     cmd = ["mpirun", "-np", str(ntasks), "--host", ",".join(f"{h}:{n}" for h, n in zip(hostnames, counts)),

@@ -33,3 +33,26 @@ def test_bench_layout_covers_every_layout(tmp_path):
     rows = [line.split() for line in r.stdout.splitlines()[2:]]
     assert {(row[0], row[1]) for row in rows} == {(c, z) for c in ("64", "256", "1024", "4096")
                                                    for z in ("none", "lzf", "gzip:1", "gzip:6")}
+
+
+def test_bench_run_quick_writes_every_figure(tmp_path):
+    # Functional, not a speed check: the figures are ratios the bench prints against targets.
+    out = tmp_path / "bench"
+    r = pipeline("bench", "run", "--quick", "--steps", "30", "--repeats", "1", "--out", out, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((out / "bench.json").read_text())
+    for key in ("pipeline_vs_keras", "pipeline_vs_horovod_loop"):
+        assert set(res[key]) >= {"value", "min", "max", "target"} and res[key]["value"] > 0
+    assert [row["ranks"] for row in res["scaling"]] == [1, 2]
+    assert res["scaling"][1]["efficiency"] == pytest.approx(
+        res["scaling"][1]["throughput_samples_per_s"] / (2 * res["scaling"][0]["throughput_samples_per_s"]))
+    sizes = [row["bytes"] for row in res["allreduce"]]
+    assert sizes[0] == 4 << 10 and sizes[-1] == 64 << 20
+    assert all(row["hvd_busbw_gbps"] > 0 and row["mpi_busbw_gbps"] > 0 for row in res["allreduce"])
+    assert res["memcpy_gbps"] > 0 and "reader_vs_raw" in res and res["settings"]["steps"] == 30
+    report = (out / "report.md").read_text()
+    for png in ("scaling.png", "allreduce.png", "step-times.png"):
+        assert f"]({png})" in report and (out / png).read_bytes()[:4] == b"\x89PNG"
+    # Every pipeline run in the bench is a run directory analyze reads.
+    a = pipeline("analyze", *res["scaling"][1]["run_dirs"], "--json")
+    assert a.returncode == 0 and json.loads(a.stdout)["runs"][0]["ranks"] == 2

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -35,3 +36,21 @@ def test_launcher_detection():
     assert not under_launcher({"PATH": "/bin", "SLURM_JOB_ID": "5"})
     for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK"):
         assert under_launcher({var: "0"})
+
+
+def test_launcher_size():
+    from pipeline.dist import launcher_size
+
+    assert launcher_size({"PATH": "/bin"}) is None
+    assert launcher_size({"OMPI_COMM_WORLD_SIZE": "1"}) == 1
+    assert launcher_size({"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "4"}) == 4
+
+
+def test_one_rank_under_mpirun_runs_without_horovod(tmp_path, small_dataset):
+    # mpirun -np 1: a job of one rank trains alone (no Horovod background thread).
+    from conftest import mpirun
+
+    r = mpirun(1, "train", "--run-dir", tmp_path / "run", "--set", f"data.dir={small_dataset}",
+               "--set", "train.max_steps=5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["backend"] == "local"

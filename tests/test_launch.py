@@ -29,8 +29,19 @@ def test_mpirun_for_two_nodes_four_tasks():
 
 def test_srun_uses_pmix():
     cmd = command("srun", TWO_NODES, ["gpu01", "gpu02"], ["pipeline", "train"])
-    assert cmd == ["srun", "--mpi=pmix", "--ntasks=4", "--cpus-per-task=8", "--kill-on-bad-exit=1",
+    assert cmd == ["srun", "--mpi=pmix", "--ntasks=4", "--nodes=2", "--cpus-per-task=8", "--kill-on-bad-exit=1",
                    "pipeline", "train"]
+
+
+def test_fewer_tasks_fill_nodes_in_order():
+    # bench.sbatch's scaling runs: 1, 2 and 3 of a 2-node x 2-task allocation.
+    hosts = ["gpu01", "gpu02"]
+    assert command("mpirun", TWO_NODES, hosts, ["p"], ntasks=1)[:5] == ["mpirun", "-np", "1", "--host", "gpu01:1"]
+    assert command("mpirun", TWO_NODES, hosts, ["p"], ntasks=3)[:5] == ["mpirun", "-np", "3", "--host",
+                                                                          "gpu01:2,gpu02:1"]
+    assert command("srun", TWO_NODES, hosts, ["p"], ntasks=2)[2:4] == ["--ntasks=2", "--nodes=1"]
+    with pytest.raises(UserError, match="only 4 tasks"):
+        command("mpirun", TWO_NODES, hosts, ["p"], ntasks=5)
 
 
 def test_inconsistent_allocation_and_unknown_launcher():

@@ -105,3 +105,17 @@ def test_invalid_config_fails_once_and_is_not_requeued(slurm, tmp_path, small_da
     assert "pipeline: error: --set train.bogus: unknown key" in text and "Traceback" not in text
     info = job(slurm, jid)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0"
+
+
+def test_bench_sbatch_scales_and_collects_for_analyze(slurm, tmp_path, small_dataset):
+    out, log = tmp_path / "bench", tmp_path / "bench.out"
+    r = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={log}", str(ROOT / "slurm/bench.sbatch"),
+                        "--set", f"data.dir={small_dataset}"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(slurm, OUT=str(out), STEPS="30"), timeout=900)
+    assert r.returncode == 0, r.stderr + log.read_text()
+    assert sorted(p.name for p in out.glob("ranks-*")) == ["ranks-1", "ranks-2"]
+    result = json.loads((out / "analyze.json").read_text())
+    assert [row["ranks"] for row in result["scaling"]] == [1, 2]
+    assert all(run["steps"] == 30 for run in result["runs"])
+    assert (out / "report.html").stat().st_size > 10_000
+    assert "== scaling" in log.read_text()
