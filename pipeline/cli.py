@@ -20,7 +20,7 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H,W,C integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected H,W,C or F integers, got {text!r}") from None
 
 
 def cmd_data_synth(a) -> int:
@@ -72,6 +72,16 @@ def cmd_analyze(a) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(report.text(result))
+    return 0
+
+
+def cmd_export_tflite(a) -> int:
+    from .export import tflite_int8
+
+    r = tflite_int8(a.run_dir, samples=a.samples)
+    print(f"{r['tflite']}: {r['tflite_bytes'] / 1024:.0f} KiB (Keras {r['keras_bytes'] / 1024:.0f} KiB); "
+          f"val accuracy int8 {r['int8_accuracy']:.4f} vs float {r['float_accuracy']:.4f} on {r['samples']} "
+          f"samples; single-sample latency int8 {r['int8_latency_ms']:.3f} ms vs float {r['float_latency_ms']:.3f} ms")
     return 0
 
 
@@ -129,6 +139,13 @@ def cmd_bench_run(a) -> int:
     return 0
 
 
+def cmd_bench_knobs(a) -> int:
+    from .bench import knobs
+
+    knobs.run(a.out, a.ranks, a.epochs)
+    return 0
+
+
 def cmd_bench_layout(a) -> int:
     from .bench import layout
 
@@ -161,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-samples", type=int, default=2000, help="validation samples (default 2000)")
     s.add_argument("--shards", type=int, default=4, help="training shards (default 4)")
     s.add_argument("--val-shards", type=int, default=1, help="validation shards (default 1)")
-    s.add_argument("--shape", type=_shape, default=(28, 28, 1), help="H,W,C (default 28,28,1)")
+    s.add_argument("--shape", type=_shape, default=(28, 28, 1), help="H,W,C images (default 28,28,1), or F for tabular rows of F features")
     s.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     s.add_argument("--seed", type=int, default=0)
     _writer_options(s)
@@ -197,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--target", type=float, default=0.9, help="validation accuracy for time to accuracy (0.9)")
     an.add_argument("--compare", action="store_true", help="two run directories A B: the differences, figure by figure")
     an.set_defaults(func=cmd_analyze)
+
+    ex = verbs.add_parser("export", help="serve-ready exports of a finished run's model").add_subparsers(
+        dest="export_verb", required=True, parser_class=_Parser)
+    et = ex.add_parser("tflite", help="int8 TFLite (post-training quantization) with accuracy and latency")
+    et.add_argument("run_dir")
+    et.add_argument("--samples", type=int, default=2000, help="validation samples to compare on (2000)")
+    et.set_defaults(func=cmd_export_tflite)
 
     c = verbs.add_parser("checkpoint", help="inspect checkpoints").add_subparsers(
         dest="ckpt_verb", required=True, parser_class=_Parser)
@@ -243,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--steps", type=int, help="steps per run (default 300; quick: 100)")
     br.add_argument("--batch-size", type=int, default=64, help="per rank (default 64)")
     br.set_defaults(func=cmd_bench_run)
+    bk = b.add_parser("knobs", help="one run per tuning knob (precision, XLA, compression, accumulation, ...) "
+                                    "against the default: samples/s and accuracy")
+    bk.add_argument("--out", default="runs/knobs")
+    bk.add_argument("--ranks", type=int, default=2)
+    bk.add_argument("--epochs", type=int, default=2)
+    bk.set_defaults(func=cmd_bench_knobs)
     ba = b.add_parser("analyze", help="time and peak memory of pipeline analyze on a million step records")
     ba.add_argument("--ranks", type=int, default=8)
     ba.add_argument("--steps", type=int, default=125_000)

@@ -49,9 +49,10 @@ class ModelConfig:
     name: str = "cnn"
 
     def validate(self) -> None:
-        from .models import MODELS
+        from .models import APPLICATIONS_PREFIX, MODELS, known
 
-        _require(self.name in MODELS, f"model.name must be one of {sorted(MODELS)}, got {self.name!r}")
+        _require(known(self.name), f"model.name must be one of {sorted(MODELS)} or "
+                                   f"{APPLICATIONS_PREFIX}NAME (e.g. {APPLICATIONS_PREFIX}MobileNetV2), got {self.name!r}")
 
 
 @dataclass
@@ -65,7 +66,12 @@ class TrainConfig:
     lr: float = 0.001  # per-rank base rate; scaled by the number of ranks
     scale_lr: bool = True
     warmup_steps: int = 100
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine | step
+    lr_step_every: int = 0         # step schedule: multiply by lr_step_factor every this many steps
+    lr_step_factor: float = 0.1
+    # float32 | mixed_float16 (GPUs; loss scaling) | mixed_bfloat16 (CPUs with bf16 support)
+    precision: str = "float32"
+    jit_compile: bool = False      # XLA-compile the training step
     # Threads per rank for TensorFlow's intra-op pool; 0 picks the CPUs this rank owns.
     threads: int = 0
     # A rank with no finished step for this long exits (code 76): its peer probably died.
@@ -78,8 +84,13 @@ class TrainConfig:
         _require(self.optimizer in ("adam", "sgd"), f"train.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         _require(self.lr > 0, "train.lr must be > 0")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
-        _require(self.lr_schedule in ("constant", "cosine"),
-                 f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        _require(self.lr_schedule in ("constant", "cosine", "step"),
+                 f"train.lr_schedule must be 'constant', 'cosine' or 'step', got {self.lr_schedule!r}")
+        _require(self.lr_schedule != "step" or self.lr_step_every > 0,
+                 "train.lr_step_every must be > 0 with train.lr_schedule: step")
+        _require(0 < self.lr_step_factor <= 1, "train.lr_step_factor must be in (0, 1]")
+        _require(self.precision in PRECISIONS,
+                 f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.threads >= 0, "train.threads must be >= 0 (0 means: the CPUs this rank owns)")
         _require(self.step_timeout_s >= 0, "train.step_timeout_s must be >= 0 (0: no watchdog)")
 
@@ -99,13 +110,47 @@ class CheckpointConfig:
                  f"checkpoint.keep_best must be '', 'val_accuracy' or 'val_loss', got {self.keep_best!r}")
 
 
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclass
+class HorovodConfig:
+    """Horovod's knobs, set as its environment before hvd.init (a value already in the
+    environment wins, so a cluster's site settings are not overridden silently)."""
+    compression: str = "none"          # none | fp16: gradients cast to float16 for the allreduce
+    backward_passes_per_step: int = 1  # gradient accumulation: micro-batches per update
+    fusion_threshold_mb: float = 0.0   # 0: Horovod's default (128 MiB)
+    cycle_time_ms: float = 0.0         # 0: Horovod's default
+    autotune: bool = False             # Horovod's Bayesian autotuner; its log: RUN/autotune.csv
+
+    def validate(self) -> None:
+        _require(self.compression in ("none", "fp16"),
+                 f"horovod.compression must be 'none' or 'fp16', got {self.compression!r}")
+        _require(self.backward_passes_per_step >= 1, "horovod.backward_passes_per_step must be >= 1")
+        _require(self.fusion_threshold_mb >= 0, "horovod.fusion_threshold_mb must be >= 0 (0: Horovod's default)")
+        _require(self.cycle_time_ms >= 0, "horovod.cycle_time_ms must be >= 0 (0: Horovod's default)")
+
+    def environment(self, run_dir) -> dict[str, str]:
+        env = {}
+        if self.fusion_threshold_mb:
+            env["HOROVOD_FUSION_THRESHOLD"] = str(int(self.fusion_threshold_mb * 2**20))
+        if self.cycle_time_ms:
+            env["HOROVOD_CYCLE_TIME"] = str(self.cycle_time_ms)
+        if self.autotune:
+            env["HOROVOD_AUTOTUNE"] = "1"
+            env["HOROVOD_AUTOTUNE_LOG"] = str(Path(run_dir) / "autotune.csv")
+        return env
+
+
 @dataclass
 class LogConfig:
     progress_every_s: float = 5.0
     timeline: bool = False  # a Horovod timeline in the run directory (timeline.json), for analyze
+    tensorboard_every_steps: int = 10  # rank 0's TensorBoard scalars under RUN/tensorboard; 0: off
 
     def validate(self) -> None:
         _require(self.progress_every_s > 0, "log.progress_every_s must be > 0")
+        _require(self.tensorboard_every_steps >= 0, "log.tensorboard_every_steps must be >= 0 (0: off)")
 
 
 @dataclass
@@ -115,6 +160,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    horovod: HorovodConfig = field(default_factory=HorovodConfig)
 
     def validate(self) -> "Config":
         for f in fields(self):

@@ -8,6 +8,7 @@ methods, so every code path runs without MPI.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,18 @@ class Dist:
         if self._hvd is not None and self.size > 1:
             self._hvd.broadcast_variables(variables, root_rank=0)
 
+    def average_variables(self, variables) -> None:
+        """Sets each variable to its mean over ranks. For BatchNorm's moving statistics, which
+        every rank updates from its own batches (Horovod averages gradients, not these):
+        averaged before evaluating and checkpointing, so every replica holds the same model."""
+        variables = list(variables)
+        if self._hvd is None or self.size == 1 or not variables:
+            return
+        means = self._hvd.grouped_allreduce([v.read_value() for v in variables], op=self._hvd.Average,
+                                            name="non_trainable")
+        for v, m in zip(variables, means):
+            v.assign(m)
+
     def barrier(self) -> None:
         if self._hvd is not None and self.size > 1:
             self.allreduce_sum([0.0])
@@ -103,11 +116,23 @@ class Dist:
             return value
         return self._hvd.allreduce(value, op=self._hvd.Sum, name="stop_flag")
 
-    def gradient_tape(self, tape):
+    def _compression(self, name: str):
+        # fp16: gradients cast to float16 for the wire and back (half the bytes, some precision).
+        return self._hvd.Compression.fp16 if name == "fp16" else self._hvd.Compression.none
+
+    def gradient_tape(self, tape, compression: str = "none"):
         # Averages gradients over ranks with ring-allreduce before the optimizer applies them.
         if self._hvd is None or self.size == 1:
             return tape
-        return self._hvd.DistributedGradientTape(tape)
+        return self._hvd.DistributedGradientTape(tape, compression=self._compression(compression))
+
+    def average_gradients(self, grads, compression: str = "none"):
+        """Gradients already computed (accumulated or XLA-compiled), averaged over ranks in
+        one grouped allreduce: one negotiation, fused like the tape's."""
+        if self._hvd is None or self.size == 1:
+            return grads
+        return self._hvd.grouped_allreduce(grads, op=self._hvd.Average, compression=self._compression(compression),
+                                           name="grads")
 
     def start_timeline(self, path) -> bool:
         """Records a Horovod timeline (rank 0 writes it, with every rank's negotiation ticks)."""
@@ -125,7 +150,7 @@ class Dist:
             self._hvd.shutdown()
 
 
-def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False) -> Dist:
+def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False, horovod_env: dict | None = None) -> Dist:
     """Joins the job and pins TensorFlow's thread pools; call before TensorFlow runs any op.
     timeline: let start_timeline() record a Horovod timeline once the run directory exists."""
     # Horovod's background thread shares a core with this rank's compute; OpenMPI's default
@@ -133,6 +158,8 @@ def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False) -> 
     # samples/s per rank with 2 ranks on 2 cores (docs/training.md). Read at MPI_Init; a
     # value already in the environment wins.
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    for k, v in (horovod_env or {}).items():
+        os.environ.setdefault(k, v)  # read by hvd.init; a site's own setting wins
     if timeline:
         os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"  # read by hvd.init; the file comes later
         # With the response cache on, negotiations after the first step record no per-rank
@@ -162,7 +189,13 @@ def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False) -> 
     # Any GPU: one per rank, chosen by local rank (the usual Horovod pinning).
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
-        gpu = gpus[d.local_rank % len(gpus)]
+        if d.local_size > len(gpus):
+            # Sharing a GPU between ranks runs out of memory or serializes them; say so now.
+            from .errors import UserError
+
+            raise UserError(f"rank {d.rank}: {d.local_size} ranks on host {socket.gethostname()} but "
+                            f"{len(gpus)} GPU(s) visible; start one rank per GPU", quiet=d.local_rank != 0)
+        gpu = gpus[d.local_rank]
         tf.config.set_visible_devices(gpu, "GPU")
         tf.config.experimental.set_memory_growth(gpu, True)
     return d

@@ -1,4 +1,5 @@
-"""Learning rate at a step: linear scaling by the number of ranks with a linear warm-up.
+"""Learning rate at a step: linear scaling by the number of ranks with a linear warm-up, then
+constant, cosine or step decay.
 
 Following Goyal et al. (2017), "Accurate, Large Minibatch SGD": the global batch grows with
 the ranks, so the rate does too, but ramping up from the single-rank rate over the first
@@ -11,7 +12,7 @@ import math
 
 
 def lr_at(step: int, base_lr: float, size: int = 1, warmup_steps: int = 0, scale: bool = True,
-          schedule: str = "constant", total_steps: int = 0) -> float:
+          schedule: str = "constant", total_steps: int = 0, step_every: int = 0, step_factor: float = 0.1) -> float:
     """The rate used for the update of 0-based step `step`."""
     peak = base_lr * size if scale else base_lr
     if warmup_steps > 0 and step < warmup_steps:
@@ -19,11 +20,13 @@ def lr_at(step: int, base_lr: float, size: int = 1, warmup_steps: int = 0, scale
     if schedule == "cosine" and total_steps > warmup_steps:
         progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step" and step_every > 0:
+        return peak * step_factor ** (step // step_every)
     return peak
 
 
 def keras_schedule(base_lr: float, size: int = 1, warmup_steps: int = 0, scale: bool = True,
-                   schedule: str = "constant", total_steps: int = 0):
+                   schedule: str = "constant", total_steps: int = 0, step_every: int = 0, step_factor: float = 0.1):
     """lr_at in TensorFlow ops, as a Keras LearningRateSchedule on the optimizer's iterations.
 
     Kept in graph ops rather than a Python callback so the step stays one compiled
@@ -41,6 +44,8 @@ def keras_schedule(base_lr: float, size: int = 1, warmup_steps: int = 0, scale: 
             if cosine:
                 progress = tf.minimum(1.0, (step - warmup_steps) / float(total_steps - warmup_steps))
                 rate = peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            if schedule == "step" and step_every > 0:
+                rate = peak * tf.pow(float(step_factor), tf.floor(step / float(step_every)))
             if warmup_steps > 0:
                 warm = base_lr + (peak - base_lr) * step / float(warmup_steps)
                 rate = tf.where(step < warmup_steps, warm, rate)
@@ -48,6 +53,7 @@ def keras_schedule(base_lr: float, size: int = 1, warmup_steps: int = 0, scale: 
 
         def get_config(self):
             return dict(base_lr=base_lr, size=size, warmup_steps=warmup_steps, scale=scale,
-                        schedule=schedule, total_steps=total_steps)
+                        schedule=schedule, total_steps=total_steps, step_every=step_every,
+                        step_factor=step_factor)
 
     return Schedule()

@@ -63,10 +63,52 @@ class JsonLines:
             os.fsync(f.fileno())
 
 
+class TensorBoard:
+    """Rank 0's TensorBoard event files under RUN/tensorboard: loss, learning rate and global
+    samples/s every `every` steps (averaged over them), validation loss and accuracy at each
+    evaluation. The x axis is the global step."""
+
+    def __init__(self, log_dir: Path, every: int, global_batch: int):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._w = tf.summary.create_file_writer(str(log_dir))
+        self.every, self.global_batch = every, global_batch
+        self._losses: list[float] = []
+        self._t = time.perf_counter()
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self._losses.append(loss)
+        if step % self.every:
+            return
+        now = time.perf_counter()
+        with self._w.as_default(step=step):
+            self._tf.summary.scalar("train/loss", sum(self._losses) / len(self._losses))
+            self._tf.summary.scalar("train/lr", lr)
+            self._tf.summary.scalar("train/samples_per_s", len(self._losses) * self.global_batch / (now - self._t))
+        self._losses, self._t = [], now
+
+    def write(self, record: dict) -> None:
+        """An evaluation record from metrics.jsonl."""
+        with self._w.as_default(step=record["step"]):
+            for k in ("val_loss", "val_accuracy"):
+                self._tf.summary.scalar(f"eval/{k}", record[k])
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
 class Nothing:
     """Stands in for a rank-0-only writer on other ranks."""
 
     def write(self, *args, **kwargs) -> None:
+        pass
+
+    def step(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     def maybe_print(self, *args, **kwargs) -> None:

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, config as config_mod, dist as dist_mod, models, schedule
+from . import checkpoint, config as config_mod, dist as dist_mod, export, models, schedule, step as step_mod
 from .data import reader, sharding, shards
 from .errors import UserError
 from .fsutil import atomic_write_text
 from .preempt import StopSignals, Watchdog
-from .steplog import JsonLines, Nothing, Progress, StepLog, rss_mb
+from .steplog import JsonLines, Nothing, Progress, StepLog, TensorBoard, rss_mb
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -64,6 +64,32 @@ def warmup_steps(steps_run: int) -> int:
     return min(10, steps_run // 5)
 
 
+def _set_precision(name: str, dist) -> str:
+    """Sets Keras's global dtype policy; float16 needs a GPU, bfloat16 is slow without CPU support."""
+    import tensorflow as tf
+
+    if name == "float32":
+        tf.keras.mixed_precision.set_global_policy("float32")  # also after another run in this process
+        return name
+    if name == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+        raise UserError("train.precision=mixed_float16 needs a GPU (this rank sees none); on CPUs use "
+                        "mixed_bfloat16", quiet=not dist.is_root)
+    if name == "mixed_bfloat16" and not tf.config.list_physical_devices("GPU") and not _cpu_has_bf16():
+        if dist.is_root:
+            print("pipeline: warning: this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16); "
+                  "mixed_bfloat16 will be emulated and slower than float32", file=sys.stderr)
+    tf.keras.mixed_precision.set_global_policy(name)
+    return name
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", " bf16"))
+
+
 def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     run_dir = Path(run_dir)
     t_start = time.time()
@@ -76,7 +102,9 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     val_counts = [s.num_samples for s in manifest.shards("val")]
 
     # --- Join the job; pin threads before TensorFlow runs its first op ---
-    dist = dist_mod.init(cfg.train.threads, timeline=cfg.log.timeline)
+    if cfg.horovod.autotune:
+        run_dir.mkdir(parents=True, exist_ok=True)  # Horovod opens its autotune log at init
+    dist = dist_mod.init(cfg.train.threads, timeline=cfg.log.timeline, horovod_env=cfg.horovod.environment(run_dir))
     # Rank 0 alone opens every shard for the fast checks (no checksums) and tells the others:
     # hundreds of ranks each opening every shard would hammer a shared file system.
     problems = dist.broadcast_object(list(shards.verify(manifest, checksums=False)) if dist.is_root else None,
@@ -89,20 +117,26 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(cfg.train.seed)
+    precision = _set_precision(cfg.train.precision, dist)
     say = Progress(0, 1, 0, cfg.log.progress_every_s, stream=out) if dist.is_root else Nothing()
 
     # --- The plan, from the manifest alone: identical step counts on every rank ---
-    plan = sharding.assign(train_counts, dist.rank, dist.size, cfg.train.batch_size)
+    # One step is one update: k micro-batches of batch_size with gradient accumulation.
+    passes = cfg.horovod.backward_passes_per_step
+    update_batch = cfg.train.batch_size * passes
+    plan = sharding.assign(train_counts, dist.rank, dist.size, update_batch)
     if plan.steps_per_epoch == 0:
         raise UserError(
             f"{manifest.dir}: {sum(train_counts)} training samples over {dist.size} ranks give each rank "
-            f"{sum(train_counts) // dist.size}, fewer than train.batch_size={cfg.train.batch_size}")
+            f"{sum(train_counts) // dist.size}, fewer than train.batch_size={cfg.train.batch_size}"
+            + (f" x horovod.backward_passes_per_step={passes}" if passes > 1 else ""))
     total = sharding.total_steps(plan.steps_per_epoch, cfg.train.epochs, cfg.train.max_steps)
     val_plan = sharding.assign(val_counts, dist.rank, dist.size, cfg.train.batch_size, drop_last=False) \
         if val_counts else None
-    global_batch = cfg.train.batch_size * dist.size
+    global_batch = update_batch * dist.size
 
-    model = models.build(cfg.model.name, manifest.shape, manifest.num_classes)
+    model = models.build(cfg.model.name, manifest.shape, manifest.num_classes,
+                         output_dtype="float32" if precision != "float32" else None)
 
     # --- The run directory: rank 0 writes the resolved config; every rank its step log ---
     if dist.is_root:
@@ -116,9 +150,14 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     dist.barrier()  # the run directory exists before other ranks open their logs in it
 
     # --- Model, optimizer, checkpoint state ---
-    lr = schedule.keras_schedule(base_lr=cfg.train.lr, size=dist.size, warmup_steps=cfg.train.warmup_steps,
-                                 scale=cfg.train.scale_lr, schedule=cfg.train.lr_schedule, total_steps=total)
+    lr_args = dict(base_lr=cfg.train.lr, size=dist.size, warmup_steps=cfg.train.warmup_steps, scale=cfg.train.scale_lr,
+                   schedule=cfg.train.lr_schedule, total_steps=total, step_every=cfg.train.lr_step_every,
+                   step_factor=cfg.train.lr_step_factor)
+    lr = schedule.keras_schedule(**lr_args)
     opt = tf.keras.optimizers.Adam(lr) if cfg.train.optimizer == "adam" else tf.keras.optimizers.SGD(lr, momentum=0.9)
+    if precision == "mixed_float16":
+        # float16 gradients underflow without a loss scale; Keras adjusts it dynamically.
+        opt = tf.keras.mixed_precision.LossScaleOptimizer(opt)
     # Create the optimizer's slots now, so they can be restored and broadcast before step 1.
     opt.build(model.trainable_variables)
     state = tf.train.Checkpoint(model=model, optimizer=opt)
@@ -152,21 +191,15 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     block = reader.block_size(cfg.data.read_block, manifest.chunk_samples)
     blocks = reader.cut_blocks(plan, block)
     val_blocks = reader.cut_blocks(val_plan, block) if val_plan else []
-    batches = reader.train_dataset(train_source, blocks, plan, cfg.train.batch_size, cfg.train.seed, start, total,
+    batches = reader.train_dataset(train_source, blocks, plan, update_batch, cfg.train.seed, start, total,
                                    cfg.data.shuffle_buffer, cfg.data.shuffle, cfg.data.prefetch)
 
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     per_sample = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 
-    @tf.function
-    def train_step(xb, yb, stop):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(reader.to_float(xb), training=True))
-        # Horovod's tape averages the gradients over all ranks (ring-allreduce).
-        grads = dist.gradient_tape(tape).gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        # Any rank's stop request reaches every rank in this same step.
-        return loss, dist.sum_in_step(stop)
+    train_step = step_mod.make_train_step(model, opt, loss_fn, dist, passes=passes,
+                                          compression=cfg.horovod.compression, jit_compile=cfg.train.jit_compile,
+                                          loss_scale=precision == "mixed_float16")
 
     @tf.function
     def eval_step(xb, yb):
@@ -187,7 +220,16 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         return (loss_sum / n, hits / n) if n else (float("nan"), float("nan"))
 
     steplog = StepLog(run_dir, dist.rank)
+    # A header record opens each process's part of the log: who wrote the steps and how.
+    steplog.write({"kind": "header", "rank": dist.rank, "size": dist.size, "local_rank": dist.local_rank,
+                   "local_size": dist.local_size, "host": socket.gethostname(), "pid": os.getpid(),
+                   "start_step": start, "precision": precision, "jit_compile": cfg.train.jit_compile,
+                   "compression": cfg.horovod.compression, "backward_passes_per_step": passes,
+                   "batch_size": cfg.train.batch_size, "threads": dist.threads, "backend": dist.backend,
+                   "time": time.time()})
     metrics = JsonLines(run_dir / "metrics.jsonl") if dist.is_root else Nothing()
+    board = TensorBoard(run_dir / "tensorboard", cfg.log.tensorboard_every_steps, global_batch) \
+        if dist.is_root and cfg.log.tensorboard_every_steps else Nothing()
     progress = Progress(total, plan.steps_per_epoch, global_batch, cfg.log.progress_every_s, start, out) \
         if dist.is_root else Nothing()
 
@@ -218,10 +260,12 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         watchdog.progress()
         rss = rss_mb()
         rss_peak = max(rss_peak, rss)
+        rate = schedule.lr_at(step - 1, **lr_args)
         step_times.append(t2 - t0)
         steplog.write({"step": step, "epoch": epoch, "rank": dist.rank, "size": dist.size, "time": time.time(),
                        "step_s": t2 - t0, "data_s": t1 - t0, "compute_s": t2 - t1,
-                       "samples": cfg.train.batch_size, "loss": loss, "rss_mb": round(rss, 1)})
+                       "samples": update_batch, "loss": loss, "lr": rate, "rss_mb": round(rss, 1)})
+        board.step(step, loss, rate)
         progress.maybe_print(step, loss)
 
         if float(stops) > 0:
@@ -238,9 +282,12 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         evaluated = {}
         if step % plan.steps_per_epoch == 0 or step == total:
             t_eval = time.perf_counter()
+            dist.average_variables(model.non_trainable_variables)  # BatchNorm statistics, if any
             val_loss, val_acc = evaluate()
-            metrics.write({"epoch": epoch, "step": step, "time": time.time(), "val_loss": val_loss,
-                           "val_accuracy": val_acc, "eval_s": round(time.perf_counter() - t_eval, 3)})
+            record = {"epoch": epoch, "step": step, "time": time.time(), "val_loss": val_loss,
+                      "val_accuracy": val_acc, "eval_s": round(time.perf_counter() - t_eval, 3)}
+            metrics.write(record)
+            board.write(record)
             say.print(f"epoch {epoch} step {step}: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}")
             last_eval_step = step
             evaluated = {"val_loss": val_loss, "val_accuracy": val_acc}
@@ -250,6 +297,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
                 say.print(f"checkpoint: {ref.path}")
     watchdog.close()
     signals.close()
+    board.close()
     wall_loop = time.perf_counter() - t_loop
     steplog.close()
     end = stopped_at or total
@@ -267,7 +315,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         "start_step": start, "end_step": end, "steps_run": steps_run, "loop_s": round(wall_loop, 3),
         "train_s": round(train_s, 3),
         "warmup_steps": warmup,
-        "samples_per_s": round(len(steady) * cfg.train.batch_size / sum(steady), 2) if steady else 0.0,
+        "samples_per_s": round(len(steady) * update_batch / sum(steady), 2) if steady else 0.0,
         "step_log_s": round(steplog.cost_s, 4),
         "step_log_overhead": steplog.cost_s / train_s if train_s else 0.0,
         "rss_mb_peak": round(rss_peak, 1), "last_eval_step": last_eval_step,
@@ -285,6 +333,8 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
                   f"step-log cost {overhead:.3%} of step time")
     else:
         say.print(f"done: {run_dir} was already trained to step {total}; nothing to do")
+    if dist.is_root and stopped_at is None and steps_run:
+        export.save_keras(model, run_dir)  # the finished model, ready for serving or `pipeline export`
     dist.stop_timeline()
     dist.shutdown()
     return summary

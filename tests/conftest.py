@@ -52,6 +52,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def read_steps(path: Path) -> list[dict]:
+    """A step log's step records (each process also writes one header record)."""
+    return [r for r in read_jsonl(path) if r.get("kind") != "header"]
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """8000 train samples in 3 shards (uneven against 2 ranks) and 1000 validation samples."""

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, env, pipeline, read_jsonl, require_tool
+from conftest import ROOT, env, pipeline, read_jsonl, read_steps, require_tool
 from pipeline.checkpoint import latest
 from pipeline.preempt import EXIT_REQUEUE
 
@@ -79,7 +79,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, small_dataset):
     assert proc.returncode == EXIT_REQUEUE, out + err
     stop = latest(run / "checkpoints")
     assert stop.meta.get("stopped_by_signal") and 60 <= stop.step < 160
-    assert [x["step"] for x in read_jsonl(run / "steps" / "rank-1.jsonl")][-1] == stop.step
+    assert [x["step"] for x in read_steps(run / "steps" / "rank-1.jsonl")][-1] == stop.step
 
     resumed = subprocess.run([require_tool("mpirun"), "-np", "2", sys.executable, "-m", "pipeline",
                               *map(str, common(small_dataset, run, *n))],
@@ -90,8 +90,8 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, small_dataset):
     assert a.stdout.startswith("step 160 ") and a.stdout == b.stdout, (a.stdout, b.stdout)
     # The same per-step losses after the resume point, on both ranks.
     for rank in (0, 1):
-        want = {x["step"]: x["loss"] for x in read_jsonl(straight / "steps" / f"rank-{rank}.jsonl")}
-        got = {x["step"]: x["loss"] for x in read_jsonl(run / "steps" / f"rank-{rank}.jsonl") if x["step"] > stop.step}
+        want = {x["step"]: x["loss"] for x in read_steps(straight / "steps" / f"rank-{rank}.jsonl")}
+        got = {x["step"]: x["loss"] for x in read_steps(run / "steps" / f"rank-{rank}.jsonl") if x["step"] > stop.step}
         assert got == {s: want[s] for s in range(stop.step + 1, 161)}
 
 
@@ -105,7 +105,7 @@ def test_sigusr1_to_rank_1_stops_both_ranks_at_the_same_step(tmp_path, small_dat
     os.kill(rank_pid(run, 1), signal.SIGUSR1)  # a second signal while stopping changes nothing
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_REQUEUE, out + err
-    last = [read_jsonl(run / "steps" / f"rank-{r}.jsonl")[-1]["step"] for r in (0, 1)]
+    last = [read_steps(run / "steps" / f"rank-{r}.jsonl")[-1]["step"] for r in (0, 1)]
     assert last[0] == last[1]
     ref = latest(run / "checkpoints")
     assert ref.step == last[0] and ref.meta["stopped_by_signal"]

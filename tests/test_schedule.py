@@ -23,9 +23,17 @@ def test_cosine_decays_to_zero_after_warmup():
     dict(base_lr=0.001, size=2, warmup_steps=100),
     dict(base_lr=0.05, size=8, warmup_steps=7, schedule="cosine", total_steps=50),
     dict(base_lr=0.01, size=3, warmup_steps=0, scale=False),
+    dict(base_lr=0.01, size=2, warmup_steps=5, schedule="step", step_every=25, step_factor=0.5),
 ])
 def test_keras_schedule_equals_the_pure_function(kw):
     sched = keras_schedule(**kw)
     peak = kw["base_lr"] * kw["size"]
     for step in [0, 1, 3, 6, 7, 8, 25, 49, 50, 99, 100, 101, 1000]:
         assert float(sched(step)) == pytest.approx(lr_at(step, **kw), abs=4e-7 * peak), step  # float32
+
+
+def test_step_decay():
+    kw = dict(base_lr=0.1, size=2, warmup_steps=0, schedule="step", step_every=100, step_factor=0.1)
+    assert lr_at(99, **kw) == pytest.approx(0.2)
+    assert lr_at(100, **kw) == pytest.approx(0.02)
+    assert lr_at(250, **kw) == pytest.approx(0.002)

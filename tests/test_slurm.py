@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, read_jsonl
+from conftest import IN_CI, ROOT, read_steps
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
@@ -58,7 +58,7 @@ def test_sbatch_trains_with_two_ranks(slurm, tmp_path, small_dataset, launcher):
     assert "site hook: module load would go here" in text
     assert ("srun --mpi=pmix" if launcher == "srun" else "mpirun -np 2") in text
     for rank in (0, 1):
-        assert [x["step"] for x in read_jsonl(run / "steps" / f"rank-{rank}.jsonl")] == list(range(1, 31))
+        assert [x["step"] for x in read_steps(run / "steps" / f"rank-{rank}.jsonl")] == list(range(1, 31))
     assert json.loads((run / "config.json").read_text())["ranks"] == 2
     a = subprocess.run([PIPELINE, "analyze", str(run), "--json"], capture_output=True, text=True)
     assert a.returncode == 0, a.stderr
@@ -88,7 +88,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, tmp_path, small_
     stop = int(re.search(r"stopped at step (\d+)", text).group(1))
     assert f"resuming after step {stop}" in text
     for rank in (0, 1):
-        log_steps = read_jsonl(run / "steps" / f"rank-{rank}.jsonl")
+        log_steps = read_steps(run / "steps" / f"rank-{rank}.jsonl")
         assert [x["step"] for x in log_steps] == list(range(1, 251)), "no repeated or missing step"
         gap = log_steps[stop]["time"] - log_steps[stop - 1]["time"]
         typical = log_steps[stop - 1]["time"] - log_steps[stop - 2]["time"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, mpirun, pipeline, read_jsonl
+from conftest import ROOT, mpirun, pipeline, read_jsonl, read_steps
 
 
 def summaries(run):
@@ -30,7 +30,7 @@ def test_two_ranks_train_resume_and_agree(tmp_path, small_dataset):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming after step 150" in second.stdout
 
-    logs = [read_jsonl(run / "steps" / f"rank-{r}.jsonl") for r in (0, 1)]
+    logs = [read_steps(run / "steps" / f"rank-{r}.jsonl") for r in (0, 1)]
     for r, log in enumerate(logs):
         assert [rec["step"] for rec in log] == list(range(1, 251)), f"rank {r} steps"
         assert {rec["rank"] for rec in log} == {r} and {rec["size"] for rec in log} == {2}
@@ -56,7 +56,7 @@ def test_two_ranks_train_resume_and_agree(tmp_path, small_dataset):
     # A third start finds the run finished and changes nothing.
     third = mpirun(2, *common)
     assert third.returncode == 0 and "nothing to do" in third.stdout
-    assert len(read_jsonl(run / "steps" / "rank-0.jsonl")) == 250
+    assert len(read_steps(run / "steps" / "rank-0.jsonl")) == 250
 
 
 def test_single_process_without_launcher(tmp_path, small_dataset):
@@ -65,7 +65,7 @@ def test_single_process_without_launcher(tmp_path, small_dataset):
                  "--set", "checkpoint.every_steps=20")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((run / "config.json").read_text())["ranks"] == 1
-    log = read_jsonl(run / "steps" / "rank-0.jsonl")
+    log = read_steps(run / "steps" / "rank-0.jsonl")
     assert [rec["step"] for rec in log] == list(range(1, 41)) and log[0]["size"] == 1
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [40]
     assert pipeline("checkpoint", "digest", run).stdout.startswith("step 40 ")
@@ -86,7 +86,7 @@ def test_more_ranks_than_shards_uneven_total_streaming(tmp_path):
     assert "streamed from the shards" in r.stdout
     # 1001 // 2 = 500 per rank, cut to 31 batches of 16: 496 each, 9 left out, said once.
     assert r.stdout.count("9 of 1001 training samples are left out") == 1
-    logs = [read_jsonl(run / "steps" / f"rank-{k}.jsonl") for k in (0, 1)]
+    logs = [read_steps(run / "steps" / f"rank-{k}.jsonl") for k in (0, 1)]
     assert [x["step"] for x in logs[0]] == [x["step"] for x in logs[1]] == list(range(1, 63))
     s = summaries(run)
     assert s[0]["weights_sha256"] == s[1]["weights_sha256"]

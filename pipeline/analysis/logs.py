@@ -20,7 +20,7 @@ from ..errors import UserError
 
 # The step record fields analysis needs (CONTRACT.md); `time` and `rss_mb` are used when present.
 NEEDED = ("step", "step_s", "data_s", "compute_s", "samples")
-OPTIONAL = ("time", "loss", "rss_mb")
+OPTIONAL = ("time", "loss", "rss_mb", "lr")
 _RANK_FILE = re.compile(r"rank-(\d+)\.jsonl$")
 
 
@@ -32,6 +32,7 @@ class RankLog:
     skipped_lines: int = 0
     partial_last_line: bool = False
     repeated_steps: int = 0  # steps logged more than once (re-run after a crash); the last one counts
+    headers: list = field(default_factory=list)  # one per process that wrote to this log
 
     @property
     def steps(self) -> int:
@@ -63,6 +64,7 @@ def read_rank_log(path: Path, rank: int) -> RankLog:
     cols = {n: array("d") for n in names}
     skipped = 0
     partial = False
+    headers = []
     nan = float("nan")
     with open(path, "rb") as f:
         for raw in f:
@@ -72,6 +74,9 @@ def read_rank_log(path: Path, rank: int) -> RankLog:
                 break
             try:
                 rec = json.loads(raw)
+                if isinstance(rec, dict) and rec.get("kind") == "header":
+                    headers.append(rec)
+                    continue
                 values = [float(rec[n]) for n in NEEDED]
             except (ValueError, KeyError, TypeError):
                 skipped += 1  # not JSON, not an object, or lacks a needed field
@@ -83,7 +88,7 @@ def read_rank_log(path: Path, rank: int) -> RankLog:
                 cols[n].append(float(v) if isinstance(v, (int, float)) else nan)
     arrays = {n: np.frombuffer(c, dtype=np.float64) if len(c) else np.empty(0) for n, c in cols.items()}
     arrays, repeated = _last_of_each_step(arrays)
-    return RankLog(rank, path, arrays, skipped, partial, repeated)
+    return RankLog(rank, path, arrays, skipped, partial, repeated, headers)
 
 
 def _last_of_each_step(cols: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:

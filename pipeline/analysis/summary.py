@@ -167,8 +167,10 @@ def summarize(run: Run, target: float = 0.9) -> dict:
     for j, r in enumerate(m.ranks):
         col = st & np.isfinite(step_s[:, j])
         sum_step = float(np.sum(step_s[col, j]))
+        hdr = run.ranks[r].headers[-1] if run.ranks[r].headers else {}
         per_rank.append({
             "rank": r, "steps": int(np.isfinite(step_s[:, j]).sum()),
+            "host": hdr.get("host"), "local_rank": hdr.get("local_rank"),
             "step_s_p50": float(np.median(step_s[col, j])) if col.any() else None,
             "data_s_p50": float(np.median(data_s[col, j])) if col.any() else None,
             "compute_s_p50": float(np.median(compute_s[col, j])) if col.any() else None,

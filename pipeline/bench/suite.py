@@ -122,6 +122,7 @@ def wall_throughput(run: Path, n: int, warmup: int) -> dict:
     end of the last warm-up step to the end of the last step (the definition applied to the
     baselines), and the steady step times."""
     recs = [json.loads(line) for line in (run / "steps" / "rank-0.jsonl").read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.get("kind") != "header"]
     steady = recs[warmup:]
     wall = steady[-1]["time"] - recs[warmup - 1]["time"]
     return {"throughput_samples_per_s": len(steady) * recs[0]["samples"] * n / wall,

@@ -1,4 +1,4 @@
-"""A learnable synthetic image-classification dataset, written as HDF5 shards.
+"""A learnable synthetic image-classification (or tabular, shape F,) dataset, as HDF5 shards.
 
 Each class has a prototype made of a few random strokes and blobs. A sample is its class
 prototype shifted by a few pixels, with random contrast, a distractor blob and pixel noise,
@@ -45,8 +45,19 @@ def prototypes(num_classes: int, shape: tuple[int, int, int], seed: int) -> np.n
     return protos
 
 
+def tabular_prototypes(num_classes: int, features: int, seed: int) -> np.ndarray:
+    """Tabular data (shape F,): each class a random profile of F features in [0, 1]."""
+    # Profiles close together under heavy noise: no single feature separates the classes.
+    return 0.5 + 0.07 * np.random.default_rng([seed, 0]).standard_normal((num_classes, features))
+
+
 def samples(protos: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n noisy, shifted copies of random prototypes as (uint8 images, int32 labels)."""
+    """n noisy, shifted copies of random prototypes as (uint8 images, int32 labels); for
+    tabular prototypes, the class profile plus heavy per-feature noise."""
+    if protos.ndim == 2:
+        labels = rng.integers(0, len(protos), size=n).astype(np.int32)
+        x = protos[labels] + rng.normal(0, 0.3, size=(n, protos.shape[1]))
+        return (np.clip(x, 0, 1) * 255).round().astype(np.uint8), labels
     k, h, w, c = protos.shape
     labels = rng.integers(0, k, size=n).astype(np.int32)
     padded = np.pad(protos, ((0, 0), (MAX_SHIFT, MAX_SHIFT), (MAX_SHIFT, MAX_SHIFT), (0, 0)))
@@ -73,15 +84,16 @@ def synth(out: str | Path, samples_train: int = 20000, samples_val: int = 2000, 
         raise UserError(f"--shards must be between 1 and --samples ({samples_train}), got {shards}")
     if num_classes < 2:
         raise UserError(f"--classes must be >= 2, got {num_classes}")
-    if len(shape) != 3 or min(shape) <= 0 or shape[0] < 12 or shape[1] < 12:
-        raise UserError(f"--shape must be H,W,C with H and W >= 12, got {shape}")
+    if not (len(shape) == 1 and shape[0] >= 2) and \
+            (len(shape) != 3 or min(shape) <= 0 or shape[0] < 12 or shape[1] < 12):
+        raise UserError(f"--shape must be H,W,C with H and W >= 12 (images) or F >= 2 (tabular), got {shape}")
     if chunk_samples <= 0:
         raise UserError(f"--chunk-samples must be > 0, got {chunk_samples}")
     if x_dtype not in X_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(X_DTYPES)}, got {x_dtype!r}")
     parse_compression(compression)
     out = prepare_out_dir(out)
-    protos = prototypes(num_classes, shape, seed)
+    protos = tabular_prototypes(num_classes, shape[0], seed) if len(shape) == 1 else prototypes(num_classes, shape, seed)
     t0 = time.perf_counter()
     written = {}
     plan = [("train", samples_train, shards)]

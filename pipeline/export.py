@@ -1,0 +1,115 @@
+"""The trained model, ready to serve: Keras format at the end of every finished run (rank 0),
+and on request an int8 TFLite model (post-training quantization) with its validation
+accuracy next to the float model's and single-sample inference latency for both."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .fsutil import atomic_write_text
+
+KERAS_NAME = "model.keras"
+TFLITE_NAME = "model-int8.tflite"
+
+
+def save_keras(model, run_dir: Path) -> Path:
+    """RUN/model.keras, written under a temporary name and renamed: never half a model."""
+    final = Path(run_dir) / KERAS_NAME
+    tmp = final.with_name(f".tmp-{os.getpid()}-{KERAS_NAME}")
+    model.save(tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def _val_arrays(dataset_dir: str, limit: int):
+    import h5py
+
+    from .data import shards
+
+    m = shards.load_manifest(dataset_dir)
+    xs, ys, n = [], [], 0
+    for s in m.shards("val") or m.shards("train"):
+        with h5py.File(m.path(s), "r") as f:
+            take = min(limit - n, len(f["y"]))
+            xs.append(f["x"][:take])
+            ys.append(f["y"][:take])
+            n += take
+        if n >= limit:
+            break
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, latency_runs: int = 200) -> dict:
+    import tensorflow as tf
+
+    run = Path(run_dir)
+    if not (run / KERAS_NAME).exists():
+        raise UserError(f"{run}: no {KERAS_NAME} (written at the end of a finished pipeline train run)")
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+        data_dir = cfg.get("dataset") or cfg["data"]["dir"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{run}/config.json: missing or unreadable; it names the dataset to calibrate on") from None
+    model = tf.keras.models.load_model(run / KERAS_NAME)
+    x, y = _val_arrays(data_dir, samples)
+    xf = _to_float(x)
+
+    def representative():
+        for i in range(min(calibration, len(xf))):
+            yield [xf[i:i + 1]]
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    # Full integer: int8 weights and activations; float input and output kept for callers.
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    blob = conv.convert()
+    out = run / TFLITE_NAME
+    tmp = out.with_name(f".tmp-{os.getpid()}-{TFLITE_NAME}")
+    tmp.write_bytes(blob)
+    os.replace(tmp, out)
+
+    interp = tf.lite.Interpreter(model_path=str(out), num_threads=1)
+    interp.allocate_tensors()
+    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
+
+    def tflite_logits(sample):
+        interp.set_tensor(inp["index"], sample)
+        interp.invoke()
+        return interp.get_tensor(outp["index"])
+
+    int8_pred = np.array([np.argmax(tflite_logits(xf[i:i + 1])) for i in range(len(xf))])
+    float_pred = np.argmax(model.predict(xf, batch_size=256, verbose=0), axis=-1)
+
+    def latency(fn) -> float:
+        for i in range(10):
+            fn(xf[i % len(xf):i % len(xf) + 1])
+        times = []
+        for i in range(latency_runs):
+            t0 = time.perf_counter()
+            fn(xf[i % len(xf):i % len(xf) + 1])
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    serve = tf.function(lambda t: model(t, training=False))
+    res = {
+        "tflite": str(out), "tflite_bytes": len(blob), "keras_bytes": (run / KERAS_NAME).stat().st_size,
+        "samples": int(len(y)), "float_accuracy": float(np.mean(float_pred == y)),
+        "int8_accuracy": float(np.mean(int8_pred == y)),
+        "float_latency_ms": latency(lambda s: serve(s).numpy()) * 1e3,
+        "int8_latency_ms": latency(tflite_logits) * 1e3,
+        "latency_note": "median of single-sample calls; Keras model in a tf.function, TFLite on 1 thread",
+    }
+    atomic_write_text(run / "export.json", json.dumps(res, indent=1) + "\n")
+    return res
