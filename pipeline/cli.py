@@ -142,7 +142,7 @@ def cmd_bench_run(a) -> int:
 def cmd_bench_knobs(a) -> int:
     from .bench import knobs
 
-    knobs.run(a.out, a.ranks, a.epochs)
+    knobs.run(a.out, a.ranks, a.epochs, a.repeats)
     return 0
 
 
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--out", default="runs/knobs")
     bk.add_argument("--ranks", type=int, default=2)
     bk.add_argument("--epochs", type=int, default=2)
+    bk.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     bk.set_defaults(func=cmd_bench_knobs)
     ba = b.add_parser("analyze", help="time and peak memory of pipeline analyze on a million step records")
     ba.add_argument("--ranks", type=int, default=8)

@@ -56,3 +56,24 @@ def test_bench_run_quick_writes_every_figure(tmp_path):
     # Every pipeline run in the bench is a run directory analyze reads.
     a = pipeline("analyze", *res["scaling"][1]["run_dirs"], "--json")
     assert a.returncode == 0 and json.loads(a.stdout)["runs"][0]["ranks"] == 2
+
+
+def test_bench_knobs_runs_each_knob_fresh_against_the_default(tmp_path, monkeypatch):
+    import io
+
+    from pipeline.bench import knobs
+
+    monkeypatch.setattr(knobs, "KNOBS", [("default", []), ("fp16", ["horovod.compression=fp16"]),
+                                         ("default again", [])])
+    out = io.StringIO()
+    rows = knobs.run(str(tmp_path / "k"), ranks=2, epochs=1, repeats=1, log=out)
+    assert [r["knob"] for r in rows] == ["default", "fp16", "default again"]
+    for r in rows:
+        assert r["steps"] == 156 and r["val_accuracy"]["value"] > 0.5  # every run trained a full epoch
+    header = json.loads((tmp_path / "k/runs/01-r0/steps/rank-0.jsonl").read_text().splitlines()[0])
+    assert header["compression"] == "fp16"
+    # Run again: each run directory starts fresh (no resume of the finished one).
+    knobs.run(str(tmp_path / "k"), ranks=2, epochs=1, repeats=1, log=out)
+    lines = (tmp_path / "k/runs/00-r0/steps/rank-0.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 156
+    assert "| fp16 |" in out.getvalue()

@@ -1,11 +1,15 @@
-"""`pipeline bench knobs`: one 2-rank run per tuning knob against the default, same data and
-steps, each an ordinary run directory; samples/s (steady steps, `pipeline analyze`'s
-definition) and final validation accuracy. The default runs first and last, so the spread
-between those two shows the machine's noise."""
+"""`pipeline bench knobs`: 2-rank runs of each tuning knob against the default, same data and
+steps, each an ordinary run directory; samples/s over the steady steps (`pipeline analyze`'s
+definition) and final validation accuracy. Knobs are interleaved round by round and the
+default runs first and last in every round, so its spread shows the machine's noise; each
+figure is the median of the rounds with min and max, and `vs_default` the median of the
+per-round ratios to that round's mean default."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,35 +29,52 @@ KNOBS = [
 ]
 
 
-def run(out: str = "runs/knobs", ranks: int = 2, epochs: int = 2, log=sys.stdout) -> list[dict]:
+def _stat(values: list[float]) -> dict:
+    return {"value": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run(out: str = "runs/knobs", ranks: int = 2, epochs: int = 2, repeats: int = 1, log=sys.stdout) -> list[dict]:
     from ..analysis import logs, summary
 
-    b = Bench(Path(out), quick=False, ranks=[ranks], repeats=1, steps=0, batch=64, log=log)
+    b = Bench(Path(out), quick=False, ranks=[ranks], repeats=repeats, steps=0, batch=64, log=log)
     b.out.mkdir(parents=True, exist_ok=True)
     b.make_data()
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(KNOBS))}
+    for rep in range(repeats):
+        for i, (label, sets) in enumerate(KNOBS):
+            run_dir = b.out / "runs" / f"{i:02d}-r{rep}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
+            args = [b.py, "-m", "pipeline", "train", "--run-dir", str(run_dir), "--set", f"data.dir={b.data}",
+                    "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=0",
+                    "--set", "log.progress_every_s=3600"]
+            for s in sets:
+                args += ["--set", s]
+            b.mpirun(ranks, args)
+            s = summary.summarize(logs.load(run_dir))
+            metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            runs[i].append({"run_dir": str(run_dir), "samples_per_s": s["throughput_samples_per_s"],
+                            "step_p50_ms": s["step_s"]["p50"] * 1e3, "global_batch": s["global_batch"],
+                            "steps": s["steps"], "val_accuracy": metrics[-1]["val_accuracy"] if metrics else None})
+            b.say(f"round {rep + 1}/{repeats} {label}: {runs[i][-1]['samples_per_s']:,.0f} samples/s, "
+                  f"val_accuracy {runs[i][-1]['val_accuracy']:.4f}")
+    last = len(KNOBS) - 1
+    base = [(runs[0][r]["samples_per_s"] + runs[last][r]["samples_per_s"]) / 2 for r in range(repeats)]
     rows = []
     for i, (label, sets) in enumerate(KNOBS):
-        run_dir = b.out / "runs" / f"{i:02d}"
-        args = [b.py, "-m", "pipeline", "train", "--run-dir", str(run_dir), "--set", f"data.dir={b.data}",
-                "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=0",
-                "--set", "log.progress_every_s=3600"]
-        for s in sets:
-            args += ["--set", s]
-        b.mpirun(ranks, args)
-        s = summary.summarize(logs.load(run_dir))
-        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rows.append({"knob": label, "sets": sets, "run_dir": str(run_dir),
-                     "samples_per_s": s["throughput_samples_per_s"], "step_p50_ms": s["step_s"]["p50"] * 1e3,
-                     "global_batch": s["global_batch"], "steps": s["steps"],
-                     "val_accuracy": metrics[-1]["val_accuracy"] if metrics else None})
-        b.say(f"{label}: {rows[-1]['samples_per_s']:,.0f} samples/s, val_accuracy {rows[-1]['val_accuracy']:.4f}")
-    base = (rows[0]["samples_per_s"] + rows[-1]["samples_per_s"]) / 2
-    for r in rows:
-        r["vs_default"] = r["samples_per_s"] / base
+        rs = runs[i]
+        rows.append({"knob": label, "sets": sets, "run_dirs": [x["run_dir"] for x in rs],
+                     "samples_per_s": _stat([x["samples_per_s"] for x in rs]),
+                     "vs_default": _stat([x["samples_per_s"] / base[r] for r, x in enumerate(rs)]),
+                     "step_p50_ms": statistics.median(x["step_p50_ms"] for x in rs),
+                     "global_batch": rs[0]["global_batch"], "steps": rs[0]["steps"],
+                     "val_accuracy": _stat([x["val_accuracy"] for x in rs])})
     (b.out / "knobs.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("| knob | samples/s | vs default | step p50 ms | global batch | steps | val accuracy |", file=log)
+    print(f"| knob ({ranks} ranks, {repeats} round(s)) | samples/s | vs default | step p50 ms | global batch | "
+          f"steps | val accuracy |", file=log)
     print("|---|---|---|---|---|---|---|", file=log)
     for r in rows:
-        print(f"| {r['knob']} | {r['samples_per_s']:,.0f} | {r['vs_default']:.2f} | {r['step_p50_ms']:.1f} | "
-              f"{r['global_batch']} | {r['steps']} | {r['val_accuracy']:.4f} |", file=log)
+        sp, vd, va = r["samples_per_s"], r["vs_default"], r["val_accuracy"]
+        print(f"| {r['knob']} | {sp['value']:,.0f} [{sp['min']:,.0f}-{sp['max']:,.0f}] | {vd['value']:.2f} "
+              f"[{vd['min']:.2f}-{vd['max']:.2f}] | {r['step_p50_ms']:.1f} | {r['global_batch']} | {r['steps']} | "
+              f"{va['value']:.4f} |", file=log)
     return rows
