@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import re
 import shutil
 import time
@@ -150,7 +151,8 @@ class CheckpointWriter:
         ckpt.write(str(tmp / STATE))
         for f in tmp.iterdir():
             fsync_path(f)
-        meta = {"complete": True, "step": step, "epoch": epoch, "time": time.time(), **(extra or {})}
+        meta = {"complete": True, "step": step, "epoch": epoch, "time": time.time(),
+                "writer": {"host": socket.gethostname(), "pid": os.getpid()}, **(extra or {})}
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=2)
             f.flush()

@@ -157,10 +157,14 @@ def cmd_slurm_command(a) -> int:
     from . import launch
 
     env = dict(os.environ)
-    if "SLURM_JOB_NODELIST" not in env:
-        raise UserError("not inside a SLURM allocation (SLURM_JOB_NODELIST is not set)")
     program = a.program[1:] if a.program[:1] == ["--"] else a.program
-    cmd = launch.command(a.launcher, env, launch.expand_hostnames(env["SLURM_JOB_NODELIST"]), program, a.ntasks)
+    if a.hostfile:
+        hosts, counts = launch.hostfile(a.hostfile)
+        cmd = launch.command(a.launcher, env, hosts, program, a.ntasks, counts=counts)
+    else:
+        if "SLURM_JOB_NODELIST" not in env:
+            raise UserError("not inside a SLURM allocation (SLURM_JOB_NODELIST is not set); give --hostfile")
+        cmd = launch.command(a.launcher, env, launch.expand_hostnames(env["SLURM_JOB_NODELIST"]), program, a.ntasks)
     # NUL-separated, so the batch script can run it with any arguments intact (mapfile -d '').
     sys.stdout.write("\0".join(cmd) + "\0")
     return 0
@@ -235,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sl.add_parser("command", help="print the launcher command for this allocation, NUL-separated")
     sc.add_argument("--launcher", default="mpirun", choices=["mpirun", "srun"])
     sc.add_argument("--ntasks", type=int, default=0, help="use the first N tasks only (default: all)")
+    sc.add_argument("--hostfile", help="hosts and slots from this OpenMPI hostfile instead of SLURM's variables")
     sc.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
     sc.set_defaults(func=cmd_slurm_command)
 

@@ -48,15 +48,42 @@ def first_tasks(hostnames: list[str], counts: list[int], ntasks: int) -> tuple[l
     return hosts, used
 
 
-def command(launcher: str, env: dict, hostnames: list[str], program: list[str], ntasks: int = 0) -> list[str]:
+def hostfile(path: str) -> tuple[list[str], list[int]]:
+    """Hosts and slots from an OpenMPI-style hostfile (`host slots=N` per line, # comments)."""
+    hosts, counts = [], []
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the hostfile ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\S+)(?:\s+slots\s*=\s*(\d+))?(?:\s+max_slots\s*=\s*\d+)?", line)
+        if not m:
+            raise UserError(f"{path}:{n}: expected 'HOST slots=N', got {line!r}")
+        hosts.append(m.group(1))
+        counts.append(int(m.group(2) or 1))
+    if not hosts:
+        raise UserError(f"{path}: no hosts in the hostfile")
+    return hosts, counts
+
+
+def command(launcher: str, env: dict, hostnames: list[str], program: list[str], ntasks: int = 0,
+            counts: list[int] | None = None) -> list[str]:
     """The command that starts one rank of `program` per SLURM task (or on the first
-    `ntasks` tasks of the allocation)."""
+    `ntasks` tasks of the allocation). `counts`: ranks per host when they come from a
+    hostfile rather than SLURM_TASKS_PER_NODE."""
     if not program:
         raise UserError("no program to launch (give it after --)")
-    counts = tasks_per_node(env.get("SLURM_TASKS_PER_NODE", "1"))
+    from_hostfile = counts is not None
+    if not from_hostfile:
+        counts = tasks_per_node(env.get("SLURM_TASKS_PER_NODE", "1"))
+    elif launcher == "srun":
+        raise UserError("a hostfile is for mpirun; srun takes its hosts from the SLURM allocation")
     if len(counts) != len(hostnames):
         raise UserError(f"SLURM_TASKS_PER_NODE gives {len(counts)} nodes but the node list has {len(hostnames)}")
-    total = int(env.get("SLURM_NTASKS") or sum(counts))
+    total = sum(counts) if from_hostfile else int(env.get("SLURM_NTASKS") or sum(counts))
     if ntasks > total:
         raise UserError(f"--ntasks {ntasks}: the allocation has only {total} tasks")
     if ntasks:

@@ -49,3 +49,17 @@ def test_inconsistent_allocation_and_unknown_launcher():
         command("mpirun", TWO_NODES, ["gpu01"], ["p"])
     with pytest.raises(UserError, match="LAUNCHER must be"):
         command("aprun", TWO_NODES, ["gpu01", "gpu02"], ["p"])
+
+
+def test_hostfile_two_hosts_two_slots(tmp_path):
+    from pipeline.launch import hostfile
+
+    hf = tmp_path / "hostfile"
+    hf.write_text("# two hosts\nnode-a slots=2\nnode-b slots=2 max_slots=4\n")
+    hosts, counts = hostfile(str(hf))
+    assert (hosts, counts) == (["node-a", "node-b"], [2, 2])
+    cmd = command("mpirun", {"HOROVOD_CYCLE_TIME": "1"}, hosts, ["p"], counts=counts)
+    assert cmd[:5] == ["mpirun", "-np", "4", "--host", "node-a:2,node-b:2"] and cmd[-3:] == ["-x", "HOROVOD_CYCLE_TIME", "p"]
+    hf.write_text("node-a slots=two\n")
+    with pytest.raises(UserError, match="hostfile:1: expected"):
+        hostfile(str(hf))

@@ -1,0 +1,100 @@
+"""Ranks on separate simulated hosts: network namespaces on a bridge, each with its own
+address and hostname, reached by mpirun through a launch agent instead of ssh
+(slurm/local/hosts-up.sh). Real OpenMPI over TCP, real Horovod; what cannot be had here is a
+second machine, so the hosts share this one's cores and file system (as a cluster shares
+its file system)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import IN_CI, ROOT, env, read_jsonl, require_tool
+
+pytestmark = pytest.mark.multinode
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+
+
+@contextlib.contextmanager
+def sim_hosts(tmp_path: Path, n: int, slots: int):
+    """Hosts that exist inside the block and are gone after it, whatever happens in it."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("simulated hosts need root (network namespaces)")
+        pytest.skip("simulated hosts need root (network namespaces)")
+    require_tool("ip")
+    d = tmp_path / "hosts"
+    up = subprocess.run(["bash", str(ROOT / "slurm/local/hosts-up.sh"), str(d), str(n), str(slots)],
+                        capture_output=True, text=True)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        hosts = [line.split() for line in (d / "hosts").read_text().splitlines()]
+        mca = dict(line.removeprefix("export ").split("=", 1) for line in (d / "env").read_text().splitlines())
+        yield d, hosts, mca
+    finally:
+        subprocess.run(["bash", str(ROOT / "slurm/local/hosts-down.sh"), str(d)], capture_output=True)
+
+
+def leftovers(d: Path, hosts) -> list[str]:
+    names = {h[2] for h in hosts}
+    found = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+             if ns in names]
+    tag = hosts[0][2].split("-")[0].removeprefix("pl")
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    found += [w for w in links.split() if tag in w]
+    if f"# hosts-up {tag}" in Path("/etc/hosts").read_text():
+        found.append("/etc/hosts lines")
+    return found
+
+
+def train_across(tmp_path, d, mca, small_dataset, steps=30):
+    """The launch path of clusters, unchanged: `pipeline slurm command --hostfile` builds the
+    mpirun command from the hostfile; the hosts' agent and subnet come from OMPI_MCA_*."""
+    run = tmp_path / "run"
+    e = dict(env(), **mca)
+    cmd = subprocess.run([PIPELINE, "slurm", "command", "--hostfile", str(d / "hostfile"), "--", PIPELINE, "train",
+                          "--run-dir", str(run), "--set", f"data.dir={small_dataset}",
+                          "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=10"],
+                         capture_output=True, text=True, env=e)
+    assert cmd.returncode == 0, cmd.stderr
+    argv = cmd.stdout.split("\0")[:-1]
+    r = subprocess.run(argv, capture_output=True, text=True, env=e, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return run, argv
+
+
+@pytest.mark.parametrize("n,slots", [(2, 1), (2, 2)])
+def test_training_across_hosts(tmp_path, small_dataset, n, slots):
+    with sim_hosts(tmp_path, n, slots) as (d, hosts, mca):
+        run, argv = train_across(tmp_path, d, mca, small_dataset)
+        assert argv[:5] == ["mpirun", "-np", str(n * slots), "--host",
+                            ",".join(f"{h[0]}:{slots}" for h in hosts)]
+        size = n * slots
+        headers = [read_jsonl(run / "steps" / f"rank-{r}.jsonl")[0] for r in range(size)]
+        # Horovod's per-host facts: ranks fill hosts in order; local rank and size per host.
+        for r, h in enumerate(headers):
+            assert h["host"] == hosts[r // slots][0]
+            assert (h["local_rank"], h["local_size"]) == (r % slots, slots)
+        digests = {json.loads((run / "ranks" / f"rank-{r}.json").read_text())["weights_sha256"] for r in range(size)}
+        assert len(digests) == 1
+        # Exactly one checkpoint writer, global rank 0, on the first host.
+        metas = [json.loads((c / "meta.json").read_text()) for c in sorted((run / "checkpoints").glob("step-*"))]
+        assert metas and {(m["writer"]["host"], m["writer"]["pid"]) for m in metas} == \
+            {(headers[0]["host"], headers[0]["pid"])}
+        assert json.loads((run / "config.json").read_text())["hosts"] == [hosts[r // slots][0] for r in range(size)]
+    assert leftovers(d, hosts) == []
+
+
+def test_teardown_also_when_the_test_fails(tmp_path):
+    with pytest.raises(RuntimeError):
+        with sim_hosts(tmp_path, 2, 1) as (d, hosts, mca):
+            assert subprocess.run([str(d / "agent"), hosts[1][0], "hostname"], capture_output=True,
+                                  text=True).stdout.strip() == hosts[1][0]
+            raise RuntimeError("a failing test")
+    assert leftovers(d, hosts) == []
