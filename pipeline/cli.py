@@ -66,7 +66,8 @@ def cmd_train(a) -> int:
 def cmd_analyze(a) -> int:
     from .analysis import report
 
-    result = report.analyze(a.run_dirs, target=a.target, plots_dir=a.plots, report=a.report, compare=a.compare)
+    result = report.analyze(a.run_dirs, target=a.target, plots_dir=a.plots, report=a.report, compare=a.compare,
+                            link_gbps=a.link_gbps, comm_file=a.comm, compute_ms=a.compute_ms)
     if a.json:
         json.dump(result, sys.stdout, default=str)
         sys.stdout.write("\n")
@@ -129,6 +130,44 @@ def cmd_bench_analyze(a) -> int:
     from .bench import analyze
 
     return 0 if analyze.run(a.ranks, a.steps, a.work)["met"] else 1
+
+
+def cmd_bench_comm(a) -> int:
+    from .bench import comm
+
+    argv = ["--bytes", str(a.bytes), "--repeats", str(a.repeats)] + (["--link-gbps", str(a.link_gbps)]
+                                                                     if a.link_gbps else []) + (["--out", a.out] if a.out else [])
+    return comm.main(argv)
+
+
+def cmd_bench_multinode(a) -> int:
+    from .bench import multinode
+
+    rates = [r for r in a.rates.split(",") if r]
+    return 0 if multinode.run(a.out, rates, a.calibrate, a.steps, a.data)["met"] else 1
+
+
+def cmd_predict(a) -> int:
+    from . import commmodel
+    from .analysis.report import _network
+
+    net = _network(a.link_gbps, a.comm)
+    for name, v in (("alpha_ms", a.alpha_ms), ("latency_us", a.latency_us), ("efficiency", a.efficiency)):
+        if v is not None:
+            setattr(net, {"alpha_ms": "alpha_s", "latency_us": "latency_s"}.get(name, name),
+                    v / 1e3 if name == "alpha_ms" else v / 1e6 if name == "latency_us" else v)
+    commmodel.Network(**commmodel.as_dict(net))  # validate the overrides
+    rows = commmodel.projection(a.gradient_bytes, a.compute_ms / 1e3, a.ranks_per_host, net)
+    if a.json:
+        json.dump({"network": commmodel.as_dict(net), "gradient_bytes": a.gradient_bytes,
+                   "compute_s": a.compute_ms / 1e3, "ranks_per_host": a.ranks_per_host, "rows": rows}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print("\n".join(commmodel.table_lines(rows, f"{a.gradient_bytes:,} gradient bytes/step, compute "
+                                                   f"{a.compute_ms:g} ms/step, {a.ranks_per_host} ranks/host, "
+                                                   f"{net.link_gbps:g} Gbit/s x {net.efficiency:.3f}, alpha "
+                                                   f"{net.alpha_s * 1e3:.3f} ms, latency {net.latency_s * 1e6:.1f} us")))
+    return 0
 
 
 def cmd_bench_run(a) -> int:
@@ -217,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--report", metavar="FILE", help="one page with summary, tables and plots (.html or .md)")
     an.add_argument("--target", type=float, default=0.9, help="validation accuracy for time to accuracy (0.9)")
     an.add_argument("--compare", action="store_true", help="two run directories A B: the differences, figure by figure")
+    an.add_argument("--link-gbps", type=float, help="per-host link rate: add the communication model's prediction "
+                                                    "next to the measured figures (docs/multinode.md)")
+    an.add_argument("--comm", metavar="FILE", help="alpha, latency and efficiency from pipeline bench comm --out FILE")
+    an.add_argument("--compute-ms", type=float, help="compute time per step without communication (default: a "
+                                                     "1-rank run among the run directories)")
     an.set_defaults(func=cmd_analyze)
 
     ex = verbs.add_parser("export", help="serve-ready exports of a finished run's model").add_subparsers(
@@ -234,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     ls = c.add_parser("list", help="complete checkpoints, oldest first")
     ls.add_argument("run_dir")
     ls.set_defaults(func=cmd_checkpoint_list)
+    pr = verbs.add_parser("predict", help="communication, step time and scaling efficiency at 2-512 ranks "
+                                          "(docs/multinode.md)")
+    pr.add_argument("--gradient-bytes", type=int, required=True, help="per step (a run's config.json: gradient_bytes)")
+    pr.add_argument("--compute-ms", type=float, required=True, help="step time of one rank without communication")
+    pr.add_argument("--link-gbps", type=float, help="per-host link rate (default: the --comm file's)")
+    pr.add_argument("--ranks-per-host", type=int, default=1)
+    pr.add_argument("--comm", metavar="FILE", help="alpha, latency, efficiency from pipeline bench comm")
+    pr.add_argument("--alpha-ms", type=float, help="fixed cost per step (overrides --comm)")
+    pr.add_argument("--latency-us", type=float, help="per message per ring step (overrides --comm)")
+    pr.add_argument("--efficiency", type=float, help="share of the link rate reached (overrides --comm)")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
     sl = verbs.add_parser("slurm", help="helpers for slurm/*.sbatch").add_subparsers(
         dest="slurm_verb", required=True, parser_class=_Parser)
     sc = sl.add_parser("command", help="print the launcher command for this allocation, NUL-separated")
@@ -279,6 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--epochs", type=int, default=2)
     bk.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     bk.set_defaults(func=cmd_bench_knobs)
+    bm = b.add_parser("comm", help="alpha, latency and link efficiency of the communication model (under mpirun)")
+    bm.add_argument("--bytes", type=int, default=1 << 20, help="gradient bytes per step (config.json: gradient_bytes)")
+    bm.add_argument("--link-gbps", type=float, help="the link's nominal rate, for the efficiency")
+    bm.add_argument("--repeats", type=int, default=5)
+    bm.add_argument("--out", help="write the figures here (JSON, for pipeline analyze/predict --comm)")
+    bm.set_defaults(func=cmd_bench_comm)
+    bv = b.add_parser("multinode", help="the communication model against training on shaped links between "
+                                        "simulated hosts (root)")
+    bv.add_argument("--out", default="runs/multinode")
+    bv.add_argument("--rates", default="100mbit,1gbit", help="links to validate on (default 100mbit,1gbit)")
+    bv.add_argument("--calibrate", default="400mbit", help="link the efficiency is measured on (default 400mbit)")
+    bv.add_argument("--steps", type=int, default=120)
+    bv.add_argument("--data", help="dataset (default: a small synthetic one made under --out)")
+    bv.set_defaults(func=cmd_bench_multinode)
     ba = b.add_parser("analyze", help="time and peak memory of pipeline analyze on a million step records")
     ba.add_argument("--ranks", type=int, default=8)
     ba.add_argument("--steps", type=int, default=125_000)

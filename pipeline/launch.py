@@ -96,9 +96,13 @@ def command(launcher: str, env: dict, hostnames: list[str], program: list[str], 
                 "--kill-on-bad-exit=1", *program]
     if launcher != "mpirun":
         raise UserError(f"LAUNCHER must be mpirun or srun, got {launcher!r}")
-    cmd = ["mpirun", "-np", str(ntasks), "--host", ",".join(f"{h}:{n}" for h, n in zip(hostnames, counts)),
-           # One rank per task, each bound to its cpus-per-task cores, as SLURM allotted them.
-           "--map-by", f"slot:PE={cpus}", "--bind-to", "core"]
+    cmd = ["mpirun", "-np", str(ntasks), "--host", ",".join(f"{h}:{n}" for h, n in zip(hostnames, counts))]
+    if env.get("OMPI_MCA_hwloc_base_binding_policy"):
+        # The site (or the simulated hosts) chose the binding: mpirun reads it from there.
+        cmd += ["--map-by", "slot"]
+    else:
+        # One rank per task, each bound to its cpus-per-task cores, as SLURM allotted them.
+        cmd += ["--map-by", f"slot:PE={cpus}", "--bind-to", "core"]
     for name in sorted(env):
         if name in PASS_NAMES or name.startswith(PASS_PREFIXES):
             cmd += ["-x", name]

@@ -146,7 +146,10 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         atomic_write_text(run_dir / "config.json", config_mod.dumps(
             cfg, ranks=dist.size, hosts=hosts, threads_per_rank=dist.threads, backend=dist.backend,
             global_batch=global_batch, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
-            dropped_train_samples=plan.dropped, model_params=model.count_params(), dataset=str(manifest.dir.resolve()), versions=_versions()))
+            dropped_train_samples=plan.dropped, model_params=model.count_params(),
+            # What one step's allreduce moves: trainable parameters x bytes per element sent.
+            gradient_bytes=sum(int(v.shape.num_elements()) for v in model.trainable_variables)
+            * (2 if cfg.horovod.compression == "fp16" else 4), dataset=str(manifest.dir.resolve()), versions=_versions()))
     dist.barrier()  # the run directory exists before other ranks open their logs in it
 
     # --- Model, optimizer, checkpoint state ---

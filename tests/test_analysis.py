@@ -215,9 +215,17 @@ def test_real_two_rank_run_and_its_timeline(tmp_path, small_dataset):
                "--set", "log.timeline=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "timeline.json").exists()
-    r = pipeline("analyze", run, "--json", "--report", tmp_path / "rep.md")
+    r = pipeline("analyze", run, "--json", "--report", tmp_path / "rep.md", "--link-gbps", "10")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)["runs"][0]
+    # Both ranks on this host: the model has no network term; the gradients are a part of
+    # all allreduce traffic (the per-step stop flag and evaluation sums are the rest).
+    m = s["comm_model"]
+    assert m["hosts"] == 1 and m["predicted_terms_s"]["bandwidth_s"] == 0
+    assert m["gradient_bytes"] == s["gradient_bytes_per_step"]
+    grad = s["communication"]["gradient_phases"]["MPI_ALLREDUCE"]
+    assert 0 < grad["per_step_s"] <= s["communication"]["phases"]["MPI_ALLREDUCE"]["per_step_s"]
+    assert m["measured_comm_s"] == grad["per_step_s"] and 1 <= m["fused_ops_per_step"] <= 10
     assert s["ranks"] == 2 and s["steps"] == 60 and s["skipped_lines"] == 0 and s["missing_ranks"] == []
     assert s["throughput_samples_per_s"] > 0 and s["gradient_bytes_per_step"] > 0
     comm = s["communication"]

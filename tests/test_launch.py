@@ -27,6 +27,14 @@ def test_mpirun_for_two_nodes_four_tasks():
     assert cmd[-4:] == ["pipeline", "train", "--run-dir", "runs/x"]
 
 
+def test_site_binding_policy_replaces_core_binding():
+    # A site (or the simulated hosts) that sets OpenMPI's binding policy keeps it: mpirun reads
+    # it from the environment, and no --bind-to on the command line overrides it.
+    cmd = command("mpirun", dict(TWO_NODES, OMPI_MCA_hwloc_base_binding_policy="none"), ["gpu01", "gpu02"], ["p"])
+    assert cmd[:7] == ["mpirun", "-np", "4", "--host", "gpu01:2,gpu02:2", "--map-by", "slot"]
+    assert "--bind-to" not in cmd
+
+
 def test_srun_uses_pmix():
     cmd = command("srun", TWO_NODES, ["gpu01", "gpu02"], ["pipeline", "train"])
     assert cmd == ["srun", "--mpi=pmix", "--ntasks=4", "--nodes=2", "--cpus-per-task=8", "--kill-on-bad-exit=1",

@@ -124,7 +124,8 @@ def _safe_name(run_dir: str, i: int) -> str:
 
 
 def analyze(run_dirs: list[str], *, target: float = 0.9, plots_dir: str | None = None,
-            report: str | None = None, compare: bool = False) -> dict:
+            report: str | None = None, compare: bool = False, link_gbps: float | None = None,
+            comm_file: str | None = None, compute_ms: float | None = None) -> dict:
     if compare and len(run_dirs) != 2:
         raise UserError("--compare takes exactly two run directories (A B)")
     if report and Path(report).suffix.lower() not in (".html", ".md"):
@@ -132,6 +133,9 @@ def analyze(run_dirs: list[str], *, target: float = 0.9, plots_dir: str | None =
     runs = [logs.load(d) for d in run_dirs]
     sums = [summary_mod.summarize(r, target) for r in runs]
     summary_mod.communication_estimates(sums)
+    if link_gbps is not None or comm_file:
+        summary_mod.comm_model(sums, _network(link_gbps, comm_file),
+                               compute_ms / 1e3 if compute_ms is not None else None)
     result = {"runs": sums}
     rows = summary_mod.scaling(sums)
     if rows:
@@ -152,10 +156,51 @@ def analyze(run_dirs: list[str], *, target: float = 0.9, plots_dir: str | None =
     return result
 
 
+def _network(link_gbps: float | None, comm_file: str | None):
+    from .. import commmodel
+
+    cal = None
+    if comm_file:
+        try:
+            cal = json.loads(Path(comm_file).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--comm {comm_file}: cannot read a pipeline bench comm result ({e})") from None
+        if not isinstance(cal, dict) or "alpha_s" not in cal:
+            raise UserError(f"--comm {comm_file}: not a pipeline bench comm result (no alpha_s)")
+    if link_gbps is None:
+        link_gbps = (cal or {}).get("link_gbps")
+        if not link_gbps:
+            raise UserError(f"--comm {comm_file}: it names no link rate; give --link-gbps" if comm_file
+                            else "give --link-gbps (the per-host link rate) or --comm FILE")
+    return commmodel.network_from(link_gbps, cal)
+
+
+def model_lines(s: dict) -> list[str]:
+    m = s.get("comm_model")
+    if not m:
+        return []
+    net, t = m["network"], m["predicted_terms_s"]
+    out = [f"communication model ({m['hosts']} hosts x {m['ranks_per_host']} ranks, {net['link_gbps']:g} Gbit/s "
+           f"x efficiency {net['efficiency']:.3f}, {m['gradient_bytes']:,} gradient bytes/step): predicted "
+           f"{_ms(m['predicted_comm_s'])} ms/step (alpha {_ms(t['alpha_s'])} + latency {_ms(t['latency_s'])} + "
+           f"bandwidth {_ms(t['bandwidth_s'])})"]
+    if m["measured_comm_s"] is not None:
+        out.append(f"  measured {_ms(m['measured_comm_s'])} ms/step ({m['measured_phase']} of the gradients, "
+                   f"timeline, {m['fused_ops_per_step']:.1f} fused operations per step): "
+                   f"predicted/measured {m['comm_ratio']:.2f}")
+    else:
+        out.append("  measured: no timeline in this run (log.timeline=true records one)")
+    if m.get("predicted_step_s") is not None:
+        out.append(f"  step: predicted {_ms(m['predicted_step_s'])} ms (compute {_ms(m['compute_s'])}), measured p50 "
+                   f"{_ms(m['measured_step_s'])} ms: predicted/measured {m['step_ratio']:.2f}; efficiency predicted "
+                   f"{m['predicted_efficiency']:.3f}, measured {m['measured_efficiency']:.3f}")
+    return out
+
+
 def text(result: dict) -> str:
     lines = []
     for s in result["runs"]:
-        lines += text_summary(s) + [""]
+        lines += text_summary(s) + model_lines(s) + [""]
     lines += scaling_lines(result.get("scaling", []))
     if "compare" in result:
         lines += compare_lines(result["runs"][0], result["runs"][1], result["compare"])

@@ -198,7 +198,9 @@ def summarize(run: Run, target: float = 0.9) -> dict:
                 "phases": {k: {**v, "per_step_s": v["wall_s"] / n,
                                "fraction_of_step": v["wall_s"] / all_step if all_step else None}
                            for k, v in tl["phases"].items()},
-                "last_to_negotiate": tl["last_to_negotiate"]}
+                "last_to_negotiate": tl["last_to_negotiate"],
+                "gradient_phases": {k: {**v, "per_step_s": v["wall_s"] / n} for k, v in tl["gradient_phases"].items()},
+                "gradient_ops_per_step": tl["gradient_ops"] / n}
         for entry in comm["last_to_negotiate"]:
             entry["late_s_per_step"] = entry["late_s_total"] / n
         # A rank whose compute before the collective is slow arrives last at negotiation:
@@ -212,8 +214,13 @@ def summarize(run: Run, target: float = 0.9) -> dict:
         out["stragglers"] = sorted({s["rank"] for s in found})
         out["communication"] = comm
     params = cfg.get("model_params")
-    if params:
+    if cfg.get("gradient_bytes"):
+        out["gradient_bytes_per_step"] = int(cfg["gradient_bytes"])
+    elif params:
         out["gradient_bytes_per_step"] = int(params) * 4
+    hosts = cfg.get("hosts") or []
+    out["hosts"] = len(set(hosts)) or None
+    out["ranks_per_host"] = max(hosts.count(h) for h in set(hosts)) if hosts else None
 
     # Time to accuracy counts from the start of the first logged step.
     first = np.isfinite(t_end)
@@ -288,3 +295,46 @@ def compare(a: dict, b: dict) -> list[dict]:
             row["b_over_a"] = vb / va if va else None
         rows.append(row)
     return rows
+
+
+COMM_PHASES = ("MPI_ALLREDUCE", "NCCL_ALLREDUCE", "ALLREDUCE")
+
+
+def comm_model(summaries: list[dict], net, compute_s: float | None = None) -> None:
+    """Predicted next to measured communication per step (pipeline/commmodel.py) for every
+    multi-rank run: measured is the timeline's wall time per step of the gradient tensors'
+    allreduce (MPI_ALLREDUCE on CPUs, NCCL_ALLREDUCE on GPUs). Step time is predicted from compute_s, else from a 1-rank
+    run at the same per-rank batch among the analysed runs."""
+    from .. import commmodel
+
+    singles = {s["global_batch"]: s for s in summaries if s["ranks"] == 1 and s.get("steps")}
+    for s in summaries:
+        if s["ranks"] < 2 or not s.get("gradient_bytes_per_step") or not s.get("steps"):
+            continue
+        c = commmodel.comm_s(s["gradient_bytes_per_step"], s["ranks"], s.get("ranks_per_host") or 1, net)
+        entry = {"network": commmodel.as_dict(net), "gradient_bytes": s["gradient_bytes_per_step"],
+                 "hosts": c["hosts"], "ranks_per_host": s.get("ranks_per_host"),
+                 "predicted_comm_s": c["total_s"], "predicted_terms_s": {k: c[k] for k in
+                                                                         ("alpha_s", "latency_s", "bandwidth_s")},
+                 "measured_comm_s": None, "measured_phase": None, "comm_ratio": None}
+        comm = s.get("communication", {})
+        phases = comm.get("gradient_phases", {}) if comm.get("source") == "timeline" else {}
+        entry["fused_ops_per_step"] = comm.get("gradient_ops_per_step")
+        for name in COMM_PHASES:
+            if name in phases:
+                entry["measured_comm_s"], entry["measured_phase"] = phases[name]["per_step_s"], name
+                entry["comm_ratio"] = c["total_s"] / entry["measured_comm_s"] if entry["measured_comm_s"] else None
+                break
+        base = compute_s
+        if base is None:
+            single = singles.get(s["global_batch"] // s["ranks"])
+            base = single["step_s"]["p50"] if single else None
+            entry["compute_from"] = single["run_dir"] if single else None
+        if base is not None:
+            entry["compute_s"] = base
+            entry["predicted_step_s"] = base + c["total_s"]
+            entry["measured_step_s"] = s["step_s"]["p50"]
+            entry["step_ratio"] = entry["predicted_step_s"] / s["step_s"]["p50"] if s["step_s"]["p50"] else None
+            entry["predicted_efficiency"] = base / entry["predicted_step_s"]
+            entry["measured_efficiency"] = base / s["step_s"]["p50"] if s["step_s"]["p50"] else None
+        s["comm_model"] = entry

@@ -69,10 +69,21 @@ def _union_s(intervals: list[tuple[float, float]]) -> float:
     return (total + cur_e - cur_s) / 1e6
 
 
+def is_gradient(tensor: str) -> bool:
+    """Gradient tensors: Horovod's tape names them after the gradient ops
+    (`..._gradient_tape_...`), the grouped allreduce of accumulated gradients `grads`; the
+    per-step stop flag, evaluation sums and statistics are not gradients."""
+    t = tensor.lower()
+    return "gradient" in t or t.split("/")[-1].startswith("grads")
+
+
 def analyze(paths: list[Path], ranks: int) -> dict:
     """Phase times and negotiation arrival order from one or more timeline files."""
     wall: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
+    grad_wall: dict[str, float] = defaultdict(float)
+    grad_count: dict[str, int] = defaultdict(int)
+    grad_ops = 0
     last_counts = np.zeros(max(ranks, 1), dtype=np.int64)
     lateness: list[list[float]] = [[] for _ in range(max(ranks, 1))]
     late_total = np.zeros(max(ranks, 1))
@@ -84,8 +95,12 @@ def analyze(paths: list[Path], ranks: int) -> dict:
         ticks: dict[int, dict[int, float]] = defaultdict(dict)
         t_min, t_max = float("inf"), float("-inf")
         late_iv: list[list[tuple[float, float]]] = [[] for _ in range(max(ranks, 1))]
+        grad_pids: set = set()
+        grad_phases: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for ev in events(path):
             ph, pid, ts = ev.get("ph"), ev.get("pid"), ev.get("ts")
+            if ph == "M" and ev.get("name") == "process_name" and is_gradient(str(ev.get("args", {}).get("name", ""))):
+                grad_pids.add(pid)
             if ph not in ("B", "E", "X") or not isinstance(ts, (int, float)):
                 continue
             n_events += 1
@@ -101,6 +116,8 @@ def analyze(paths: list[Path], ranks: int) -> dict:
             elif stack[pid]:
                 name, start = stack[pid].pop()
                 phases[name].append((start, ts))
+                if pid in grad_pids:
+                    grad_phases[name].append((start, ts))
                 if name.startswith("NEGOTIATE_"):
                     arrived = ticks.pop(pid, {})
                     if len(arrived) == ranks and ranks > 1:
@@ -117,11 +134,20 @@ def analyze(paths: list[Path], ranks: int) -> dict:
         for name, iv in phases.items():  # files are separate runs: union within, sum across
             wall[name] += _union_s(iv)
             count[name] += len(iv)
+        for name, iv in grad_phases.items():
+            grad_wall[name] += _union_s(iv)
+            grad_count[name] += len(iv)
+        # Fused operations: gradient tensors whose MPI/NCCL call started together are one.
+        grad_ops += len({round(s_ / 100) for n_, iv in grad_phases.items() if n_ in ("MPI_ALLREDUCE", "NCCL_ALLREDUCE")
+                         for s_, _ in iv})
     out = {
         "files": [str(p) for p in paths],
         "events": n_events,
         "span_s": span,
         "phases": {name: {"wall_s": wall[name], "count": count[name]} for name in sorted(wall)},
+        # The same for gradient tensors only: what the communication model predicts.
+        "gradient_phases": {name: {"wall_s": grad_wall[name], "count": grad_count[name]} for name in sorted(grad_wall)},
+        "gradient_ops": grad_ops,
         "negotiations": negotiations,
         "last_to_negotiate": [
             {"rank": r, "share": float(last_counts[r] / negotiations) if negotiations else 0.0,

@@ -4,8 +4,11 @@
 # and Horovod see N separate nodes talking over TCP. Usage:
 #   slurm/local/hosts-up.sh DIR [N] [SLOTS]      (default 2 hosts, 1 slot each)
 # Writes DIR/agent (mpirun's --mca plm_rsh_agent: runs a command "on" a host), DIR/hostfile,
-# DIR/hosts (name address namespace per line), DIR/mpirun-args (the --mca flags), DIR/env (the
-# same as OMPI_MCA_* exports) and DIR/names (what to remove, for hosts-down.sh).
+# DIR/hosts (name address namespace cores per line), DIR/mpirun-args (the --mca flags), DIR/env
+# (the same as OMPI_MCA_* exports) and DIR/names (what to remove, for hosts-down.sh).
+# Each host gets its own share of this machine's cores (nproc / N of them, shared round-robin
+# when there are more hosts than cores): what runs "on" it is confined to them, as a real
+# node's processes are to its own CPUs.
 # Names carry a unique id, so parallel runs never clash. Remove with hosts-down.sh DIR.
 set -euo pipefail
 DIR=$(realpath -m "$1")
@@ -18,6 +21,8 @@ mkdir -p "$DIR"
 ID=$(printf '%04x' $(( ($$ + RANDOM) % 65536 )))
 BR="plbr$ID"
 NET="10.$(( 0x${ID:0:2} % 200 + 20 )).$(( 0x${ID:2:2} ))"   # a /24 of its own
+NCPU=$(nproc)
+PER=$(( NCPU / N )); [ "$PER" -ge 1 ] || PER=1
 : > "$DIR/names"
 trap 'bash "$(dirname "$0")/hosts-down.sh" "$DIR" >/dev/null 2>&1 || true' ERR
 
@@ -40,7 +45,8 @@ for i in $(seq 1 "$N"); do
     ip -n "$ns" addr add "$NET.$i/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
-    echo "$host $NET.$i $ns" >> "$DIR/hosts"
+    first=$(( (i - 1) * PER % NCPU ))
+    echo "$host $NET.$i $ns $first-$(( first + PER - 1 ))" >> "$DIR/hosts"
     echo "$host slots=$SLOTS" >> "$DIR/hostfile"
 done
 
@@ -49,19 +55,21 @@ done
 echo "etchosts $ID" >> "$DIR/names"
 
 # mpirun calls: AGENT [options] HOST COMMAND...; the command runs in HOST's namespace with
-# HOST as its hostname. It inherits this machine's file system, as on a shared-FS cluster.
+# HOST as its hostname, on HOST's cores. It inherits this machine's file system, as on a
+# shared-FS cluster.
 cat > "$DIR/agent" <<AGENT
 #!/usr/bin/env bash
 while [ "\${1:-}" != "\${1#-}" ]; do shift; done   # ssh-style options mpirun may pass
 host=\$1; shift
-ns=\$(awk -v h="\$host" '\$1 == h || \$2 == h {print \$3}' "$DIR/hosts")
+read -r name _ ns cpus < <(awk -v h="\$host" '\$1 == h || \$2 == h' "$DIR/hosts")
 [ -n "\$ns" ] || { echo "agent: unknown host \$host" >&2; exit 255; }
-name=\$(awk -v n="\$ns" '\$3 == n {print \$1}' "$DIR/hosts")
-exec ip netns exec "\$ns" unshare --uts /bin/sh -c 'hostname "\$0" && exec /bin/sh -c "\$*"' "\$name" "\$@"
+exec ip netns exec "\$ns" taskset -c "\$cpus" unshare --uts /bin/sh -c 'hostname "\$0" && exec /bin/sh -c "\$*"' "\$name" "\$@"
 AGENT
 chmod +x "$DIR/agent"
 # OpenMPI: start daemons with the agent, talk only on this bridge's subnet, TCP between nodes.
-echo "--mca plm_rsh_agent $DIR/agent --mca oob_tcp_if_include $NET.0/24 --mca btl_tcp_if_include $NET.0/24 --mca btl tcp,self" \
+# Binding is left to the hosts' cores: every simulated host has the same hardware view (the
+# whole machine), so mpirun would bind each host's first rank to the same core 0.
+echo "--mca plm_rsh_agent $DIR/agent --mca oob_tcp_if_include $NET.0/24 --mca btl_tcp_if_include $NET.0/24 --mca btl tcp,self --mca hwloc_base_binding_policy none" \
     > "$DIR/mpirun-args"
 # The same settings as environment variables: a launch command built elsewhere (pipeline slurm
 # command --hostfile DIR/hostfile) then runs unchanged.
@@ -70,6 +78,7 @@ export OMPI_MCA_plm_rsh_agent=$DIR/agent
 export OMPI_MCA_oob_tcp_if_include=$NET.0/24
 export OMPI_MCA_btl_tcp_if_include=$NET.0/24
 export OMPI_MCA_btl=tcp,self
+export OMPI_MCA_hwloc_base_binding_policy=none
 ENV
 trap - ERR
 echo "[hosts-up] $N hosts ($(awk '{print $1}' "$DIR/hosts" | tr '\n' ' ')) on $BR $NET.0/24; state in $DIR"

@@ -1,0 +1,138 @@
+"""`pipeline bench multinode` (root): the communication model (pipeline/commmodel.py) checked
+against real training between two simulated hosts (slurm/local/hosts-up.sh) on links shaped
+to known rates (slurm/local/hosts-shape.sh).
+
+1. compute: one rank on one host, no communication: the step time the model adds to.
+2. alpha and latency: `pipeline bench comm` on the unshaped link.
+3. efficiency: `pipeline bench comm` on a calibration link (400 Mbit/s by default), which is
+   neither of the links validated on.
+4. each validation link: 2 hosts x 1 rank train with a Horovod timeline; `pipeline analyze
+   --comm` puts the prediction next to the measured allreduce time and step time.
+Every launch goes through the cluster path (`pipeline slurm command --hostfile`). The hosts
+are removed afterwards whatever happens; results in OUT/multinode.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL = ROOT / "slurm" / "local"
+TOLERANCE = 0.25
+
+
+def gbps(rate: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg])bit", rate.strip().lower())
+    if not m:
+        raise UserError(f"link rate {rate!r}: expected e.g. 100mbit or 1gbit")
+    return float(m.group(1)) * {"k": 1e-6, "m": 1e-3, "g": 1.0}[m.group(2)]
+
+
+def _sh(args: list[str], env: dict | None = None, log: Path | None = None) -> str:
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if log:
+        log.write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args[:6]))}... exit {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
+    return r.stdout
+
+
+def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None) -> dict:
+    if os.geteuid() != 0:
+        raise UserError("bench multinode needs root (network namespaces for the simulated hosts)")
+    for r in rates + [calibrate]:
+        gbps(r)
+    from ..analysis import report
+
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bindir = Path(sys.executable).parent
+    pipeline = str(bindir / "pipeline")
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2")
+    if not data:
+        from ..data.synth import synth
+
+        data = out_dir / "data"
+        if not (data / "manifest.json").exists():
+            synth(data, samples_train=20000, samples_val=1000, shards=2, seed=1, progress=lambda *_: None)
+    hosts = out_dir / "hosts"
+    _sh(["bash", str(LOCAL / "hosts-up.sh"), str(hosts), "2", "1"])
+    try:
+        env.update(line.removeprefix("export ").split("=", 1) for line in (hosts / "env").read_text().splitlines())
+
+        def launch(ntasks: int, program: list[str], log: Path) -> str:
+            cmd = _sh([pipeline, "slurm", "command", "--hostfile", str(hosts / "hostfile"), "--ntasks",
+                       str(ntasks), "--", *program], env=env).split("\0")[:-1]
+            return _sh(cmd, env=env, log=log)
+
+        def shape(rate: str) -> None:
+            _sh(["bash", str(LOCAL / "hosts-shape.sh"), str(hosts), rate])
+
+        def train(name: str, ntasks: int) -> Path:
+            run_dir = out_dir / name
+            if run_dir.exists():
+                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            launch(ntasks, [pipeline, "train", "--run-dir", str(run_dir), "--set", f"data.dir={data}",
+                            "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=0",
+                            "--set", "log.timeline=true", "--set", "data.cache_mb=4096"], out_dir / f"{name}.log")
+            return run_dir
+
+        print("bench multinode: compute (1 rank on one host)", flush=True)
+        compute_run = train("compute", 1)
+        grad = json.loads((compute_run / "config.json").read_text())["gradient_bytes"]
+        compute_s = report.analyze([str(compute_run)])["runs"][0]["step_s"]["p50"]
+
+        def bench_comm(rate: str | None) -> dict:
+            f = out_dir / f"comm-{rate or 'unshaped'}.json"
+            launch(2, [pipeline, "bench", "comm", "--bytes", str(grad), "--out", str(f)]
+                   + (["--link-gbps", str(gbps(rate))] if rate else []), out_dir / f"comm-{rate or 'unshaped'}.log")
+            return json.loads(f.read_text())
+
+        shape("none")
+        print("bench multinode: alpha and latency (unshaped link)", flush=True)
+        fixed = bench_comm(None)
+        shape(calibrate)
+        print(f"bench multinode: efficiency ({calibrate} link)", flush=True)
+        cal = bench_comm(calibrate)
+        calibration = {"alpha_s": fixed["alpha_s"], "latency_s": fixed["latency_s"],
+                       "efficiency": cal["efficiency"], "calibrated_on": calibrate}
+        (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=1))
+
+        rows = []
+        for rate in rates:
+            shape(rate)
+            print(f"bench multinode: training, 2 hosts x 1 rank, {rate} link", flush=True)
+            run_dir = train(f"train-{rate}", 2)
+            s = report.analyze([str(run_dir)], link_gbps=gbps(rate), comm_file=str(out_dir / "calibration.json"),
+                               compute_ms=compute_s * 1e3)["runs"][0]
+            m = s["comm_model"]
+            rows.append({"link": rate, "link_gbps": gbps(rate), "run_dir": str(run_dir),
+                         "predicted_comm_s": m["predicted_comm_s"], "measured_comm_s": m["measured_comm_s"],
+                         "comm_ratio": m["comm_ratio"], "predicted_step_s": m["predicted_step_s"],
+                         "measured_step_s": m["measured_step_s"], "step_ratio": m["step_ratio"],
+                         "ring_only_s": grad * 8 / (gbps(rate) * 1e9)})
+    finally:
+        subprocess.run(["bash", str(LOCAL / "hosts-shape.sh"), str(hosts), "none"], capture_output=True)
+        subprocess.run(["bash", str(LOCAL / "hosts-down.sh"), str(hosts)], capture_output=True)
+
+    met = all(r["comm_ratio"] is not None and abs(r["comm_ratio"] - 1) <= TOLERANCE for r in rows)
+    res = {"gradient_bytes": grad, "compute_s": compute_s, "calibration": calibration, "rows": rows,
+           "tolerance": TOLERANCE, "met": met}
+    (out_dir / "multinode.json").write_text(json.dumps(res, indent=1))
+    print(f"gradient {grad:,} B/step; compute {compute_s * 1e3:.2f} ms/step; alpha {fixed['alpha_s'] * 1e3:.3f} ms, "
+          f"latency {fixed['latency_s'] * 1e6:.1f} us (unshaped); efficiency {cal['efficiency']:.3f} ({calibrate})")
+    print("link       ring S/B ms  predicted ms  measured ms  pred/meas  step pred ms  step meas ms  pred/meas")
+    for r in rows:
+        print(f"{r['link']:<9}  {r['ring_only_s'] * 1e3:>11.2f}  {r['predicted_comm_s'] * 1e3:>12.2f}  "
+              f"{(r['measured_comm_s'] or 0) * 1e3:>11.2f}  {r['comm_ratio'] or 0:>9.2f}  "
+              f"{r['predicted_step_s'] * 1e3:>12.2f}  {r['measured_step_s'] * 1e3:>12.2f}  {r['step_ratio']:>9.2f}")
+    print(f"communication within {TOLERANCE:.0%} of the model at every link: {'met' if met else 'MISSED'}"
+          f" ({out_dir / 'multinode.json'})")
+    return res

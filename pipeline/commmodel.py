@@ -1,0 +1,103 @@
+"""Communication model: how long the gradient allreduce of one step takes on a given network,
+and what that does to step time and scaling efficiency, from figures a user can measure.
+
+Ring allreduce over N ranks: every rank sends and receives 2(N-1)/N x S bytes in 2(N-1)
+steps (reduce-scatter, then allgather). With ranks placed host by host, each host's link
+carries one ring hop, so the per-link volume is the same 2(N-1)/N x S whatever the ranks per
+host. One step's communication is then
+
+    t_comm(N) = alpha + 2(N-1) x latency + 2(N-1)/N x S / (B x efficiency)
+
+- S: gradient bytes per step (trainable parameters x bytes per element sent; fp16
+  compression halves it), from the run's config.json or the model.
+- B: the link's nominal bandwidth per host.
+- alpha: the fixed cost Horovod adds to every step (its cycle, negotiation, the fusion-buffer
+  copies and MPI's start), measured with a small allreduce (`pipeline bench comm`).
+- latency: per message and ring step on the network (a few microseconds on InfiniBand, tens
+  on TCP Ethernet).
+- efficiency: the share of B that allreduce messages of S bytes reach on this MPI stack
+  (headers, acknowledgements, and whether both directions of a link are used at once),
+  measured once on a link of known rate with `pipeline bench comm --link-gbps`.
+With no network between the ranks (one host) the bandwidth and latency terms are left out.
+
+Step time, weak scaling (fixed per-rank batch), communication not overlapped with compute
+(Horovod overlaps part of it with backpropagation; the model's step time is an upper bound):
+
+    t_step(N) = t_compute + t_comm(N),  efficiency(N) = t_compute / t_step(N)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import UserError
+
+RANKS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Network:
+    link_gbps: float
+    alpha_s: float = 0.0
+    latency_s: float = 0.0
+    efficiency: float = 1.0
+
+    def __post_init__(self):
+        if not self.link_gbps > 0:
+            raise UserError(f"link bandwidth must be > 0 Gbit/s, got {self.link_gbps}")
+        if not 0 < self.efficiency <= 1.5:
+            raise UserError(f"link efficiency must be in (0, 1.5], got {self.efficiency}")
+        if self.alpha_s < 0 or self.latency_s < 0:
+            raise UserError("alpha and latency must be >= 0")
+
+
+def ring_bytes(grad_bytes: int, ranks: int) -> float:
+    """Bytes each rank (and each host link) sends per allreduce of grad_bytes over a ring."""
+    return 2 * (ranks - 1) / ranks * grad_bytes if ranks > 1 else 0.0
+
+
+def comm_s(grad_bytes: int, ranks: int, ranks_per_host: int, net: Network) -> dict:
+    """Predicted allreduce time per step and its terms (seconds)."""
+    if ranks < 1 or ranks_per_host < 1:
+        raise UserError(f"ranks and ranks per host must be >= 1, got {ranks} and {ranks_per_host}")
+    hosts = math.ceil(ranks / ranks_per_host)
+    if ranks == 1:
+        return {"hosts": 1, "alpha_s": 0.0, "latency_s": 0.0, "bandwidth_s": 0.0, "total_s": 0.0}
+    bw = ring_bytes(grad_bytes, ranks) * 8 / (net.link_gbps * 1e9 * net.efficiency) if hosts > 1 else 0.0
+    lat = 2 * (ranks - 1) * net.latency_s if hosts > 1 else 0.0
+    return {"hosts": hosts, "alpha_s": net.alpha_s, "latency_s": lat, "bandwidth_s": bw,
+            "total_s": net.alpha_s + lat + bw}
+
+
+def projection(grad_bytes: int, compute_s: float, ranks_per_host: int, net: Network,
+               ranks: tuple[int, ...] = RANKS) -> list[dict]:
+    """Step time and weak-scaling efficiency at each rank count."""
+    rows = []
+    for n in ranks:
+        c = comm_s(grad_bytes, n, ranks_per_host, net)
+        step = compute_s + c["total_s"]
+        rows.append({"ranks": n, "hosts": c["hosts"], "comm_s": c["total_s"], "bandwidth_s": c["bandwidth_s"],
+                     "step_s": step, "efficiency": compute_s / step if step else None})
+    return rows
+
+
+def network_from(link_gbps: float, calibration: dict | None = None, **overrides) -> Network:
+    """A Network for a link of link_gbps with alpha/latency/efficiency from a `pipeline bench
+    comm` result when given; explicit overrides win."""
+    kw = {}
+    if calibration:
+        kw = {k: calibration[k] for k in ("alpha_s", "latency_s", "efficiency") if calibration.get(k) is not None}
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return Network(link_gbps=link_gbps, **kw)
+
+
+def table_lines(rows: list[dict], title: str) -> list[str]:
+    out = [title, "ranks  hosts  comm ms  (bandwidth ms)  step ms  efficiency"]
+    out += [f"{r['ranks']:>5}  {r['hosts']:>5}  {r['comm_s'] * 1e3:>7.2f}  {r['bandwidth_s'] * 1e3:>14.2f}  "
+            f"{r['step_s'] * 1e3:>7.2f}  {r['efficiency']:>10.3f}" for r in rows]
+    return out
+
+
+def as_dict(net: Network) -> dict:
+    return asdict(net)
