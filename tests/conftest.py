@@ -12,18 +12,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def require_tool(name: str) -> str:
-    """The path of a command the test needs; under CI=true its absence fails the test."""
+    """The path of a command the test needs; its absence fails the test (the set-up installs it)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not on PATH (make env installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"{name} not on PATH (make env installs it; make slurm-up for SLURM's)")
     return path
+
+
+def require_root(what: str, marker: str) -> None:
+    """Tests of real daemons and network namespaces need root: without it they fail, naming
+    how to leave them out on purpose (pytest -m 'not MARKER'), rather than pass unseen."""
+    if os.geteuid() != 0:
+        pytest.fail(f"{what} needs root: run make test as root, or leave these tests out with "
+                    f"PYTEST_ARGS=\"-m 'not {marker}'\"")
 
 
 def env() -> dict:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, env, read_jsonl, require_tool
+from conftest import ROOT, env, read_jsonl, require_root, require_tool
 
 pytestmark = pytest.mark.multinode
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
@@ -24,10 +23,7 @@ PIPELINE = str(Path(sys.executable).parent / "pipeline")
 @contextlib.contextmanager
 def sim_hosts(tmp_path: Path, n: int, slots: int):
     """Hosts that exist inside the block and are gone after it, whatever happens in it."""
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("simulated hosts need root (network namespaces)")
-        pytest.skip("simulated hosts need root (network namespaces)")
+    require_root("simulated hosts (network namespaces)", "multinode")
     require_tool("ip")
     d = tmp_path / "hosts"
     up = subprocess.run(["bash", str(ROOT / "slurm/local/hosts-up.sh"), str(d), str(n), str(slots)],
@@ -105,10 +101,7 @@ def test_comm_model_on_shaped_links(tmp_path, small_dataset):
     with tc tbf to 100 Mbit/s and 1 Gbit/s, next to the model calibrated on a third rate. The
     bench's own check is 25%; this machine's two cores are shared with everything else CI
     runs, so the test holds the model to 50% of the measurement."""
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("simulated hosts need root (network namespaces)")
-        pytest.skip("simulated hosts need root (network namespaces)")
+    require_root("simulated hosts (network namespaces)", "multinode")
     require_tool("tc")
     out = tmp_path / "mn"
     r = subprocess.run([PIPELINE, "bench", "multinode", "--out", str(out), "--steps", "60",

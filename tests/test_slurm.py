@@ -13,17 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, read_steps
+from conftest import ROOT, read_steps, require_root
+
+pytestmark = pytest.mark.slurm
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("the SLURM tests start munged and slurmd, which needs root")
-        pytest.skip("the SLURM tests start munged and slurmd, which needs root")
+    require_root("the SLURM tests start munged and slurmd, which", "slurm")
     state = tmp_path_factory.mktemp("slurm") / "cluster"
     up = subprocess.run(["bash", str(ROOT / "slurm/local/up.sh"), str(state)], capture_output=True, text=True)
     assert up.returncode == 0, up.stdout + up.stderr
