@@ -135,9 +135,7 @@ def cmd_bench_analyze(a) -> int:
 def cmd_bench_comm(a) -> int:
     from .bench import comm
 
-    argv = ["--bytes", str(a.bytes), "--repeats", str(a.repeats)] + (["--link-gbps", str(a.link_gbps)]
-                                                                     if a.link_gbps else []) + (["--out", a.out] if a.out else [])
-    return comm.main(argv)
+    return comm.run(a.bytes, a.link_gbps, a.repeats, out=a.out)
 
 
 def cmd_bench_multinode(a) -> int:
@@ -151,12 +149,8 @@ def cmd_predict(a) -> int:
     from . import commmodel
     from .analysis.report import _network
 
-    net = _network(a.link_gbps, a.comm)
-    for name, v in (("alpha_ms", a.alpha_ms), ("latency_us", a.latency_us), ("efficiency", a.efficiency)):
-        if v is not None:
-            setattr(net, {"alpha_ms": "alpha_s", "latency_us": "latency_s"}.get(name, name),
-                    v / 1e3 if name == "alpha_ms" else v / 1e6 if name == "latency_us" else v)
-    commmodel.Network(**commmodel.as_dict(net))  # validate the overrides
+    net = _network(a.link_gbps, a.comm, alpha_s=a.alpha_ms / 1e3 if a.alpha_ms is not None else None,
+                   latency_s=a.latency_us / 1e6 if a.latency_us is not None else None, efficiency=a.efficiency)
     rows = commmodel.projection(a.gradient_bytes, a.compute_ms / 1e3, a.ranks_per_host, net)
     if a.json:
         json.dump({"network": commmodel.as_dict(net), "gradient_bytes": a.gradient_bytes,

@@ -156,7 +156,7 @@ def analyze(run_dirs: list[str], *, target: float = 0.9, plots_dir: str | None =
     return result
 
 
-def _network(link_gbps: float | None, comm_file: str | None):
+def _network(link_gbps: float | None, comm_file: str | None, **overrides):
     from .. import commmodel
 
     cal = None
@@ -172,7 +172,7 @@ def _network(link_gbps: float | None, comm_file: str | None):
         if not link_gbps:
             raise UserError(f"--comm {comm_file}: it names no link rate; give --link-gbps" if comm_file
                             else "give --link-gbps (the per-host link rate) or --comm FILE")
-    return commmodel.network_from(link_gbps, cal)
+    return commmodel.network_from(link_gbps, cal, **overrides)
 
 
 def model_lines(s: dict) -> list[str]:

@@ -248,11 +248,16 @@ def scaling(summaries: list[dict]) -> list[dict]:
     return out
 
 
+def _single_rank_runs(summaries: list[dict]) -> dict:
+    """1-rank runs by batch size: the compute-only baseline for runs at that per-rank batch."""
+    return {s["global_batch"]: s for s in summaries if s["ranks"] == 1 and s.get("per_rank")}
+
+
 def communication_estimates(summaries: list[dict]) -> None:
     """Without a timeline: communication per step estimated as the extra compute time of an
     N-rank run over a 1-rank run at the same per-rank batch (compute_s includes the
     allreduce). Marked as an estimate; left out when there is no such pair."""
-    singles = {s["global_batch"]: s for s in summaries if s["ranks"] == 1 and s.get("per_rank")}
+    singles = _single_rank_runs(summaries)
     for s in summaries:
         if s["ranks"] < 2 or s.get("communication", {}).get("source") == "timeline" or not s.get("per_rank"):
             continue
@@ -307,7 +312,7 @@ def comm_model(summaries: list[dict], net, compute_s: float | None = None) -> No
     run at the same per-rank batch among the analysed runs."""
     from .. import commmodel
 
-    singles = {s["global_batch"]: s for s in summaries if s["ranks"] == 1 and s.get("steps")}
+    singles = _single_rank_runs(summaries)
     for s in summaries:
         if s["ranks"] < 2 or not s.get("gradient_bytes_per_step") or not s.get("steps"):
             continue

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from ..fsutil import atomic_write_text
+
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
 
@@ -119,9 +121,7 @@ def main(argv=None) -> int:
     if hvd.rank() == 0:
         res = {"ranks": n, "rows": rows, "memcpy_gbps": memcpy_gbps(),
                "env": {k: v for k, v in os.environ.items() if k.startswith(("HOROVOD_", "OMPI_MCA_"))}}
-        with open(a.out + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(a.out + ".tmp", a.out)
+        atomic_write_text(a.out, json.dumps(res, indent=1))
     hvd.shutdown()
     return 0
 

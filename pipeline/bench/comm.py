@@ -25,15 +25,11 @@ import numpy as np
 SMALL = 4 << 10
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pipeline bench comm")
-    p.add_argument("--bytes", type=int, default=1 << 20, help="gradient bytes per step to time (default 1 MiB)")
-    p.add_argument("--link-gbps", type=float, help="nominal link rate, for the efficiency")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=0.3, help="time per measurement loop (0.3)")
-    p.add_argument("--out", help="write the figures here (JSON)")
-    a = p.parse_args(argv)
+def run(nbytes: int, link_gbps: float | None = None, repeats: int = 5, seconds: float = 0.3,
+        out: str | None = None) -> int:
+    """One rank of the measurement (every rank calls it); rank 0 prints and writes `out`."""
     from ..commmodel import ring_bytes
+    from ..fsutil import atomic_write_text
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # as in training (pipeline/dist.py)
@@ -45,9 +41,9 @@ def main(argv=None) -> int:
         return 2
 
     def timed(fn, est_s: float) -> float:
-        iters = int(max(3, min(500, a.seconds / max(est_s, 1e-6))))
+        iters = int(max(3, min(500, seconds / max(est_s, 1e-6))))
         runs = []
-        for _ in range(a.repeats):
+        for _ in range(repeats):
             comm.Barrier()
             t0 = time.perf_counter()
             for _ in range(iters):
@@ -82,26 +78,35 @@ def main(argv=None) -> int:
         return hvd.allreduce(t, op=hvd.Sum, name="comm")
 
     alpha = hvd_time(SMALL)
-    big = hvd_time(a.bytes)
+    big = hvd_time(nbytes)
     rounds = math.ceil(math.log2(n))
-    moved = ring_bytes(a.bytes, n)
+    moved = ring_bytes(nbytes, n)
     bw_s = max(big - alpha, 1e-9)
-    res = {"ranks": n, "hosts": hvd.cross_size(), "ranks_per_host": hvd.local_size(), "bytes": a.bytes,
+    res = {"ranks": n, "hosts": hvd.cross_size(), "ranks_per_host": hvd.local_size(), "bytes": nbytes,
            "alpha_s": alpha, "latency_s": mpi_small / rounds, "allreduce_s": big, "ring_bytes": moved,
-           "busbw_gbps": moved * 8 / bw_s / 1e9, "link_gbps": a.link_gbps,
-           "efficiency": moved * 8 / (a.link_gbps * 1e9) / bw_s if a.link_gbps else None,
+           "busbw_gbps": moved * 8 / bw_s / 1e9, "link_gbps": link_gbps,
+           "efficiency": moved * 8 / (link_gbps * 1e9) / bw_s if link_gbps else None,
            "env": {k: v for k, v in os.environ.items() if k.startswith(("HOROVOD_", "OMPI_MCA_btl", "OMPI_MCA_mpi"))}}
     if hvd.rank() == 0:
         print(f"bench comm: {n} ranks on {res['hosts']} hosts: alpha {alpha * 1e3:.3f} ms, latency "
-              f"{res['latency_s'] * 1e6:.1f} us, allreduce of {a.bytes:,} B {big * 1e3:.3f} ms, busbw "
+              f"{res['latency_s'] * 1e6:.1f} us, allreduce of {nbytes:,} B {big * 1e3:.3f} ms, busbw "
               f"{res['busbw_gbps']:.3f} Gbit/s"
-              + (f", efficiency {res['efficiency']:.3f} of {a.link_gbps:g} Gbit/s" if a.link_gbps else ""), flush=True)
-        if a.out:
-            with open(a.out + ".tmp", "w") as f:
-                json.dump(res, f, indent=1)
-            os.replace(a.out + ".tmp", a.out)
+              + (f", efficiency {res['efficiency']:.3f} of {link_gbps:g} Gbit/s" if link_gbps else ""), flush=True)
+        if out:
+            atomic_write_text(out, json.dumps(res, indent=1))
     hvd.shutdown()
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pipeline bench comm")
+    p.add_argument("--bytes", type=int, default=1 << 20, help="gradient bytes per step to time (default 1 MiB)")
+    p.add_argument("--link-gbps", type=float, help="nominal link rate, for the efficiency")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=0.3, help="time per measurement loop (0.3)")
+    p.add_argument("--out", help="write the figures here (JSON)")
+    a = p.parse_args(argv)
+    return run(a.bytes, a.link_gbps, a.repeats, a.seconds, a.out)
 
 
 if __name__ == "__main__":

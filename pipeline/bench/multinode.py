@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,8 +78,7 @@ def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None
 
         def train(name: str, ntasks: int) -> Path:
             run_dir = out_dir / name
-            if run_dir.exists():
-                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
             launch(ntasks, [pipeline, "train", "--run-dir", str(run_dir), "--set", f"data.dir={data}",
                             "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=0",
                             "--set", "log.timeline=true", "--set", "data.cache_mb=4096"], out_dir / f"{name}.log")
