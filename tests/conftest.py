@@ -39,7 +39,9 @@ def env() -> dict:
 
 
 def pipeline(*args, timeout=600, cwd=None) -> subprocess.CompletedProcess:
-    """Runs `python -m pipeline ARGS` as one process without a launcher."""
+    """Runs `python -m pipeline ARGS` as one process without a launcher. `timeout` (here and in
+    every subprocess call of the tests) is a hang guard, at least 10x what the command takes here:
+    a hung run fails its test instead of using up CI's time. It is not a speed check."""
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
                           env=env(), timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd or ROOT)
 
