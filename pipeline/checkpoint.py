@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .fsutil import atomic_write_text, fsync_path
+from .rundir import RunDir
 
 STATE = "state"
 META = "meta.json"
@@ -97,13 +98,15 @@ class CheckpointWriteError(Exception):
 
 
 class CheckpointWriter:
-    """Writes, prunes and finds checkpoints. On ranks other than 0 it is built disabled and
-    every method does nothing, so the training loop never asks which rank it is."""
+    """Decides when to save, and writes, prunes and finds checkpoints. `settings` is the
+    config's checkpoint section (every_steps, keep, keep_best). On ranks other than 0 it is
+    built disabled and writing does nothing, so the training loop never asks which rank it is."""
 
-    def __init__(self, directory: Path, keep: int, enabled: bool, keep_best: str = ""):
+    def __init__(self, directory: Path, settings, enabled: bool):
         self.directory = Path(directory)
-        self.keep = keep
-        self.keep_best = keep_best
+        self.every_steps = settings.every_steps
+        self.keep = settings.keep
+        self.keep_best = settings.keep_best
         self.enabled = enabled
         if enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,17 @@ class CheckpointWriter:
 
     def latest(self) -> CheckpointRef | None:
         return latest(self.directory) if self.enabled else None
+
+    def due(self, step: int, last_step: int, evaluated: bool) -> bool:
+        """The whole "save now?" rule: every `every_steps` steps, after the last step, and after
+        each evaluation when the best checkpoint is kept."""
+        return should_save(step, self.every_steps, last_step) or (evaluated and bool(self.keep_best))
+
+    def save_if_due(self, ckpt, step: int, epoch: int, last_step: int, evaluated: dict) -> CheckpointRef | None:
+        """Saves when due(); `evaluated` holds this step's evaluation figures, if any (kept in meta)."""
+        if not self.due(step, last_step, bool(evaluated)):
+            return None
+        return self.save(ckpt, step, epoch, evaluated)
 
     def save(self, ckpt, step: int, epoch: int, extra: dict | None = None) -> CheckpointRef | None:
         """Writes `ckpt` (a tf.train.Checkpoint) as step-`step`; returns its ref."""
@@ -173,12 +187,12 @@ class CheckpointWriter:
 
 def digest(run_dir: str | Path) -> tuple[int, str]:
     """(step, sha256) over every model and optimizer variable of the newest complete checkpoint."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: run directory not found")
-    ref = latest(run_dir / "checkpoints")
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"{run.path}: run directory not found")
+    ref = latest(run.checkpoints)
     if ref is None:
-        raise UserError(f"{run_dir / 'checkpoints'}: no complete checkpoint")
+        raise UserError(f"{run.checkpoints}: no complete checkpoint")
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(ref.prefix)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .rundir import RUN_FACTS
 
 
 class ConfigError(UserError):
@@ -207,6 +208,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     cfg = Config()
     sections = {f.name: f for f in fields(Config)}
     for name, values in raw.items():
+        if name in RUN_FACTS:
+            continue  # a run's config.json: the facts it recorded are not settings
         if name not in sections:
             raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(sections)})")
         if values is None:
@@ -268,5 +271,9 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg.validate()
 
 
-def dumps(cfg: Config, **extra: Any) -> str:
-    return json.dumps({**cfg.to_dict(), **extra}, indent=2, sort_keys=False) + "\n"
+def dumps(cfg: Config, **facts: Any) -> str:
+    """config.json: the sections, then the run's facts (rundir.RUN_FACTS), which load() skips."""
+    unknown = set(facts) - set(RUN_FACTS)
+    if unknown:
+        raise ValueError(f"not run facts the config loader knows to skip: {sorted(unknown)}")
+    return json.dumps({**cfg.to_dict(), **facts}, indent=2, sort_keys=False) + "\n"

@@ -14,15 +14,14 @@ import numpy as np
 
 from .errors import UserError
 from .fsutil import atomic_write_text
-
-KERAS_NAME = "model.keras"
-TFLITE_NAME = "model-int8.tflite"
+from .rundir import RunDir
 
 
-def save_keras(model, run_dir: Path) -> Path:
+
+def save_keras(model, run_dir: RunDir) -> Path:
     """RUN/model.keras, written under a temporary name and renamed: never half a model."""
-    final = Path(run_dir) / KERAS_NAME
-    tmp = final.with_name(f".tmp-{os.getpid()}-{KERAS_NAME}")
+    final = run_dir.model
+    tmp = final.with_name(f".tmp-{os.getpid()}-{final.name}")
     model.save(tmp)
     os.replace(tmp, final)
     return final
@@ -53,15 +52,15 @@ def _to_float(x: np.ndarray) -> np.ndarray:
 def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, latency_runs: int = 200) -> dict:
     import tensorflow as tf
 
-    run = Path(run_dir)
-    if not (run / KERAS_NAME).exists():
-        raise UserError(f"{run}: no {KERAS_NAME} (written at the end of a finished pipeline train run)")
+    run = RunDir(run_dir)
+    if not run.model.exists():
+        raise UserError(f"{run.path}: no {run.model.name} (written at the end of a finished pipeline train run)")
     try:
-        cfg = json.loads((run / "config.json").read_text())
+        cfg = json.loads(run.config.read_text())
         data_dir = cfg.get("dataset") or cfg["data"]["dir"]
     except (OSError, ValueError, KeyError):
-        raise UserError(f"{run}/config.json: missing or unreadable; it names the dataset to calibrate on") from None
-    model = tf.keras.models.load_model(run / KERAS_NAME)
+        raise UserError(f"{run.config}: missing or unreadable; it names the dataset to calibrate on") from None
+    model = tf.keras.models.load_model(run.model)
     x, y = _val_arrays(data_dir, samples)
     xf = _to_float(x)
 
@@ -75,8 +74,8 @@ def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, laten
     # Full integer: int8 weights and activations; float input and output kept for callers.
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     blob = conv.convert()
-    out = run / TFLITE_NAME
-    tmp = out.with_name(f".tmp-{os.getpid()}-{TFLITE_NAME}")
+    out = run.model_int8
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     tmp.write_bytes(blob)
     os.replace(tmp, out)
 
@@ -104,12 +103,12 @@ def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, laten
 
     serve = tf.function(lambda t: model(t, training=False))
     res = {
-        "tflite": str(out), "tflite_bytes": len(blob), "keras_bytes": (run / KERAS_NAME).stat().st_size,
+        "tflite": str(out), "tflite_bytes": len(blob), "keras_bytes": run.model.stat().st_size,
         "samples": int(len(y)), "float_accuracy": float(np.mean(float_pred == y)),
         "int8_accuracy": float(np.mean(int8_pred == y)),
         "float_latency_ms": latency(lambda s: serve(s).numpy()) * 1e3,
         "int8_latency_ms": latency(tflite_logits) * 1e3,
         "latency_note": "median of single-sample calls; Keras model in a tf.function, TFLite on 1 thread",
     }
-    atomic_write_text(run / "export.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(run.export_record, json.dumps(res, indent=1) + "\n")
     return res

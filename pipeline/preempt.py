@@ -44,6 +44,13 @@ class StopSignals:
     def close(self) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
+        self._old = {}
+
+    def __enter__(self) -> "StopSignals":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Watchdog:
@@ -78,3 +85,11 @@ class Watchdog:
 
     def close(self) -> None:
         self._done.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()  # returns at once: the wait above wakes on the event
+
+    def __enter__(self) -> "Watchdog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

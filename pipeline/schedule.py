@@ -9,6 +9,7 @@ steps avoids the early divergence a large rate causes on fresh weights.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 
 def lr_at(step: int, base_lr: float, size: int = 1, warmup_steps: int = 0, scale: bool = True,
@@ -57,3 +58,29 @@ def keras_schedule(base_lr: float, size: int = 1, warmup_steps: int = 0, scale: 
                         step_factor=step_factor)
 
     return Schedule()
+
+
+@dataclass(frozen=True)
+class LR:
+    """The run's learning-rate rule, from the config's train section: `at(step)` in Python
+    (logged per step) and `keras()` in graph ops (what the optimizer uses); the same rule."""
+    base_lr: float
+    size: int = 1
+    warmup_steps: int = 0
+    scale: bool = True
+    schedule: str = "constant"
+    total_steps: int = 0
+    step_every: int = 0
+    step_factor: float = 0.1
+
+    @classmethod
+    def from_config(cls, train, size: int, total_steps: int) -> "LR":
+        return cls(base_lr=train.lr, size=size, warmup_steps=train.warmup_steps, scale=train.scale_lr,
+                   schedule=train.lr_schedule, total_steps=total_steps, step_every=train.lr_step_every,
+                   step_factor=train.lr_step_factor)
+
+    def at(self, step: int) -> float:
+        return lr_at(step, **asdict(self))
+
+    def keras(self):
+        return keras_schedule(**asdict(self))

@@ -1,4 +1,15 @@
-"""One training run, top to bottom: check data, join ranks, plan, build, resume, step, save.
+"""One training run, as a few named stages:
+
+    preflight -> join -> plan -> build -> loop -> summarize -> finish
+
+`preflight` checks what a user can get wrong before any rank joins; `join` starts the
+distribution context and checks the data once for all ranks; `plan` fixes, from the
+manifest alone, what every rank will do (identical step counts everywhere); `build` makes
+the model, optimizer, writers and input and resumes from the newest complete checkpoint;
+`loop` runs the steps; `summarize` and `finish` write each rank's summary and the model.
+Every stage can be called on its own (tests/test_train_inprocess.py). `run` wraps them so
+that whatever happens, the signal handlers, the watchdog, the step log, the TensorBoard
+writer and Horovod are closed.
 
 Per step each rank measures `data_s` (waiting for its batch) apart from `compute_s`
 (forward, backward, allreduce and update, waited on to completion by reading the loss).
@@ -6,26 +17,358 @@ Per step each rank measures `data_s` (waiting for its batch) apart from `compute
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint, config as config_mod, dist as dist_mod, export, models, schedule, step as step_mod
+from . import checkpoint, config as config_mod, dist as dist_mod, measure, models, step as step_mod
+from . import writers as writers_mod
 from .data import reader, sharding, shards
 from .errors import UserError
+from .evaluate import Evaluator
 from .fsutil import atomic_write_text
 from .preempt import StopSignals, Watchdog
-from .steplog import JsonLines, Nothing, Progress, StepLog, TensorBoard, rss_mb
+from .rundir import RunDir
+from .schedule import LR
+from .steplog import StepLog, rss_mb
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: run directory path exists and is not a directory")
+def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
+    """One run, start to end (or to a stop signal); returns this rank's summary."""
+    t_start = time.time()
+    rd = RunDir(run_dir)
+    manifest = preflight(cfg, rd)
+    dist = join(cfg, rd)
+    try:
+        check_data(manifest, dist)
+        plan = make_plan(cfg, manifest, dist)
+        with contextlib.ExitStack() as resources:
+            trainer = build(cfg, rd, dist, plan, out, resources)
+            state = loop(trainer, resources)
+        summary = summarize(trainer, state, t_start)
+        finish(trainer, state, summary)
+        dist.stop_timeline()
+        return summary
+    finally:
+        # On any way out: a failing rank leaves the job, so its peers' collectives fail with
+        # an error instead of waiting for it until the watchdog or the job's time limit.
+        dist.shutdown()
 
+
+# --- preflight and join ---
+
+def preflight(cfg: config_mod.Config, rd: RunDir) -> shards.Manifest:
+    """Everything a user can get wrong, checked before any rank joins, reads or writes."""
+    manifest = shards.load_manifest(cfg.data.dir)
+    shards.check_exist(manifest)
+    if rd.path.exists() and not rd.path.is_dir():
+        raise UserError(f"{rd.path}: run directory path exists and is not a directory")
+    return manifest
+
+
+def join(cfg: config_mod.Config, rd: RunDir) -> dist_mod.Dist:
+    """Joins the job and pins threads before TensorFlow runs its first op."""
+    if cfg.horovod.autotune:
+        rd.path.mkdir(parents=True, exist_ok=True)  # Horovod opens its autotune log at init
+    return dist_mod.init(cfg.train.threads, timeline=cfg.log.timeline, horovod_env=cfg.horovod.environment(rd.path))
+
+
+def check_data(manifest: shards.Manifest, dist: dist_mod.Dist) -> None:
+    """Rank 0 alone opens every shard for the fast checks (no checksums) and tells the others:
+    hundreds of ranks each opening every shard would hammer a shared file system."""
+    problems = dist.broadcast_object(list(shards.verify(manifest, checksums=False)) if dist.is_root else None,
+                                     name="data_problems")
+    if problems:
+        more = f" (and {len(problems) - 1} more; run: pipeline data verify {manifest.dir})" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more, quiet=not dist.is_root)
+
+
+# --- plan ---
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What every rank will do, from the manifest alone: identical step counts on every rank."""
+    manifest: shards.Manifest
+    train: sharding.Plan            # this rank's training share
+    val: sharding.Plan | None       # this rank's validation share (None: no validation split)
+    passes: int                     # micro-batches per update (gradient accumulation)
+    update_batch: int               # samples per rank per update: batch_size x passes
+    global_batch: int
+    total: int                      # the last global step
+    train_samples: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return (step - 1) // self.steps_per_epoch + 1
+
+    def evaluates_after(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 or step == self.total
+
+
+def make_plan(cfg: config_mod.Config, manifest: shards.Manifest, dist: dist_mod.Dist) -> RunPlan:
+    # One step is one update: k micro-batches of batch_size with gradient accumulation.
+    passes = cfg.horovod.backward_passes_per_step
+    update_batch = cfg.train.batch_size * passes
+    train_counts = [s.num_samples for s in manifest.shards("train")]
+    val_counts = [s.num_samples for s in manifest.shards("val")]
+    share = sharding.assign(train_counts, dist.rank, dist.size, update_batch)
+    if share.steps_per_epoch == 0:
+        raise UserError(
+            f"{manifest.dir}: {sum(train_counts)} training samples over {dist.size} ranks give each rank "
+            f"{sum(train_counts) // dist.size}, fewer than train.batch_size={cfg.train.batch_size}"
+            + (f" x horovod.backward_passes_per_step={passes}" if passes > 1 else ""))
+    val = sharding.assign(val_counts, dist.rank, dist.size, cfg.train.batch_size, drop_last=False) \
+        if val_counts else None
+    return RunPlan(manifest, share, val, passes, update_batch, update_batch * dist.size,
+                   sharding.total_steps(share.steps_per_epoch, cfg.train.epochs, cfg.train.max_steps),
+                   sum(train_counts))
+
+
+# --- build ---
+
+@dataclass
+class Trainer:
+    """The run's parts, built once; the loop's changing state is in LoopState."""
+    cfg: config_mod.Config
+    run_dir: RunDir
+    dist: dist_mod.Dist
+    plan: RunPlan
+    precision: str
+    model: object
+    optimizer: object
+    state: object                    # tf.train.Checkpoint of model and optimizer
+    lr: LR
+    checkpoints: checkpoint.CheckpointWriter
+    writers: writers_mod.Writers
+    input: reader.Input
+    train_step: object
+    evaluate: Evaluator
+    start: int                       # the step resumed after (0: a fresh run)
+
+
+def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan, out,
+          resources: contextlib.ExitStack) -> Trainer:
+    """Model, optimizer, writers, resume point and input. Whatever must be closed is entered
+    into `resources`."""
+    import tensorflow as tf
+
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    precision = _set_precision(cfg.train.precision, dist)
+    writers = writers_mod.build(dist.is_root, rd, cfg.log, total_steps=plan.total,
+                                steps_per_epoch=plan.steps_per_epoch, global_batch=plan.global_batch, stream=out)
+    resources.callback(writers.close)
+    model = models.build(cfg.model.name, plan.manifest.shape, plan.manifest.num_classes,
+                         output_dtype="float32" if precision != "float32" else None)
+    _write_config(cfg, rd, dist, plan, model, writers)
+
+    lr = LR.from_config(cfg.train, dist.size, plan.total)
+    opt = tf.keras.optimizers.Adam(lr.keras()) if cfg.train.optimizer == "adam" else \
+        tf.keras.optimizers.SGD(lr.keras(), momentum=0.9)
+    if precision == "mixed_float16":
+        # float16 gradients underflow without a loss scale; Keras adjusts it dynamically.
+        opt = tf.keras.mixed_precision.LossScaleOptimizer(opt)
+    # Create the optimizer's slots now, so they can be restored and broadcast before step 1.
+    opt.build(model.trainable_variables)
+    state = tf.train.Checkpoint(model=model, optimizer=opt)
+    ckpts = checkpoint.CheckpointWriter(rd.checkpoints, cfg.checkpoint, enabled=dist.is_root)
+    start = _resume(ckpts, state, model, opt, dist, rd, cfg, plan, writers.console)
+
+    # This rank's share, opened after the process started (h5py is not fork-safe).
+    inp = reader.Input(plan.manifest, plan.train, plan.val, cfg.data)
+    writers.console.print(f"pipeline: input {inp.mode}")
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    train_step = step_mod.make_train_step(model, opt, loss_fn, dist, passes=plan.passes,
+                                          compression=cfg.horovod.compression, jit_compile=cfg.train.jit_compile,
+                                          loss_scale=precision == "mixed_float16")
+    return Trainer(cfg, rd, dist, plan, precision, model, opt, state, lr, ckpts, writers, inp, train_step,
+                   Evaluator(model, inp, cfg.train.batch_size, dist), start)
+
+
+def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers) -> None:
+    """Rank 0 writes the resolved config with the run's facts; every rank waits for the run
+    directory to exist before opening its log in it."""
+    hosts = dist.allgather_object(socket.gethostname(), name="hosts")
+    writers.config_file.write(
+        cfg, ranks=dist.size, hosts=hosts, threads_per_rank=dist.threads, backend=dist.backend,
+        global_batch=plan.global_batch, steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total,
+        dropped_train_samples=plan.train.dropped, model_params=model.count_params(),
+        # What one step's allreduce moves: trainable parameters x bytes per element sent.
+        gradient_bytes=sum(int(v.shape.num_elements()) for v in model.trainable_variables)
+        * (2 if cfg.horovod.compression == "fp16" else 4),
+        dataset=str(plan.manifest.dir.resolve()), versions=_versions())
+    dist.barrier()
+
+
+def _resume(ckpts, state, model, opt, dist, rd: RunDir, cfg, plan: RunPlan, console) -> int:
+    """Rank 0 picks the newest complete checkpoint and tells the others; every rank then holds
+    rank 0's weights and optimizer state. Returns the step resumed after (0: fresh)."""
+    ref = ckpts.latest()
+    start = dist.broadcast_object(ref.step if ref else 0, name="resume_step")
+    if ref is not None:
+        state.read(ref.prefix).assert_existing_objects_matched()
+    dist.broadcast_variables(model.variables + opt.variables)
+    if cfg.log.timeline:
+        # Written by rank 0 with every rank's negotiation ticks; a resumed run gets its own file.
+        dist.start_timeline(rd.timeline(start))
+    console.print(f"pipeline: {dist.size} rank(s) x {dist.threads} thread(s) [{dist.backend}], "
+                  f"global batch {plan.global_batch}, {plan.steps_per_epoch} steps/epoch, {plan.total} steps"
+                  + (f", resuming after step {start} from {ref.path}" if ref else ""))
+    if plan.train.dropped:
+        console.print(f"pipeline: {plan.train.dropped} of {plan.train_samples} training samples are left out so "
+                      f"every rank runs {plan.steps_per_epoch} steps per epoch")
+    if plan.val is None:
+        console.print(f"pipeline: {plan.manifest.dir} has no validation split; metrics.jsonl will stay empty")
+    return start
+
+
+# --- loop ---
+
+@dataclass
+class LoopState:
+    """What the step loop changes, in one place."""
+    step: int                          # the last finished step
+    last_eval_step: int
+    loss: float = float("nan")
+    step_times: list = field(default_factory=list)
+    rss_peak: float = 0.0
+    stopped_at: int | None = None      # the step a stop signal ended the run at
+    stopped_by: str | None = None
+    signal_to_checkpoint: float | None = None
+    loop_s: float = 0.0
+    step_log_s: float = 0.0
+
+
+def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
+    import tensorflow as tf
+
+    dist, plan, writers = t.dist, t.plan, t.writers
+    steplog = resources.enter_context(StepLog(t.run_dir, dist.rank))
+    steplog.header(rank=dist.rank, size=dist.size, local_rank=dist.local_rank, local_size=dist.local_size,
+                   host=socket.gethostname(), pid=os.getpid(), start_step=t.start, precision=t.precision,
+                   jit_compile=t.cfg.train.jit_compile, compression=t.cfg.horovod.compression,
+                   backward_passes_per_step=plan.passes, batch_size=t.cfg.train.batch_size, threads=dist.threads,
+                   backend=dist.backend)
+    t.run_dir.ranks_dir.mkdir(exist_ok=True)
+    atomic_write_text(t.run_dir.rank_file(dist.rank), json.dumps(
+        {"rank": dist.rank, "pid": os.getpid(), "host": socket.gethostname(), "status": "running",
+         "start_step": t.start}) + "\n")
+    signals = resources.enter_context(StopSignals(dist.rank))
+    watchdog = resources.enter_context(Watchdog(t.cfg.train.step_timeout_s, dist.rank))
+    s = LoopState(step=t.start, last_eval_step=t.start)
+    batches = reader.batches(t.input.train_dataset(plan.update_batch, t.cfg.train.seed, t.start, plan.total))
+    go, stop = tf.constant(0.0), tf.constant(1.0)
+    writers.progress.begin(t.start)
+    t_loop = time.perf_counter()
+    for step in range(t.start + 1, plan.total + 1):
+        epoch = plan.epoch_of(step)
+        t0 = time.perf_counter()
+        xb, yb = next(batches)
+        t1 = time.perf_counter()
+        loss_t, stops = t.train_step(xb, yb, stop if signals.requested else go)
+        s.loss = float(loss_t)  # reading the loss waits for the whole step
+        t2 = time.perf_counter()
+        watchdog.progress()
+        s.step = step
+        s.step_times.append(t2 - t0)
+        rss = rss_mb()
+        s.rss_peak = max(s.rss_peak, rss)
+        rate = t.lr.at(step - 1)
+        steplog.step(step, epoch, dist.rank, dist.size, t2 - t0, t1 - t0, t2 - t1, plan.update_batch, s.loss,
+                     rate, rss)
+        writers.board.step(step, s.loss, rate)
+        writers.progress.maybe_print(step, s.loss)
+        if float(stops) > 0:
+            _stop_on_signal(t, s, step, epoch, signals)
+            break
+        evaluated = _evaluate(t, s, step, epoch) if plan.evaluates_after(step) else {}
+        ref = t.checkpoints.save_if_due(t.state, step, epoch, plan.total, evaluated)
+        if ref is not None and step == plan.total:
+            writers.console.print(f"checkpoint: {ref.path}")
+    s.loop_s = time.perf_counter() - t_loop
+    s.step_log_s = steplog.cost_s
+    s.stopped_by = _signal_name(signals.signum)
+    return s
+
+
+def _stop_on_signal(t: Trainer, s: LoopState, step: int, epoch: int, signals: StopSignals) -> None:
+    """Every rank saw the same sum in this step: all stop here, rank 0 saves."""
+    ref = t.checkpoints.save(t.state, step, epoch, {"stopped_by_signal": True})
+    t.dist.barrier()  # no rank exits (and gets the job torn down) before the save is complete
+    first_signal = min(x for x in t.dist.allgather_object(signals.time, name="signal_times") if x)
+    s.signal_to_checkpoint = time.time() - first_signal
+    s.stopped_at = step
+    if ref is not None:
+        t.writers.console.print(f"stopped at step {step}: checkpoint {ref.path} complete "
+                                f"{s.signal_to_checkpoint:.2f}s after the first signal; exit 75 (run again to resume)")
+
+
+def _evaluate(t: Trainer, s: LoopState, step: int, epoch: int) -> dict:
+    figures = t.evaluate()
+    record = {"epoch": epoch, "step": step, "time": time.time(), **figures}
+    t.writers.metrics.write(record)
+    t.writers.board.write(record)
+    t.writers.console.print(f"epoch {epoch} step {step}: val_loss {figures['val_loss']:.4f} "
+                            f"val_accuracy {figures['val_accuracy']:.4f}")
+    s.last_eval_step = step
+    return {"val_loss": figures["val_loss"], "val_accuracy": figures["val_accuracy"]}
+
+
+# --- summarize and finish ---
+
+def summarize(t: Trainer, s: LoopState, t_start: float) -> dict:
+    """ranks/rank-R.json: speed, logging cost, and a digest proving the replicas agree."""
+    dist = t.dist
+    end = s.stopped_at or t.plan.total
+    steps_run = end - t.start
+    train_s = sum(s.step_times)
+    warmup = measure.warmup_count(steps_run)  # graph tracing, allocator and input warm-up
+    steady = s.step_times[warmup:]
+    summary = {
+        "rank": dist.rank, "size": dist.size, "host": socket.gethostname(), "threads": dist.threads,
+        "pid": os.getpid(), "status": "stopped" if s.stopped_at else "finished",
+        "start_step": t.start, "end_step": end, "steps_run": steps_run, "loop_s": round(s.loop_s, 3),
+        "train_s": round(train_s, 3), "warmup_steps": warmup,
+        "samples_per_s": round(len(steady) * t.plan.update_batch / sum(steady), 2) if steady else 0.0,
+        "step_log_s": round(s.step_log_s, 4),
+        "step_log_overhead": s.step_log_s / train_s if train_s else 0.0,
+        "rss_mb_peak": round(s.rss_peak, 1), "last_eval_step": s.last_eval_step,
+        "weights_sha256": checkpoint.variables_digest(t.model.variables + t.optimizer.variables),
+        "wall_s": round(time.time() - t_start, 3),
+        "stopped_by": s.stopped_by, "signal_to_checkpoint_s": s.signal_to_checkpoint,
+    }
+    atomic_write_text(t.run_dir.rank_file(dist.rank), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def finish(t: Trainer, s: LoopState, summary: dict) -> None:
+    """The job's closing line on rank 0, and the finished model."""
+    console, steps_run = t.writers.console, summary["steps_run"]
+    t.writers.progress.maybe_print(summary["end_step"], s.loss, force=steps_run > 0 and s.stopped_at is None)
+    summaries = t.dist.allgather_object(summary, name="summaries")
+    if steps_run:
+        rates = ", ".join(f"rank {x['rank']} {x['samples_per_s']:.0f}" for x in summaries)
+        overhead = max(x["step_log_overhead"] for x in summaries)
+        console.print(f"done: {steps_run} steps in {s.loop_s:.1f}s; samples/s per rank "
+                      f"(first {summary['warmup_steps']} steps left out): {rates}; "
+                      f"step-log cost {overhead:.3%} of step time")
+    else:
+        console.print(f"done: {t.run_dir.path} was already trained to step {t.plan.total}; nothing to do")
+    if s.stopped_at is None and steps_run:
+        t.writers.export.save(t.model)  # the finished model, ready for serving or `pipeline export`
+
+
+# --- helpers ---
 
 def _versions() -> dict:
     import h5py
@@ -43,25 +386,10 @@ def _versions() -> dict:
     return v
 
 
-def _source(manifest, split: str, plan, budget: int):
-    """In memory when this rank's share fits the budget, else streamed from the shards."""
-    need = reader.share_bytes(manifest, plan)
-    if need <= budget:
-        x, y = reader.read_share(manifest, split, plan)
-        return reader.MemorySource(x, y), f"in memory ({need / 2**20:.0f} MiB per rank)"
-    return reader.ShardSource(manifest, split), \
-        f"streamed from the shards ({need / 2**20:.0f} MiB per rank > data.cache_mb)"
-
-
 def _signal_name(signum) -> str | None:
     import signal
 
     return signal.Signals(signum).name if signum else None
-
-
-def warmup_steps(steps_run: int) -> int:
-    """Steps left out of a rank's speed figure: 10, or a fifth of a short run."""
-    return min(10, steps_run // 5)
 
 
 def _set_precision(name: str, dist) -> str:
@@ -88,256 +416,3 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", " bf16"))
-
-
-def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
-    run_dir = Path(run_dir)
-    t_start = time.time()
-
-    # --- Check everything a user can get wrong before any rank joins, reads or writes ---
-    manifest = shards.load_manifest(cfg.data.dir)
-    shards.check_exist(manifest)
-    _check_run_dir(run_dir)
-    train_counts = [s.num_samples for s in manifest.shards("train")]
-    val_counts = [s.num_samples for s in manifest.shards("val")]
-
-    # --- Join the job; pin threads before TensorFlow runs its first op ---
-    if cfg.horovod.autotune:
-        run_dir.mkdir(parents=True, exist_ok=True)  # Horovod opens its autotune log at init
-    dist = dist_mod.init(cfg.train.threads, timeline=cfg.log.timeline, horovod_env=cfg.horovod.environment(run_dir))
-    # Rank 0 alone opens every shard for the fast checks (no checksums) and tells the others:
-    # hundreds of ranks each opening every shard would hammer a shared file system.
-    problems = dist.broadcast_object(list(shards.verify(manifest, checksums=False)) if dist.is_root else None,
-                                     name="data_problems")
-    if problems:
-        more = f" (and {len(problems) - 1} more; run: pipeline data verify {manifest.dir})" if len(problems) > 1 else ""
-        raise UserError(problems[0] + more, quiet=not dist.is_root)
-    import tensorflow as tf
-
-    if cfg.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    tf.keras.utils.set_random_seed(cfg.train.seed)
-    precision = _set_precision(cfg.train.precision, dist)
-    say = Progress(0, 1, 0, cfg.log.progress_every_s, stream=out) if dist.is_root else Nothing()
-
-    # --- The plan, from the manifest alone: identical step counts on every rank ---
-    # One step is one update: k micro-batches of batch_size with gradient accumulation.
-    passes = cfg.horovod.backward_passes_per_step
-    update_batch = cfg.train.batch_size * passes
-    plan = sharding.assign(train_counts, dist.rank, dist.size, update_batch)
-    if plan.steps_per_epoch == 0:
-        raise UserError(
-            f"{manifest.dir}: {sum(train_counts)} training samples over {dist.size} ranks give each rank "
-            f"{sum(train_counts) // dist.size}, fewer than train.batch_size={cfg.train.batch_size}"
-            + (f" x horovod.backward_passes_per_step={passes}" if passes > 1 else ""))
-    total = sharding.total_steps(plan.steps_per_epoch, cfg.train.epochs, cfg.train.max_steps)
-    val_plan = sharding.assign(val_counts, dist.rank, dist.size, cfg.train.batch_size, drop_last=False) \
-        if val_counts else None
-    global_batch = update_batch * dist.size
-
-    model = models.build(cfg.model.name, manifest.shape, manifest.num_classes,
-                         output_dtype="float32" if precision != "float32" else None)
-
-    # --- The run directory: rank 0 writes the resolved config; every rank its step log ---
-    if dist.is_root:
-        (run_dir / "steps").mkdir(parents=True, exist_ok=True)
-    hosts = dist.allgather_object(socket.gethostname(), name="hosts")
-    if dist.is_root:
-        atomic_write_text(run_dir / "config.json", config_mod.dumps(
-            cfg, ranks=dist.size, hosts=hosts, threads_per_rank=dist.threads, backend=dist.backend,
-            global_batch=global_batch, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
-            dropped_train_samples=plan.dropped, model_params=model.count_params(),
-            # What one step's allreduce moves: trainable parameters x bytes per element sent.
-            gradient_bytes=sum(int(v.shape.num_elements()) for v in model.trainable_variables)
-            * (2 if cfg.horovod.compression == "fp16" else 4), dataset=str(manifest.dir.resolve()), versions=_versions()))
-    dist.barrier()  # the run directory exists before other ranks open their logs in it
-
-    # --- Model, optimizer, checkpoint state ---
-    lr_args = dict(base_lr=cfg.train.lr, size=dist.size, warmup_steps=cfg.train.warmup_steps, scale=cfg.train.scale_lr,
-                   schedule=cfg.train.lr_schedule, total_steps=total, step_every=cfg.train.lr_step_every,
-                   step_factor=cfg.train.lr_step_factor)
-    lr = schedule.keras_schedule(**lr_args)
-    opt = tf.keras.optimizers.Adam(lr) if cfg.train.optimizer == "adam" else tf.keras.optimizers.SGD(lr, momentum=0.9)
-    if precision == "mixed_float16":
-        # float16 gradients underflow without a loss scale; Keras adjusts it dynamically.
-        opt = tf.keras.mixed_precision.LossScaleOptimizer(opt)
-    # Create the optimizer's slots now, so they can be restored and broadcast before step 1.
-    opt.build(model.trainable_variables)
-    state = tf.train.Checkpoint(model=model, optimizer=opt)
-    writer = checkpoint.CheckpointWriter(run_dir / "checkpoints", cfg.checkpoint.keep, enabled=dist.is_root,
-                                         keep_best=cfg.checkpoint.keep_best)
-
-    # --- Resume: rank 0 picks the newest complete checkpoint and tells the others ---
-    ref = writer.latest()
-    start = dist.broadcast_object(ref.step if ref else 0, name="resume_step")
-    if ref is not None:
-        state.read(ref.prefix).assert_existing_objects_matched()
-    dist.broadcast_variables(model.variables + opt.variables)
-    if cfg.log.timeline:
-        # Written by rank 0 with every rank's negotiation ticks; a resumed run gets its own file.
-        dist.start_timeline(run_dir / ("timeline.json" if start == 0 else f"timeline-from-{start}.json"))
-
-    say.print(f"pipeline: {dist.size} rank(s) x {dist.threads} thread(s) [{dist.backend}], "
-              f"global batch {global_batch}, {plan.steps_per_epoch} steps/epoch, {total} steps"
-              + (f", resuming after step {start} from {ref.path}" if ref else ""))
-    if plan.dropped:
-        say.print(f"pipeline: {plan.dropped} of {sum(train_counts)} training samples are left out so every "
-                  f"rank runs {plan.steps_per_epoch} steps per epoch")
-    if not val_counts:
-        say.print(f"pipeline: {manifest.dir} has no validation split; metrics.jsonl will stay empty")
-
-    # --- Data: this rank's share, opened after the process started (h5py is not fork-safe) ---
-    train_source, train_mode = _source(manifest, "train", plan, cfg.data.cache_mb * 2**20)
-    val_source, _ = _source(manifest, "val", val_plan, cfg.data.cache_mb * 2**20 - reader.share_bytes(manifest, plan)) \
-        if val_plan else (None, None)
-    say.print(f"pipeline: input {train_mode}")
-    block = reader.block_size(cfg.data.read_block, manifest.chunk_samples)
-    blocks = reader.cut_blocks(plan, block)
-    val_blocks = reader.cut_blocks(val_plan, block) if val_plan else []
-    batches = reader.train_dataset(train_source, blocks, plan, update_batch, cfg.train.seed, start, total,
-                                   cfg.data.shuffle_buffer, cfg.data.shuffle, cfg.data.prefetch)
-
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    per_sample = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
-
-    train_step = step_mod.make_train_step(model, opt, loss_fn, dist, passes=passes,
-                                          compression=cfg.horovod.compression, jit_compile=cfg.train.jit_compile,
-                                          loss_scale=precision == "mixed_float16")
-
-    @tf.function
-    def eval_step(xb, yb):
-        logits = model(reader.to_float(xb), training=False)
-        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), yb)
-        return tf.reduce_sum(per_sample(yb, logits)), tf.reduce_sum(tf.cast(hits, tf.float32))
-
-    def evaluate() -> tuple[float, float]:
-        """Validation loss and accuracy over every rank's share, summed exactly across ranks."""
-        sums = [0.0, 0.0, 0.0]
-        if val_source is not None:
-            for xb, yb in reader.eval_batches(val_source, val_blocks, cfg.train.batch_size):
-                loss_sum, hits = eval_step(xb, yb)
-                sums[0] += float(loss_sum)
-                sums[1] += float(hits)
-                sums[2] += len(yb)
-        loss_sum, hits, n = dist.allreduce_sum(sums)
-        return (loss_sum / n, hits / n) if n else (float("nan"), float("nan"))
-
-    steplog = StepLog(run_dir, dist.rank)
-    # A header record opens each process's part of the log: who wrote the steps and how.
-    steplog.write({"kind": "header", "rank": dist.rank, "size": dist.size, "local_rank": dist.local_rank,
-                   "local_size": dist.local_size, "host": socket.gethostname(), "pid": os.getpid(),
-                   "start_step": start, "precision": precision, "jit_compile": cfg.train.jit_compile,
-                   "compression": cfg.horovod.compression, "backward_passes_per_step": passes,
-                   "batch_size": cfg.train.batch_size, "threads": dist.threads, "backend": dist.backend,
-                   "time": time.time()})
-    metrics = JsonLines(run_dir / "metrics.jsonl") if dist.is_root else Nothing()
-    board = TensorBoard(run_dir / "tensorboard", cfg.log.tensorboard_every_steps, global_batch) \
-        if dist.is_root and cfg.log.tensorboard_every_steps else Nothing()
-    progress = Progress(total, plan.steps_per_epoch, global_batch, cfg.log.progress_every_s, start, out) \
-        if dist.is_root else Nothing()
-
-    # --- The step loop ---
-    step_times = []
-    rss_peak = 0.0
-    last_eval_step = start
-    loss = float("nan")
-    stopped_at = None
-    signal_to_checkpoint = None
-    go, stop = tf.constant(0.0), tf.constant(1.0)
-    signals = StopSignals(dist.rank)
-    watchdog = Watchdog(cfg.train.step_timeout_s, dist.rank)
-    (run_dir / "ranks").mkdir(exist_ok=True)
-    atomic_write_text(run_dir / "ranks" / f"rank-{dist.rank}.json", json.dumps(
-        {"rank": dist.rank, "pid": os.getpid(), "host": socket.gethostname(), "status": "running",
-         "start_step": start}) + "\n")
-    it = reader.batches(batches)
-    t_loop = time.perf_counter()
-    for step in range(start + 1, total + 1):
-        epoch = (step - 1) // plan.steps_per_epoch + 1
-        t0 = time.perf_counter()
-        xb, yb = next(it)
-        t1 = time.perf_counter()
-        loss_t, stops = train_step(xb, yb, stop if signals.requested else go)
-        loss = float(loss_t)  # reading the loss waits for the whole step
-        t2 = time.perf_counter()
-        watchdog.progress()
-        rss = rss_mb()
-        rss_peak = max(rss_peak, rss)
-        rate = schedule.lr_at(step - 1, **lr_args)
-        step_times.append(t2 - t0)
-        steplog.write({"step": step, "epoch": epoch, "rank": dist.rank, "size": dist.size, "time": time.time(),
-                       "step_s": t2 - t0, "data_s": t1 - t0, "compute_s": t2 - t1,
-                       "samples": update_batch, "loss": loss, "lr": rate, "rss_mb": round(rss, 1)})
-        board.step(step, loss, rate)
-        progress.maybe_print(step, loss)
-
-        if float(stops) > 0:
-            # Every rank saw the same sum in this step: all stop here, rank 0 saves.
-            ref = writer.save(state, step, epoch, {"stopped_by_signal": True})
-            dist.barrier()  # no rank exits (and gets the job torn down) before the save is complete
-            first_signal = min(t for t in dist.allgather_object(signals.time, name="signal_times") if t)
-            signal_to_checkpoint = time.time() - first_signal
-            stopped_at = step
-            if ref is not None:
-                say.print(f"stopped at step {step}: checkpoint {ref.path} complete {signal_to_checkpoint:.2f}s "
-                          f"after the first signal; exit 75 (run again to resume)")
-            break
-        evaluated = {}
-        if step % plan.steps_per_epoch == 0 or step == total:
-            t_eval = time.perf_counter()
-            dist.average_variables(model.non_trainable_variables)  # BatchNorm statistics, if any
-            val_loss, val_acc = evaluate()
-            record = {"epoch": epoch, "step": step, "time": time.time(), "val_loss": val_loss,
-                      "val_accuracy": val_acc, "eval_s": round(time.perf_counter() - t_eval, 3)}
-            metrics.write(record)
-            board.write(record)
-            say.print(f"epoch {epoch} step {step}: val_loss {val_loss:.4f} val_accuracy {val_acc:.4f}")
-            last_eval_step = step
-            evaluated = {"val_loss": val_loss, "val_accuracy": val_acc}
-        if checkpoint.should_save(step, cfg.checkpoint.every_steps, total) or (evaluated and cfg.checkpoint.keep_best):
-            ref = writer.save(state, step, epoch, evaluated)
-            if ref is not None and step == total:
-                say.print(f"checkpoint: {ref.path}")
-    watchdog.close()
-    signals.close()
-    board.close()
-    wall_loop = time.perf_counter() - t_loop
-    steplog.close()
-    end = stopped_at or total
-    progress.maybe_print(end, loss, force=start < end and stopped_at is None)
-
-    # --- Per-rank summary: speed, logging cost, and a digest proving the replicas agree ---
-    steps_run = end - start
-    train_s = sum(step_times)
-    # Speed leaves out the first steps (graph tracing, allocator and pipeline warm-up).
-    warmup = warmup_steps(steps_run)
-    steady = step_times[warmup:]
-    summary = {
-        "rank": dist.rank, "size": dist.size, "host": socket.gethostname(), "threads": dist.threads,
-        "pid": os.getpid(), "status": "stopped" if stopped_at else "finished",
-        "start_step": start, "end_step": end, "steps_run": steps_run, "loop_s": round(wall_loop, 3),
-        "train_s": round(train_s, 3),
-        "warmup_steps": warmup,
-        "samples_per_s": round(len(steady) * update_batch / sum(steady), 2) if steady else 0.0,
-        "step_log_s": round(steplog.cost_s, 4),
-        "step_log_overhead": steplog.cost_s / train_s if train_s else 0.0,
-        "rss_mb_peak": round(rss_peak, 1), "last_eval_step": last_eval_step,
-        "weights_sha256": checkpoint.variables_digest(model.variables + opt.variables),
-        "wall_s": round(time.time() - t_start, 3),
-        "stopped_by": _signal_name(signals.signum), "signal_to_checkpoint_s": signal_to_checkpoint,
-    }
-    atomic_write_text(run_dir / "ranks" / f"rank-{dist.rank}.json", json.dumps(summary, indent=2) + "\n")
-    summaries = dist.allgather_object(summary, name="summaries")
-    if steps_run:
-        rates = ", ".join(f"rank {s['rank']} {s['samples_per_s']:.0f}" for s in summaries)
-        overhead = max(s["step_log_overhead"] for s in summaries)
-        say.print(f"done: {steps_run} steps in {wall_loop:.1f}s; samples/s per rank "
-                  f"(first {warmup} steps left out): {rates}; "
-                  f"step-log cost {overhead:.3%} of step time")
-    else:
-        say.print(f"done: {run_dir} was already trained to step {total}; nothing to do")
-    if dist.is_root and stopped_at is None and steps_run:
-        export.save_keras(model, run_dir)  # the finished model, ready for serving or `pipeline export`
-    dist.stop_timeline()
-    dist.shutdown()
-    return summary

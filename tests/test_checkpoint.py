@@ -7,6 +7,7 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.checkpoint import CheckpointWriter, latest, list_complete, should_save
+from pipeline.config import CheckpointConfig
 
 
 @pytest.mark.parametrize("step, every, last, expected", [
@@ -25,7 +26,7 @@ def state():
 
 def test_save_keeps_last_k_and_only_complete_ones_count(tmp_path, state):
     v, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", keep=2, enabled=True)
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2), enabled=True)
     for step in (10, 20, 30):
         v.assign_add([1.0, 1.0, 1.0])
         w.save(ckpt, step, epoch=1)
@@ -41,17 +42,17 @@ def test_save_keeps_last_k_and_only_complete_ones_count(tmp_path, state):
 
 def test_leftover_temporaries_are_removed_on_start(tmp_path, state):
     _, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", keep=2, enabled=True)
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2), enabled=True)
     w.save(ckpt, 10, epoch=1)
     (tmp_path / "ck" / ".tmp-step-00000020-123").mkdir()
     (tmp_path / "ck" / ".tmp-step-00000020-123" / "state.index").write_bytes(b"x")
-    CheckpointWriter(tmp_path / "ck", keep=2, enabled=True)
+    CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2), enabled=True)
     assert sorted(os.listdir(tmp_path / "ck")) == ["step-00000010"]
 
 
 def test_failed_write_leaves_previous_checkpoint_selected(tmp_path, state):
     _, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", keep=3, enabled=True)
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=3), enabled=True)
     w.save(ckpt, 10, epoch=1)
 
     class Exploding:
@@ -67,7 +68,7 @@ def test_failed_write_leaves_previous_checkpoint_selected(tmp_path, state):
 
 def test_disabled_writer_does_nothing(tmp_path, state):
     _, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", keep=1, enabled=False)
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=1), enabled=False)
     assert w.save(ckpt, 10, epoch=1) is None and w.latest() is None
     assert not (tmp_path / "ck").exists()
 
@@ -79,7 +80,7 @@ def test_digest_tracks_variable_values(tmp_path, state):
     opt_var = tf.Variable([0.5])
     ckpt = tf.train.Checkpoint(model=tf.train.Checkpoint(v=v), optimizer=tf.train.Checkpoint(m=opt_var))
     run = tmp_path / "run"
-    w = CheckpointWriter(run / "checkpoints", keep=5, enabled=True)
+    w = CheckpointWriter(run / "checkpoints", CheckpointConfig(keep=5), enabled=True)
     w.save(ckpt, 1, epoch=1)
     step1, d1 = checkpoint.digest(run)
     w.save(ckpt, 2, epoch=1)
@@ -101,3 +102,15 @@ def test_retention_keeps_the_last_k_and_the_best():
     assert [r.step for r in checkpoint.to_prune(refs, keep=2, keep_best="val_accuracy")] == [10, 30]
     assert [r.step for r in checkpoint.to_prune(refs, keep=2, keep_best="val_loss")] == [10, 20]
     assert checkpoint.best([ref(1), ref(2)], "val_accuracy") is None
+
+
+@pytest.mark.parametrize("every, keep_best, step, evaluated, expected", [
+    (10, "", 20, False, True),            # every_steps
+    (10, "", 25, True, False),            # an evaluation alone is no reason without keep_best
+    (10, "val_loss", 25, True, True),     # ... but is with it
+    (0, "", 99, False, False),
+    (0, "", 100, False, True),            # the last step, always
+])
+def test_the_writer_owns_the_save_rule(tmp_path, every, keep_best, step, evaluated, expected):
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(every_steps=every, keep_best=keep_best), enabled=False)
+    assert w.due(step, last_step=100, evaluated=evaluated) is expected

@@ -86,3 +86,30 @@ def test_float_keys_accept_exponents_without_a_dot(tmp_path):
     assert config.load(p).train.lr == 0.001
     with pytest.raises(ConfigError, match="train.lr must be float"):
         config.load(None, ["train.lr=fast"])
+
+
+def test_a_runs_config_json_loads_back_as_the_same_config(tmp_path):
+    cfg = config.load(None, ["train.batch_size=32", "train.deterministic=true", "data.dir=data/x"])
+    p = tmp_path / "config.json"
+    # The facts a run records beside its sections, as pipeline train writes them.
+    p.write_text(config.dumps(cfg, ranks=2, hosts=["a", "b"], threads_per_rank=1, backend="horovod",
+                              global_batch=64, steps_per_epoch=125, total_steps=250, dropped_train_samples=0,
+                              model_params=93322, gradient_bytes=373288, dataset="/abs/data/x",
+                              versions={"tensorflow": "2.15.1"}))
+    assert config.load(p) == cfg
+    assert config.load(p, ["train.max_steps=7"]).train.max_steps == 7
+
+
+def test_an_older_runs_config_json_loads_too(tmp_path):
+    # Written before gradient_bytes, model_params and the horovod section existed.
+    p = tmp_path / "config.json"
+    doc = {k: v for k, v in config.Config().to_dict().items() if k != "horovod"}
+    p.write_text(json.dumps({**doc, "ranks": 2, "hosts": ["vm", "vm"], "threads_per_rank": 1, "backend": "horovod",
+                             "global_batch": 128, "steps_per_epoch": 156, "total_steps": 312,
+                             "dropped_train_samples": 32, "dataset": "/d", "versions": {}}))
+    assert config.load(p) == config.Config()
+
+
+def test_only_known_run_facts_are_written():
+    with pytest.raises(ValueError, match="not run facts"):
+        config.dumps(config.Config(), train_loss=1.0)

@@ -376,3 +376,36 @@ def eval_batches(source, blocks: list[Block], batch_size: int) -> Iterator[tuple
 
 def share_bytes(m: Manifest, plan: Plan) -> int:
     return plan.samples_per_rank * (m.sample_bytes + 4)
+
+
+class Input:
+    """One rank's input for a run, built from the config's data section: its training share
+    (in memory when it fits data.cache_mb, else streamed from the shards) and its validation
+    share, cut into read blocks. Open it after the process started: h5py is not fork-safe."""
+
+    def __init__(self, m: Manifest, plan: Plan, val_plan: Plan | None, data):
+        self.data = data
+        budget = data.cache_mb * 2**20
+        self.train, self.mode = _open_source(m, "train", plan, budget)
+        self.val = _open_source(m, "val", val_plan, budget - share_bytes(m, plan))[0] if val_plan else None
+        block = block_size(data.read_block, m.chunk_samples)
+        self.plan = plan
+        self.blocks = cut_blocks(plan, block)
+        self.val_blocks = cut_blocks(val_plan, block) if val_plan else []
+
+    def train_dataset(self, batch_size: int, seed: int, start_step: int, end_step: int):
+        return train_dataset(self.train, self.blocks, self.plan, batch_size, seed, start_step, end_step,
+                             self.data.shuffle_buffer, self.data.shuffle, self.data.prefetch)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.val is None:
+            return iter(())
+        return eval_batches(self.val, self.val_blocks, batch_size)
+
+
+def _open_source(m: Manifest, split: str, plan: Plan, budget: int):
+    """In memory when this rank's share fits the budget, else streamed from the shards."""
+    need = share_bytes(m, plan)
+    if need <= budget:
+        return MemorySource(*read_share(m, split, plan)), f"in memory ({need / 2**20:.0f} MiB per rank)"
+    return ShardSource(m, split), f"streamed from the shards ({need / 2**20:.0f} MiB per rank > data.cache_mb)"

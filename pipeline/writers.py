@@ -1,0 +1,226 @@
+"""What rank 0 alone writes or prints: console lines, progress, metrics.jsonl, TensorBoard,
+config.json and the finished model.
+
+Which rank writes is decided once, in `build()`: rank 0 gets the real writers, every other
+rank a do-nothing stand-in of the same type, so the training loop never asks its rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fsutil import atomic_write_text
+from .rundir import RunDir
+
+
+class Console:
+    """Lines for the person watching the job."""
+
+    def __init__(self, stream=sys.stdout):
+        self.stream = stream
+
+    def print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+
+class NoConsole(Console):
+    def print(self, line: str) -> None:
+        pass
+
+
+class Progress:
+    """One line every `every_s` seconds: step, epoch, loss, samples/s, ETA."""
+
+    def __init__(self, console: Console, total_steps: int, steps_per_epoch: int, global_batch: int, every_s: float):
+        self.console = console
+        self.total, self.spe, self.global_batch, self.every_s = total_steps, steps_per_epoch, global_batch, every_s
+        self.begin(0)
+
+    def begin(self, start_step: int) -> None:
+        """Training starts after `start_step` (0, or the step resumed from)."""
+        self._t_last = time.perf_counter()
+        self._step_last = start_step
+        self._first = start_step + 1
+
+    def maybe_print(self, step: int, loss: float, force: bool = False) -> None:
+        now = time.perf_counter()
+        if step == self._first:
+            # The first step traces the graph; rates and ETAs start after it.
+            self._t_last, self._step_last = now, step
+        if not force and now - self._t_last < self.every_s:
+            return
+        elapsed = now - self._t_last
+        steps = step - self._step_last
+        rate = steps * self.global_batch / elapsed if elapsed > 0 and steps > 0 else 0.0
+        eta = (self.total - step) * elapsed / steps if steps > 0 else 0.0
+        epoch = (step - 1) // self.spe + 1 if step > 0 else 1
+        epochs = -(-self.total // self.spe)
+        self.console.print(f"step {step}/{self.total} epoch {epoch}/{epochs} loss {loss:.4f} "
+                           f"{rate:.0f} samples/s ETA {_hms(eta)}")
+        self._t_last, self._step_last = now, step
+
+
+class NoProgress(Progress):
+    def __init__(self):
+        pass
+
+    def begin(self, start_step: int) -> None:
+        pass
+
+    def maybe_print(self, step: int, loss: float, force: bool = False) -> None:
+        pass
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class MetricsLog:
+    """metrics.jsonl: one record per evaluation, flushed and fsynced (a few lines per run)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class NoMetrics(MetricsLog):
+    def __init__(self):
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+class TensorBoard:
+    """TensorBoard event files under RUN/tensorboard: loss, learning rate and global samples/s
+    every `every` steps (averaged over them), validation loss and accuracy at each evaluation.
+    The x axis is the global step. The file writer opens at the first record."""
+
+    def __init__(self, log_dir: Path, every: int, global_batch: int):
+        self.log_dir, self.every, self.global_batch = log_dir, every, global_batch
+        self._w = None
+        self._losses: list[float] = []
+        self._t = time.perf_counter()
+
+    def _writer(self):
+        import tensorflow as tf
+
+        if self._w is None:
+            self._w = tf.summary.create_file_writer(str(self.log_dir))
+        return tf, self._w
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self._losses.append(loss)
+        if step % self.every:
+            return
+        now = time.perf_counter()
+        tf, w = self._writer()
+        with w.as_default(step=step):
+            tf.summary.scalar("train/loss", sum(self._losses) / len(self._losses))
+            tf.summary.scalar("train/lr", lr)
+            tf.summary.scalar("train/samples_per_s", len(self._losses) * self.global_batch / (now - self._t))
+        self._losses, self._t = [], now
+
+    def write(self, record: dict) -> None:
+        """An evaluation record of metrics.jsonl."""
+        tf, w = self._writer()
+        with w.as_default(step=record["step"]):
+            for k in ("val_loss", "val_accuracy"):
+                tf.summary.scalar(f"eval/{k}", record[k])
+        w.flush()
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+
+
+class NoTensorBoard(TensorBoard):
+    def __init__(self):
+        pass
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ConfigFile:
+    """config.json: the resolved config and the run's facts, written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, cfg, **facts) -> None:
+        from . import config
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, config.dumps(cfg, **facts))
+
+
+class NoConfigFile(ConfigFile):
+    def __init__(self):
+        pass
+
+    def write(self, cfg, **facts) -> None:
+        pass
+
+
+class ModelExport:
+    """RUN/model.keras at the end of a finished run, ready for serving or `pipeline export`."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+
+    def save(self, model) -> Path | None:
+        from .export import save_keras
+
+        return save_keras(model, self.run_dir)
+
+
+class NoModelExport(ModelExport):
+    def __init__(self):
+        pass
+
+    def save(self, model) -> Path | None:
+        return None
+
+
+@dataclass
+class Writers:
+    console: Console
+    progress: Progress
+    metrics: MetricsLog
+    board: TensorBoard
+    config_file: ConfigFile
+    export: ModelExport
+
+    def close(self) -> None:
+        self.board.close()
+
+
+def build(is_root: bool, run_dir: RunDir, log, *, total_steps: int, steps_per_epoch: int, global_batch: int,
+          stream=sys.stdout) -> Writers:
+    """Rank 0's writers, or do-nothing ones: the only place that asks which rank this is.
+    `log` is the config's log section."""
+    if not is_root:
+        return Writers(NoConsole(), NoProgress(), NoMetrics(), NoTensorBoard(), NoConfigFile(), NoModelExport())
+    console = Console(stream)
+    board = TensorBoard(run_dir.tensorboard, log.tensorboard_every_steps, global_batch) \
+        if log.tensorboard_every_steps else NoTensorBoard()
+    return Writers(console, Progress(console, total_steps, steps_per_epoch, global_batch, log.progress_every_s),
+                   MetricsLog(run_dir.metrics), board, ConfigFile(run_dir.config), ModelExport(run_dir))
