@@ -95,13 +95,13 @@ def cmd_checkpoint_digest(a) -> int:
 
 
 def cmd_checkpoint_list(a) -> int:
-    from pathlib import Path
-
     from .checkpoint import list_complete
+    from .rundir import RunDir
 
-    refs = list_complete(Path(a.run_dir) / "checkpoints")
+    directory = RunDir(a.run_dir).checkpoints
+    refs = list_complete(directory)
     if not refs:
-        raise UserError(f"{Path(a.run_dir) / 'checkpoints'}: no complete checkpoint")
+        raise UserError(f"{directory}: no complete checkpoint")
     for r in refs:
         print(f"step {r.step:>8} epoch {r.meta.get('epoch', '?'):>4} {r.path}")
     return 0
@@ -147,9 +147,8 @@ def cmd_bench_multinode(a) -> int:
 
 def cmd_predict(a) -> int:
     from . import commmodel
-    from .analysis.report import _network
 
-    net = _network(a.link_gbps, a.comm, alpha_s=a.alpha_ms / 1e3 if a.alpha_ms is not None else None,
+    net = commmodel.load_network(a.link_gbps, a.comm, alpha_s=a.alpha_ms / 1e3 if a.alpha_ms is not None else None,
                    latency_s=a.latency_us / 1e6 if a.latency_us is not None else None, efficiency=a.efficiency)
     rows = commmodel.projection(a.gradient_bytes, a.compute_ms / 1e3, a.ranks_per_host, net)
     if a.json:

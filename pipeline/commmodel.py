@@ -28,8 +28,10 @@ Step time, weak scaling (fixed per-rank batch), communication not overlapped wit
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .errors import UserError
 
@@ -90,6 +92,25 @@ def network_from(link_gbps: float, calibration: dict | None = None, **overrides)
         kw = {k: calibration[k] for k in ("alpha_s", "latency_s", "efficiency") if calibration.get(k) is not None}
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return Network(link_gbps=link_gbps, **kw)
+
+
+def load_network(link_gbps: float | None, comm_file: str | None, **overrides) -> Network:
+    """The network of `--link-gbps` / `--comm FILE` (a `pipeline bench comm` result) and
+    explicit overrides, as `pipeline analyze` and `pipeline predict` take them."""
+    cal = None
+    if comm_file:
+        try:
+            cal = json.loads(Path(comm_file).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--comm {comm_file}: cannot read a pipeline bench comm result ({e})") from None
+        if not isinstance(cal, dict) or "alpha_s" not in cal:
+            raise UserError(f"--comm {comm_file}: not a pipeline bench comm result (no alpha_s)")
+    if link_gbps is None:
+        link_gbps = (cal or {}).get("link_gbps")
+        if not link_gbps:
+            raise UserError(f"--comm {comm_file}: it names no link rate; give --link-gbps" if comm_file
+                            else "give --link-gbps (the per-host link rate) or --comm FILE")
+    return network_from(link_gbps, cal, **overrides)
 
 
 def table_lines(rows: list[dict], title: str) -> list[str]:

@@ -242,3 +242,42 @@ def test_bench_analyze_finds_the_slowed_rank(tmp_path):
 
     res = bench_analyze.run(ranks=4, steps=3000, work=str(tmp_path))
     assert res["records"] == 12000 and res["stragglers"] == [3]
+
+
+def _with_setup(d: Path, threads: int, precision: str = "float32") -> str:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(threads_per_rank=threads, model={"name": "cnn"}, train={"precision": precision})
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def test_runs_are_compared_like_with_like(tmp_path):
+    # make bench's runs: 1 rank on 2 threads, 2 ranks on 1 thread each, 1 rank on 1 thread.
+    one_t2 = _with_setup(write_run(tmp_path / "n1t2", ranks=1, steps=100, step_s=0.030), threads=2)
+    two_t1 = _with_setup(write_run(tmp_path / "n2t1", ranks=2, steps=100, step_s=0.050), threads=1)
+    one_t1 = _with_setup(write_run(tmp_path / "n1t1", ranks=1, steps=100, step_s=0.045), threads=1)
+
+    # Without a 1-rank run of the same threads per rank, no estimate: the difference is named.
+    res = report.analyze([one_t2, two_t1])
+    comm = res["runs"][1]["communication"]
+    assert comm["source"] is None and "threads per rank 1 vs 2" in comm["note"]
+    assert res["scaling"] == [] and res["scaling_declined"][0]["differs"] == {"threads_per_rank": [2, 1]}
+    assert "threads per rank 2 vs 1" in report.text(res)
+
+    # With one, the estimate and the scaling use it, whatever the order of the runs.
+    res = report.analyze([one_t2, two_t1, one_t1])
+    comm = res["runs"][1]["communication"]
+    assert comm["source"] == "estimate" and comm["baseline_run"] == one_t1
+    assert comm["per_step_s"] == pytest.approx(0.050 - 0.045)
+    rows = {r["run_dir"]: r for r in res["scaling"]}
+    assert set(rows) == {one_t1, two_t1} and rows[two_t1]["base_run"] == one_t1
+    assert rows[two_t1]["efficiency"] == pytest.approx((64 / 0.050) / (2 * 32 / 0.045))
+    assert "scaling_declined" not in res  # the 2-thread 1-rank run has nothing of its kind to scale to
+
+    # Precision counts too; compare names what differs and still compares.
+    bf16 = _with_setup(write_run(tmp_path / "n1bf16", ranks=1, steps=100, step_s=0.045), threads=1,
+                       precision="mixed_bfloat16")
+    assert report.analyze([bf16, two_t1])["runs"][1]["communication"]["source"] is None
+    res = report.analyze([one_t1, bf16], compare=True)
+    assert res["compare_setup_differs"] == {"precision": ["float32", "mixed_bfloat16"]}
+    assert "differ in: precision float32 vs mixed_bfloat16" in report.text(res)

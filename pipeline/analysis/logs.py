@@ -9,7 +9,6 @@ and reported; a rank with no usable records is reported as missing.
 from __future__ import annotations
 
 import json
-import re
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..rundir import STEP_NEEDED, STEP_OPTIONAL, RunDir, is_header
 
-# The step record fields analysis needs (CONTRACT.md); `time` and `rss_mb` are used when present.
-NEEDED = ("step", "step_s", "data_s", "compute_s", "samples")
-OPTIONAL = ("time", "loss", "rss_mb", "lr")
-_RANK_FILE = re.compile(r"rank-(\d+)\.jsonl$")
+# The step record fields analysis needs (CONTRACT.md); the optional ones are used when present.
+NEEDED = STEP_NEEDED
+OPTIONAL = STEP_OPTIONAL
 
 
 @dataclass
@@ -74,7 +73,7 @@ def read_rank_log(path: Path, rank: int) -> RankLog:
                 break
             try:
                 rec = json.loads(raw)
-                if isinstance(rec, dict) and rec.get("kind") == "header":
+                if is_header(rec):
                     headers.append(rec)
                     continue
                 values = [float(rec[n]) for n in NEEDED]
@@ -126,28 +125,24 @@ def _read_jsonl(path: Path) -> tuple[list[dict], int]:
 
 
 def load(run_dir: str | Path) -> Run:
-    d = Path(run_dir)
+    rd = RunDir(run_dir)
+    d = rd.path
     if not d.is_dir():
         raise UserError(f"{d}: no such run directory")
-    steps_dir = d / "steps"
-    if not steps_dir.is_dir():
+    if not rd.steps_dir.is_dir():
         raise UserError(f"{d}: not a run directory (no steps/ inside)")
     notes = []
     config = {}
-    if (d / "config.json").exists():
+    if rd.config.exists():
         try:
-            config = json.loads((d / "config.json").read_text())
+            config = json.loads(rd.config.read_text())
         except ValueError:
             notes.append("config.json does not parse; rank count and batch come from the step logs")
     else:
         notes.append("no config.json; rank count and batch come from the step logs")
-    ranks = {}
-    for p in sorted(steps_dir.glob("rank-*.jsonl")):
-        m = _RANK_FILE.search(p.name)
-        if m:
-            ranks[int(m.group(1))] = read_rank_log(p, int(m.group(1)))
+    ranks = {rank: read_rank_log(p, rank) for rank, p in rd.step_logs().items()}
     # Without config.json the rank count is at least the highest rank file + 1.
     expected = int(config.get("ranks") or (max(ranks) + 1 if ranks else 0))
-    metrics, m_skipped = _read_jsonl(d / "metrics.jsonl")
-    timelines = sorted(d.glob("timeline*.json"))
+    metrics, m_skipped = _read_jsonl(rd.metrics)
+    timelines = rd.timelines()
     return Run(d, config, ranks, expected, metrics, timelines, notes, m_skipped)

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+from .. import commmodel
 from ..errors import UserError
 from . import logs, plots, summary as summary_mod
 
@@ -92,18 +93,23 @@ def text_summary(s: dict) -> list[str]:
     return lines
 
 
-def scaling_lines(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    out = ["== scaling (against the run with the fewest ranks)",
-           "ranks  global batch  samples/s  speedup  efficiency  mode"]
-    out += [f"{r['ranks']:>5}  {r['global_batch']:>12}  {_num(r['throughput_samples_per_s']):>9}  "
-            f"{r['speedup']:>7.2f}  {r['efficiency']:>10.2f}  {r['mode']}" for r in rows]
+def scaling_lines(rows: list[dict], declined: list[dict]) -> list[str]:
+    out = []
+    if rows:
+        out = ["== scaling (against the run with the fewest ranks of the same model, precision and threads per rank)",
+               "ranks  threads  global batch  samples/s  speedup  efficiency  mode"]
+        out += [f"{r['ranks']:>5}  {r['threads_per_rank'] or '-':>7}  {r['global_batch']:>12}  "
+                f"{_num(r['throughput_samples_per_s']):>9}  {r['speedup']:>7.2f}  {r['efficiency']:>10.2f}  {r['mode']}"
+                for r in rows]
+    out += [f"scaling left out for {d['run_dir']} ({d['ranks']} ranks): {d['reason']}" for d in declined]
     return out
 
 
-def compare_lines(a: dict, b: dict, rows: list[dict]) -> list[str]:
-    out = [f"== compare  A: {a['run_dir']}  B: {b['run_dir']}", f"{'figure':<26} {'A':>12} {'B':>12} {'B/A':>7}"]
+def compare_lines(a: dict, b: dict, rows: list[dict], differs: dict) -> list[str]:
+    out = [f"== compare  A: {a['run_dir']}  B: {b['run_dir']}"]
+    if differs:
+        out.append(f"A and B differ in: {summary_mod.describe(differs)} (the ratios below include that)")
+    out.append(f"{'figure':<26} {'A':>12} {'B':>12} {'B/A':>7}")
     for r in rows:
         fa, fb = (_fmt_any(r["a"]), _fmt_any(r["b"]))
         ratio = f"{r['b_over_a']:.3f}" if r.get("b_over_a") is not None else ""
@@ -134,14 +140,17 @@ def analyze(run_dirs: list[str], *, target: float = 0.9, plots_dir: str | None =
     sums = [summary_mod.summarize(r, target) for r in runs]
     summary_mod.communication_estimates(sums)
     if link_gbps is not None or comm_file:
-        summary_mod.comm_model(sums, _network(link_gbps, comm_file),
+        summary_mod.comm_model(sums, commmodel.load_network(link_gbps, comm_file),
                                compute_ms / 1e3 if compute_ms is not None else None)
     result = {"runs": sums}
-    rows = summary_mod.scaling(sums)
-    if rows:
+    rows, declined = summary_mod.scaling_with_declined(sums)
+    if len({s["ranks"] for s in sums if s.get("throughput_samples_per_s")}) > 1:
         result["scaling"] = rows
+    if declined:
+        result["scaling_declined"] = declined
     if compare:
         result["compare"] = summary_mod.compare(sums[0], sums[1])
+        result["compare_setup_differs"] = summary_mod.differences(sums[0], sums[1])
     pics: list[list[Path]] = [[] for _ in runs]
     scaling_png = None
     if plots_dir or report:
@@ -154,25 +163,6 @@ def analyze(run_dirs: list[str], *, target: float = 0.9, plots_dir: str | None =
         write_report(Path(report), result, pics, scaling_png)
         result["report"] = report
     return result
-
-
-def _network(link_gbps: float | None, comm_file: str | None, **overrides):
-    from .. import commmodel
-
-    cal = None
-    if comm_file:
-        try:
-            cal = json.loads(Path(comm_file).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"--comm {comm_file}: cannot read a pipeline bench comm result ({e})") from None
-        if not isinstance(cal, dict) or "alpha_s" not in cal:
-            raise UserError(f"--comm {comm_file}: not a pipeline bench comm result (no alpha_s)")
-    if link_gbps is None:
-        link_gbps = (cal or {}).get("link_gbps")
-        if not link_gbps:
-            raise UserError(f"--comm {comm_file}: it names no link rate; give --link-gbps" if comm_file
-                            else "give --link-gbps (the per-host link rate) or --comm FILE")
-    return commmodel.network_from(link_gbps, cal, **overrides)
 
 
 def model_lines(s: dict) -> list[str]:
@@ -201,9 +191,10 @@ def text(result: dict) -> str:
     lines = []
     for s in result["runs"]:
         lines += text_summary(s) + model_lines(s) + [""]
-    lines += scaling_lines(result.get("scaling", []))
+    lines += scaling_lines(result.get("scaling", []), result.get("scaling_declined", []))
     if "compare" in result:
-        lines += compare_lines(result["runs"][0], result["runs"][1], result["compare"])
+        lines += compare_lines(result["runs"][0], result["runs"][1], result["compare"],
+                               result.get("compare_setup_differs", {}))
     if result.get("plots"):
         lines.append(f"plots: {len(result['plots'])} PNG files in {Path(result['plots'][0]).parent}")
     if result.get("report"):

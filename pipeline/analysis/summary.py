@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import measure
 from . import timeline as timeline_mod
 from .logs import Run
 
-WARMUP_MAX = 10          # steps left out at the start of each segment ...
-WARMUP_FRACTION = 5      # ... or a fifth of a short segment
 RESTART_GAP_S = 30.0     # idle time between two steps that means the job was restarted
 # The straggler rule (docs/analysis.md): a rank is flagged for a figure when it is above the
 # median of the other ranks in at least STRAGGLER_SHARE of the steady steps, its median is at
@@ -60,17 +59,13 @@ def segments(time: np.ndarray, step_s: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n]))
 
 
-def warmup_count(n: int) -> int:
-    return min(WARMUP_MAX, n // WARMUP_FRACTION)
-
-
 def steady_mask(time: np.ndarray, step_s: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Which steps count, how many were left out as warm-up, and the number of segments."""
     mask = np.ones(len(step_s), dtype=bool)
     segs = segments(time, step_s)
     left_out = 0
     for a, b in segs:
-        w = warmup_count(b - a)
+        w = measure.warmup_count(b - a)
         mask[a:a + w] = False
         left_out += w
     return mask, left_out, len(segs)
@@ -134,41 +129,68 @@ def summarize(run: Run, target: float = 0.9) -> dict:
         out.update(global_batch=cfg.get("global_batch"), steps=0, warmup_steps=0, throughput_samples_per_s=None,
                    step_s=percentiles(np.empty(0)), data_wait_fraction=None, compute_fraction=None,
                    per_rank=[], stragglers=[], time_to_accuracy=time_to_accuracy(run.metrics, None, target))
+        out["setup"] = setup(run, out["global_batch"])
         out["notes"].append("no step records")
         return out
 
-    step_s, data_s, compute_s, samples = (m.cols[k] for k in ("step_s", "data_s", "compute_s", "samples"))
+    step_s = m.cols["step_s"]
     # Ranks run in lock step: a step lasts as long as its slowest rank's record says.
     step_wall = np.nanmax(step_s, axis=1)
     t_end = np.nanmax(m.cols["time"], axis=1) if np.isfinite(m.cols["time"]).any() else np.full(len(m.steps), np.nan)
     steady, warm, n_segments = steady_mask(t_end, step_wall)
-    st = steady
+    out.update(_speed(run, m, steady, step_wall))
+    out.update({"warmup_steps": warm, "warmup_rule": f"{measure.WARMUP_RULE} of each of {n_segments} segment(s)",
+                "segments": n_segments})
+    out["setup"] = setup(run, out["global_batch"])
+    out["per_rank"] = _per_rank(run, m, steady)
+    p50 = out["step_s"]["p50"] or 0.0
+    found = [{"figure": figure, **x} for figure in ("data_s", "step_s")
+             for x in stragglers(m.cols[figure][steady], p50, m.ranks)]
+    out["communication"] = {"source": None}
+    if run.timelines:
+        out["communication"] = _timeline_communication(run, len(m.steps), float(np.nansum(step_wall)), p50, found)
+    out["straggler_details"] = found
+    out["stragglers"] = sorted({x["rank"] for x in found})
+    out.update(_network_facts(cfg))
+
+    # Time to accuracy counts from the start of the first logged step.
+    first = np.isfinite(t_end)
+    t0 = float(t_end[first][0] - step_wall[first][0]) if first.any() else None
+    out["time_to_accuracy"] = time_to_accuracy(run.metrics, t0, target)
+    out["wall_s"] = float(t_end[first][-1] - t0) if first.any() else None
+    return out
+
+
+def _speed(run: Run, m: Matrix, st: np.ndarray, step_wall: np.ndarray) -> dict:
+    """Throughput, step-time percentiles and the time split, over the steady steps `st`."""
+    step_s, data_s, compute_s, samples = (m.cols[k] for k in ("step_s", "data_s", "compute_s", "samples"))
     total_step = np.nansum(step_s[st])
     per_rank_batch = float(np.nanmedian(samples))
-    out.update({
-        "global_batch": cfg.get("global_batch") or int(round(per_rank_batch * run.expected_ranks)),
+    # Waiting at the collective for a rank whose batch came later: estimated from the data
+    # skew, assuming equal compute (docs/analysis.md).
+    skew = np.nanmax(data_s[st], axis=1, keepdims=True) - data_s[st] if st.any() else np.empty((0, 1))
+    return {
+        "global_batch": run.config.get("global_batch") or int(round(per_rank_batch * run.expected_ranks)),
         "steps": int(m.steps[-1]),
         "steps_logged": int(len(m.steps)),
-        "warmup_steps": warm,
-        "warmup_rule": f"first min({WARMUP_MAX}, n/{WARMUP_FRACTION}) steps of each of {n_segments} segment(s)",
-        "segments": n_segments,
         "steady_steps": int(st.sum()),
         "throughput_samples_per_s": float(np.nansum(samples[st]) / np.sum(step_wall[st])) if st.any() else None,
         "step_s": percentiles(step_s[st].ravel()),
         "data_wait_fraction": float(np.nansum(data_s[st]) / total_step) if total_step else None,
         "compute_fraction": float(np.nansum(compute_s[st]) / total_step) if total_step else None,
-    })
-    # Waiting at the collective for a rank whose batch came later: estimated from the data
-    # skew, assuming equal compute (docs/analysis.md).
-    skew = np.nanmax(data_s[st], axis=1, keepdims=True) - data_s[st] if st.any() else np.empty((0, 1))
-    out["sync_wait_fraction_estimate"] = float(np.nansum(skew) / total_step) if total_step else None
-    rss = m.cols["rss_mb"]
-    per_rank = []
+        "sync_wait_fraction_estimate": float(np.nansum(skew) / total_step) if total_step else None,
+    }
+
+
+def _per_rank(run: Run, m: Matrix, st: np.ndarray) -> list[dict]:
+    step_s, data_s, compute_s, samples, rss = (m.cols[k] for k in ("step_s", "data_s", "compute_s", "samples",
+                                                                   "rss_mb"))
+    rows = []
     for j, r in enumerate(m.ranks):
         col = st & np.isfinite(step_s[:, j])
         sum_step = float(np.sum(step_s[col, j]))
         hdr = run.ranks[r].headers[-1] if run.ranks[r].headers else {}
-        per_rank.append({
+        rows.append({
             "rank": r, "steps": int(np.isfinite(step_s[:, j]).sum()),
             "host": hdr.get("host"), "local_rank": hdr.get("local_rank"),
             "step_s_p50": float(np.median(step_s[col, j])) if col.any() else None,
@@ -179,93 +201,142 @@ def summarize(run: Run, target: float = 0.9) -> dict:
             "rss_mb_max": float(np.nanmax(rss[:, j])) if np.isfinite(rss[:, j]).any() else None,
             "rss_mb_p50": float(np.nanmedian(rss[:, j])) if np.isfinite(rss[:, j]).any() else None,
         })
-    out["per_rank"] = per_rank
-    p50 = out["step_s"]["p50"] or 0.0
-    found = []
-    for figure, values in (("data_s", data_s[st]), ("step_s", step_s[st])):
-        for s in stragglers(values, p50, m.ranks):
-            found.append({"figure": figure, **s})
-    out["straggler_details"] = found
-    out["stragglers"] = sorted({s["rank"] for s in found})
+    return rows
 
-    # Communication: measured from a timeline when there is one.
-    out["communication"] = {"source": None}
-    if run.timelines:
-        tl = timeline_mod.analyze(run.timelines, run.expected_ranks)
-        n = max(len(m.steps), 1)
-        all_step = float(np.nansum(step_wall))
-        comm = {"source": "timeline", "files": tl["files"], "negotiations": tl["negotiations"],
-                "phases": {k: {**v, "per_step_s": v["wall_s"] / n,
-                               "fraction_of_step": v["wall_s"] / all_step if all_step else None}
-                           for k, v in tl["phases"].items()},
-                "last_to_negotiate": tl["last_to_negotiate"],
-                "gradient_phases": {k: {**v, "per_step_s": v["wall_s"] / n} for k, v in tl["gradient_phases"].items()},
-                "gradient_ops_per_step": tl["gradient_ops"] / n}
-        for entry in comm["last_to_negotiate"]:
-            entry["late_s_per_step"] = entry["late_s_total"] / n
-        # A rank whose compute before the collective is slow arrives last at negotiation:
-        # flagged when others wait for it >= STRAGGLER_COST of a step and 2x any other rank.
-        lates = comm["last_to_negotiate"]
-        for e in lates:
-            rest = [o["late_s_per_step"] for o in lates if o is not e]
-            if rest and e["late_s_per_step"] >= STRAGGLER_COST * p50 and e["late_s_per_step"] >= 2 * max(rest):
-                found.append({"figure": "negotiation", "rank": e["rank"], "excess_s_per_step": e["late_s_per_step"],
-                              "share_of_steps_above": e["share"]})
-        out["stragglers"] = sorted({s["rank"] for s in found})
-        out["communication"] = comm
-    params = cfg.get("model_params")
+
+def _timeline_communication(run: Run, n_steps: int, all_step: float, p50: float, found: list) -> dict:
+    """Communication measured from the Horovod timeline(s); adds negotiation stragglers to `found`."""
+    tl = timeline_mod.analyze(run.timelines, run.expected_ranks)
+    n = max(n_steps, 1)
+    comm = {"source": "timeline", "files": tl["files"], "negotiations": tl["negotiations"],
+            "phases": {k: {**v, "per_step_s": v["wall_s"] / n,
+                           "fraction_of_step": v["wall_s"] / all_step if all_step else None}
+                       for k, v in tl["phases"].items()},
+            "last_to_negotiate": tl["last_to_negotiate"],
+            "gradient_phases": {k: {**v, "per_step_s": v["wall_s"] / n} for k, v in tl["gradient_phases"].items()},
+            "gradient_ops_per_step": tl["gradient_ops"] / n}
+    for entry in comm["last_to_negotiate"]:
+        entry["late_s_per_step"] = entry["late_s_total"] / n
+    # A rank whose compute before the collective is slow arrives last at negotiation:
+    # flagged when others wait for it >= STRAGGLER_COST of a step and 2x any other rank.
+    lates = comm["last_to_negotiate"]
+    for e in lates:
+        rest = [o["late_s_per_step"] for o in lates if o is not e]
+        if rest and e["late_s_per_step"] >= STRAGGLER_COST * p50 and e["late_s_per_step"] >= 2 * max(rest):
+            found.append({"figure": "negotiation", "rank": e["rank"], "excess_s_per_step": e["late_s_per_step"],
+                          "share_of_steps_above": e["share"]})
+    return comm
+
+
+def _network_facts(cfg: dict) -> dict:
+    out = {}
     if cfg.get("gradient_bytes"):
         out["gradient_bytes_per_step"] = int(cfg["gradient_bytes"])
-    elif params:
-        out["gradient_bytes_per_step"] = int(params) * 4
+    elif cfg.get("model_params"):
+        out["gradient_bytes_per_step"] = int(cfg["model_params"]) * 4
     hosts = cfg.get("hosts") or []
     out["hosts"] = len(set(hosts)) or None
     out["ranks_per_host"] = max(hosts.count(h) for h in set(hosts)) if hosts else None
-
-    # Time to accuracy counts from the start of the first logged step.
-    first = np.isfinite(t_end)
-    t0 = float(t_end[first][0] - step_wall[first][0]) if first.any() else None
-    out["time_to_accuracy"] = time_to_accuracy(run.metrics, t0, target)
-    out["wall_s"] = float(t_end[first][-1] - t0) if first.any() else None
     return out
+
+
+# --- comparisons between runs: like with like ---
+
+# What must be equal for two runs' speed to be compared (None: the run does not say).
+SETUP_KEYS = ("per_rank_batch", "threads_per_rank", "model", "precision")
+SETUP_LABELS = {"per_rank_batch": "per-rank batch", "threads_per_rank": "threads per rank", "model": "model",
+                "precision": "precision"}
+
+
+def setup(run: Run, global_batch) -> dict:
+    """What a run's speed depends on besides its rank count: from config.json, else from the
+    step logs' header records."""
+    cfg = run.config
+    hdr = next((log.headers[-1] for _, log in sorted(run.ranks.items()) if log.headers), {})
+    ranks = run.expected_ranks
+    return {"per_rank_batch": global_batch // ranks if global_batch and ranks else None,
+            "threads_per_rank": cfg.get("threads_per_rank") or hdr.get("threads"),
+            "model": (cfg.get("model") or {}).get("name"),
+            "precision": (cfg.get("train") or {}).get("precision") or hdr.get("precision")}
+
+
+def differences(a: dict, b: dict, keys=SETUP_KEYS) -> dict:
+    """{key: [a's, b's]} for each setup key both runs state and that differs."""
+    sa, sb = a.get("setup", {}), b.get("setup", {})
+    return {k: [sa.get(k), sb.get(k)] for k in keys
+            if sa.get(k) is not None and sb.get(k) is not None and sa.get(k) != sb.get(k)}
+
+
+def describe(diff: dict) -> str:
+    return ", ".join(f"{SETUP_LABELS.get(k, k)} {x} vs {y}" for k, (x, y) in diff.items())
 
 
 def scaling(summaries: list[dict]) -> list[dict]:
-    """Speedup and efficiency against the run with the fewest ranks."""
-    runs = [s for s in summaries if s.get("throughput_samples_per_s")]
+    """Speedup and efficiency against the run with the fewest ranks among runs of the same
+    model, precision and threads per rank; weak (same per-rank batch) or strong (same global
+    batch). Runs with no such base are left out (scaling_declined says why)."""
+    rows, _ = scaling_with_declined(summaries)
+    return rows
+
+
+def scaling_with_declined(summaries: list[dict]) -> tuple[list[dict], list[dict]]:
+    runs = sorted((s for s in summaries if s.get("throughput_samples_per_s")), key=lambda s: (s["ranks"], s["run_dir"]))
     if len({s["ranks"] for s in runs}) < 2:
-        return []
-    runs.sort(key=lambda s: (s["ranks"], s["run_dir"]))
-    base = runs[0]
-    out = []
+        return [], []
+    rows, declined, used = [], [], set()
+    keys = ("threads_per_rank", "model", "precision")
+    for base in runs:
+        if base["run_dir"] in used:
+            continue
+        group = [s for s in runs if s["run_dir"] not in used and not differences(base, s, keys)
+                 and s["ranks"] >= base["ranks"]]
+        if len({s["ranks"] for s in group}) < 2:
+            continue
+        for s in group:
+            used.add(s["run_dir"])
+            speedup = s["throughput_samples_per_s"] / base["throughput_samples_per_s"]
+            rows.append({"ranks": s["ranks"], "run_dir": s["run_dir"], "global_batch": s["global_batch"],
+                         "throughput_samples_per_s": s["throughput_samples_per_s"], "speedup": speedup,
+                         "efficiency": speedup / (s["ranks"] / base["ranks"]), "base_run": base["run_dir"],
+                         **{k: s.get("setup", {}).get(k) for k in keys},
+                         "mode": "base" if s is base else
+                         ("strong" if s["global_batch"] == base["global_batch"] else "weak")})
+    fewest = runs[0]
     for s in runs:
-        speedup = s["throughput_samples_per_s"] / base["throughput_samples_per_s"]
-        out.append({"ranks": s["ranks"], "run_dir": s["run_dir"], "global_batch": s["global_batch"],
-                    "throughput_samples_per_s": s["throughput_samples_per_s"], "speedup": speedup,
-                    "efficiency": speedup / (s["ranks"] / base["ranks"]),
-                    "mode": "base" if s is base else
-                    ("strong" if s["global_batch"] == base["global_batch"] else "weak")})
-    return out
+        if s["run_dir"] not in used and s["ranks"] > fewest["ranks"]:
+            diff = differences(fewest, s, keys)
+            declined.append({"run_dir": s["run_dir"], "ranks": s["ranks"], "differs": diff,
+                             "reason": "no run with fewer ranks has the same model, precision and threads per rank"
+                                       + (f" ({describe(diff)} against {fewest['run_dir']})" if diff else "")})
+    return rows, declined
 
 
-def _single_rank_runs(summaries: list[dict]) -> dict:
-    """1-rank runs by batch size: the compute-only baseline for runs at that per-rank batch."""
-    return {s["global_batch"]: s for s in summaries if s["ranks"] == 1 and s.get("per_rank")}
+def _single_rank_base(s: dict, summaries: list[dict]) -> tuple[dict | None, str | None]:
+    """The 1-rank run that is like `s` in everything but the rank count, or why there is none."""
+    singles = [x for x in summaries if x["ranks"] == 1 and x.get("per_rank")]
+    for x in singles:
+        if not differences(s, x):
+            return x, None
+    if not singles:
+        return None, "no 1-rank run among the runs analysed"
+    return None, "the 1-rank runs differ: " + "; ".join(f"{x['run_dir']}: {describe(differences(s, x))}"
+                                                       for x in singles)
 
 
 def communication_estimates(summaries: list[dict]) -> None:
     """Without a timeline: communication per step estimated as the extra compute time of an
-    N-rank run over a 1-rank run at the same per-rank batch (compute_s includes the
-    allreduce). Marked as an estimate; left out when there is no such pair."""
-    singles = _single_rank_runs(summaries)
+    N-rank run over a 1-rank run of the same per-rank batch, threads per rank, model and
+    precision (compute_s includes the allreduce). Marked as an estimate; declined, saying
+    what differs, when there is no such run."""
     for s in summaries:
         if s["ranks"] < 2 or s.get("communication", {}).get("source") == "timeline" or not s.get("per_rank"):
             continue
-        per_rank_batch = s["global_batch"] // s["ranks"]
-        base = singles.get(per_rank_batch)
+        base, why = _single_rank_base(s, summaries)
         if base is None or base["per_rank"][0]["compute_s_p50"] is None:
-            s["communication"] = {"source": None, "note": "no timeline and no 1-rank run at the same per-rank "
-                                                          "batch: communication cannot be separated from compute"}
+            s["communication"] = {"source": None, "note": "no timeline and no 1-rank run of the same per-rank "
+                                                          "batch, threads per rank, model and precision ("
+                                                          + (why or "it has no steady steps") +
+                                                          "): communication cannot be separated from compute"}
             continue
         fastest = min(r["compute_s_p50"] for r in s["per_rank"] if r["compute_s_p50"] is not None)
         est = max(0.0, fastest - base["per_rank"][0]["compute_s_p50"])
@@ -308,11 +379,11 @@ COMM_PHASES = ("MPI_ALLREDUCE", "NCCL_ALLREDUCE", "ALLREDUCE")
 def comm_model(summaries: list[dict], net, compute_s: float | None = None) -> None:
     """Predicted next to measured communication per step (pipeline/commmodel.py) for every
     multi-rank run: measured is the timeline's wall time per step of the gradient tensors'
-    allreduce (MPI_ALLREDUCE on CPUs, NCCL_ALLREDUCE on GPUs). Step time is predicted from compute_s, else from a 1-rank
-    run at the same per-rank batch among the analysed runs."""
+    allreduce (MPI_ALLREDUCE on CPUs, NCCL_ALLREDUCE on GPUs). Step time is predicted from
+    compute_s, else from a 1-rank run of the same per-rank batch, threads per rank, model and
+    precision among the analysed runs (else not predicted, and compute_note says why)."""
     from .. import commmodel
 
-    singles = _single_rank_runs(summaries)
     for s in summaries:
         if s["ranks"] < 2 or not s.get("gradient_bytes_per_step") or not s.get("steps"):
             continue
@@ -332,9 +403,11 @@ def comm_model(summaries: list[dict], net, compute_s: float | None = None) -> No
                 break
         base = compute_s
         if base is None:
-            single = singles.get(s["global_batch"] // s["ranks"])
+            single, why = _single_rank_base(s, summaries)
             base = single["step_s"]["p50"] if single else None
             entry["compute_from"] = single["run_dir"] if single else None
+            if why:
+                entry["compute_note"] = why
         if base is not None:
             entry["compute_s"] = base
             entry["predicted_step_s"] = base + c["total_s"]

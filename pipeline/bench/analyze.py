@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..rundir import RunDir
+
 TARGET_S = 20.0
 TARGET_MIB = 1024
 
@@ -22,13 +24,14 @@ TARGET_MIB = 1024
 def write_run(d: Path, ranks: int, steps: int, seed: int = 0) -> None:
     """Step records as the pipeline writes them, with rank 3 slowed in data_s on purpose."""
     rng = np.random.default_rng(seed)
-    (d / "steps").mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"ranks": ranks, "global_batch": 64 * ranks}))
+    rd = RunDir(d)
+    rd.steps_dir.mkdir(parents=True)
+    rd.config.write_text(json.dumps({"ranks": ranks, "global_batch": 64 * ranks}))
     t = 1_700_000_000.0 + np.cumsum(0.05 + 0.005 * rng.random(steps))
     for r in range(ranks):
         data = 0.004 * (1.3 if r == 3 else 1.0) * (1 + 0.1 * rng.random(steps))
         step = np.full(steps, 0.05)
-        with open(d / "steps" / f"rank-{r}.jsonl", "w") as f:
+        with open(rd.step_log(r), "w") as f:
             for i in range(steps):
                 f.write(f'{{"step":{i + 1},"epoch":1,"rank":{r},"size":{ranks},"time":{t[i]:.6f},'
                         f'"step_s":{step[i]:.6f},"data_s":{data[i]:.6f},"compute_s":{step[i] - data[i]:.6f},'
@@ -42,7 +45,7 @@ def run(ranks: int = 8, steps: int = 125_000, work: str | None = None, out=sys.s
         t0 = time.perf_counter()
         write_run(d, ranks, steps)
         print(f"wrote {ranks} x {steps:,} = {ranks * steps:,} step records "
-              f"({sum(p.stat().st_size for p in (d / 'steps').iterdir()) / 2**20:.0f} MiB) in "
+              f"({sum(p.stat().st_size for p in RunDir(d).steps_dir.iterdir()) / 2**20:.0f} MiB) in "
               f"{time.perf_counter() - t0:.1f}s", file=out)
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()

@@ -13,7 +13,6 @@ Every figure is the slowest rank's median of --repeats timed loops. Rank 0 write
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -96,18 +95,3 @@ def run(nbytes: int, link_gbps: float | None = None, repeats: int = 5, seconds: 
             atomic_write_text(out, json.dumps(res, indent=1))
     hvd.shutdown()
     return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pipeline bench comm")
-    p.add_argument("--bytes", type=int, default=1 << 20, help="gradient bytes per step to time (default 1 MiB)")
-    p.add_argument("--link-gbps", type=float, help="nominal link rate, for the efficiency")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=0.3, help="time per measurement loop (0.3)")
-    p.add_argument("--out", help="write the figures here (JSON)")
-    a = p.parse_args(argv)
-    return run(a.bytes, a.link_gbps, a.repeats, a.seconds, a.out)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

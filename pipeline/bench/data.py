@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .stats import fmt, summary
+from ..measure import fmt, median_range
 
 
 def _time_raw(m, plan) -> float:
@@ -36,7 +36,7 @@ def _time_raw(m, plan) -> float:
     return time.perf_counter() - t0
 
 
-def _evict(m) -> None:
+def evict_page_cache(m) -> None:
     """Drops the shards' pages from the page cache (no root needed for files one can open)."""
     import os
 
@@ -113,7 +113,7 @@ def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int =
     def timed(phase: str, cold: bool) -> float:
         dist.barrier()
         if cold:
-            _evict(m)
+            evict_page_cache(m)
             dist.barrier()  # every rank's shards are out of the cache before anyone reads
         if phase == "raw":
             return samples / _time_raw(m, plan)
@@ -138,21 +138,21 @@ def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int =
     consume = [_consumption(m, dist, batch_size)]
 
     def ratio(a, b):
-        return summary([x / y for x, y in zip(a, b)])
+        return median_range([x / y for x, y in zip(a, b)])
 
     mine = {"rank": dist.rank, "samples": samples, "share_mb": share_mb,
-            **{k: summary(v) for k, v in results.items()}, "consume": summary(consume),
+            **{k: median_range(v) for k, v in results.items()}, "consume": median_range(consume),
             "stream_vs_raw_cold": ratio(results["stream_cold"], results["raw_cold"]),
             "stream_vs_raw_warm": ratio(results["stream_warm"], results["raw_warm"]),
-            "stream_vs_consume": summary([s / consume[0] for s in results["stream_cold"]])}
+            "stream_vs_consume": median_range([s / consume[0] for s in results["stream_cold"]])}
     ranks = dist.allgather_object(mine, name="bench_data")
     result = {"data_dir": str(data_dir), "ranks": dist.size, "threads_per_rank": dist.threads,
               "batch_size": batch_size, "read_block": blocks[0].size if blocks else 0,
               "shuffle_buffer": shuffle_buffer, "sample_bytes": m.sample_bytes,
               "per_rank": ranks,
-              "reader_vs_raw": summary([r["stream_vs_raw_cold"]["value"] for r in ranks]),
-              "reader_vs_raw_warm": summary([r["stream_vs_raw_warm"]["value"] for r in ranks]),
-              "reader_vs_consumption": summary([r["stream_vs_consume"]["value"] for r in ranks])}
+              "reader_vs_raw": median_range([r["stream_vs_raw_cold"]["value"] for r in ranks]),
+              "reader_vs_raw_warm": median_range([r["stream_vs_raw_warm"]["value"] for r in ranks]),
+              "reader_vs_consumption": median_range([r["stream_vs_consume"]["value"] for r in ranks])}
     if dist.is_root:
         mb = (m.sample_bytes + 4) / 1e6
         print(f"bench data: {data_dir}, {dist.size} rank(s) x {dist.threads} thread(s), batch {batch_size}, "
@@ -163,7 +163,7 @@ def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int =
         print(f"{'rank':>4} {'MB':>6} " + " ".join(f"{label:>24}" for _, label in cols), file=out)
         for r in ranks:
             print(f"{r['rank']:>4} {r['share_mb']:>6.0f} " + " ".join(f"{fmt(r[k]):>24}" for k, _ in cols), file=out)
-        cold_mb = summary([r["stream_cold"]["value"] * mb for r in ranks])
+        cold_mb = median_range([r["stream_cold"]["value"] * mb for r in ranks])
         print(f"reader cold, per rank:          {fmt(cold_mb, ' MB/s')}", file=out)
         print(f"reader / raw read (cold):       {fmt(result['reader_vs_raw'], 'x', digits=2)}  target >= 0.8x",
               file=out)

@@ -13,6 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from ..measure import median_range
 from .suite import Bench
 
 KNOBS = [
@@ -27,10 +28,6 @@ KNOBS = [
     ("horovod.autotune=true", ["horovod.autotune=true"]),
     ("default again", []),
 ]
-
-
-def _stat(values: list[float]) -> dict:
-    return {"value": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def run(out: str = "runs/knobs", ranks: int = 2, epochs: int = 2, repeats: int = 1, log=sys.stdout) -> list[dict]:
@@ -50,8 +47,8 @@ def run(out: str = "runs/knobs", ranks: int = 2, epochs: int = 2, repeats: int =
             for s in sets:
                 args += ["--set", s]
             b.mpirun(ranks, args)
-            s = summary.summarize(logs.load(run_dir))
-            metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            run = logs.load(run_dir)
+            s, metrics = summary.summarize(run), run.metrics
             runs[i].append({"run_dir": str(run_dir), "samples_per_s": s["throughput_samples_per_s"],
                             "step_p50_ms": s["step_s"]["p50"] * 1e3, "global_batch": s["global_batch"],
                             "steps": s["steps"], "val_accuracy": metrics[-1]["val_accuracy"] if metrics else None})
@@ -63,11 +60,11 @@ def run(out: str = "runs/knobs", ranks: int = 2, epochs: int = 2, repeats: int =
     for i, (label, sets) in enumerate(KNOBS):
         rs = runs[i]
         rows.append({"knob": label, "sets": sets, "run_dirs": [x["run_dir"] for x in rs],
-                     "samples_per_s": _stat([x["samples_per_s"] for x in rs]),
-                     "vs_default": _stat([x["samples_per_s"] / base[r] for r, x in enumerate(rs)]),
+                     "samples_per_s": median_range([x["samples_per_s"] for x in rs]),
+                     "vs_default": median_range([x["samples_per_s"] / base[r] for r, x in enumerate(rs)]),
                      "step_p50_ms": statistics.median(x["step_p50_ms"] for x in rs),
                      "global_batch": rs[0]["global_batch"], "steps": rs[0]["steps"],
-                     "val_accuracy": _stat([x["val_accuracy"] for x in rs])})
+                     "val_accuracy": median_range([x["val_accuracy"] for x in rs])})
     (b.out / "knobs.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"| knob ({ranks} ranks, {repeats} round(s)) | samples/s | vs default | step p50 ms | global batch | "
           f"steps | val accuracy |", file=log)

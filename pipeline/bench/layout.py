@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import _evict
-from .stats import fmt, summary
+from .data import evict_page_cache
+from ..measure import fmt, median_range
 
 
 def run(samples: int = 100000, chunks=(64, 256, 1024, 4096), compressions=("none", "lzf", "gzip:1", "gzip:6"),
@@ -41,14 +41,14 @@ def run(samples: int = 100000, chunks=(64, 256, 1024, 4096), compressions=("none
                 blocks = reader.cut_blocks(plan, reader.block_size(4096, chunk))
                 res = {"raw_cold": [], "raw_warm": [], "blocks_cold": []}
                 for _ in range(repeats):
-                    _evict(m)
+                    evict_page_cache(m)
                     t0 = time.perf_counter()
                     reader.read_share(m, "train", plan)
                     res["raw_cold"].append(plan.samples_per_rank / (time.perf_counter() - t0))
                     t0 = time.perf_counter()
                     reader.read_share(m, "train", plan)
                     res["raw_warm"].append(plan.samples_per_rank / (time.perf_counter() - t0))
-                    _evict(m)
+                    evict_page_cache(m)
                     src = reader.ShardSource(m, "train")
                     t0 = time.perf_counter()
                     for b in blocks:
@@ -57,7 +57,7 @@ def run(samples: int = 100000, chunks=(64, 256, 1024, 4096), compressions=("none
                     src.close()
                 size_mb = sum(m.path(s).stat().st_size for s in m.shards("train")) / 1e6
                 row = {"chunk": chunk, "compression": comp, "mb": size_mb, "write_s": write_s,
-                       **{k: summary(v) for k, v in res.items()}}
+                       **{k: median_range(v) for k, v in res.items()}}
                 rows.append(row)
                 print(f"{chunk:>6} {comp:>11} {size_mb:>6.0f} {write_s:>7.1f} {fmt(row['raw_cold']):>26} "
                       f"{fmt(row['raw_warm']):>26} {fmt(row['blocks_cold']):>26}", file=out, flush=True)

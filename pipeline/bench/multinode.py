@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "slurm" / "local"
@@ -86,7 +87,7 @@ def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None
 
         print("bench multinode: compute (1 rank on one host)", flush=True)
         compute_run = train("compute", 1)
-        grad = json.loads((compute_run / "config.json").read_text())["gradient_bytes"]
+        grad = json.loads(RunDir(compute_run).config.read_text())["gradient_bytes"]
         compute_s = report.analyze([str(compute_run)])["runs"][0]["step_s"]["p50"]
 
         def bench_comm(rate: str | None) -> dict:

@@ -22,9 +22,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .. import measure
+from ..analysis import logs
 from ..errors import UserError
+from ..measure import median_range
+from ..rundir import RunDir
 
 TARGETS = {"pipeline_vs_keras": 0.97, "pipeline_vs_horovod_loop": 1.0, "efficiency_2": 0.85,
            "allreduce_ratio_16mib": 0.9}
@@ -85,7 +90,8 @@ class Bench:
 
     @property
     def warmup(self) -> int:
-        return 10
+        """Steps left out of every speed figure, the pipeline's and the baselines' alike."""
+        return measure.warmup_count(self.steps)
 
     def baseline(self, mode: str, n: int, rep: int) -> dict:
         out = self.out / "baselines" / f"{mode}-n{n}-r{rep}.json"
@@ -118,23 +124,14 @@ class Bench:
 
 
 def wall_throughput(run: Path, n: int, warmup: int) -> dict:
-    """Global samples/s from rank 0's step log: steps after warm-up over the wall time from the
-    end of the last warm-up step to the end of the last step (the definition applied to the
-    baselines), and the steady step times."""
-    recs = [json.loads(line) for line in (run / "steps" / "rank-0.jsonl").read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if r.get("kind") != "header"]
-    steady = recs[warmup:]
-    wall = steady[-1]["time"] - recs[warmup - 1]["time"]
-    return {"throughput_samples_per_s": len(steady) * recs[0]["samples"] * n / wall,
-            "step_s": [r["step_s"] for r in recs]}
-
-
-def summary(values: list[float], target: float | None = None) -> dict:
-    out = {"value": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
-    if target is not None:
-        out["target"] = target
-        out["met"] = out["value"] >= target
-    return out
+    """Global samples/s from rank 0's step log (read by analysis.logs): steps after warm-up over
+    the wall time from the end of the last warm-up step to the end of the last step (the
+    definition applied to the baselines), and the steady step times."""
+    cols = logs.read_rank_log(RunDir(run).step_log(0), 0).cols
+    end = cols["time"]
+    wall = end[-1] - end[warmup - 1]
+    return {"throughput_samples_per_s": float((len(end) - warmup) * cols["samples"][0] * n / wall),
+            "step_s": [float(x) for x in cols["step_s"]]}
 
 
 def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = None, repeats: int | None = None,
@@ -147,56 +144,85 @@ def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = 
     b = Bench(Path(out), quick, ranks, repeats or (2 if quick else 5), steps or (100 if quick else 300), batch, log)
     b.out.mkdir(parents=True, exist_ok=True)
     b.make_data()
+    runs = measure_training(b)
+    res = training_figures(b, runs)
+    res.update(allreduce_figures(b))
+    res.update(data_figures(b))
+    res["settings"] = settings(b)
+    (b.out / "bench.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    from . import bench_report
+
+    bench_report.write(b.out, res, runs.weak, runs.keras, runs.hvdloop)
+    print(bench_report.table(res), file=log)
+    b.say(f"wrote {b.out / 'bench.json'} and {b.out / 'report.md'}")
+    return res
+
+
+@dataclass
+class TrainingRuns:
+    """Each measured run's result by kind, one entry per repeat."""
+    weak: dict      # ranks -> runs at the same per-rank batch
+    strong: dict    # ranks -> runs at the same global batch
+    narrow: dict    # ranks N -> 1-rank runs on the cores one of N ranks gets
+    keras: list
+    hvdloop: list
+
+
+def measure_training(b: Bench) -> TrainingRuns:
+    """The training runs, interleaved repeat by repeat; each ratio's two sides run back to back,
+    so they see the same machine."""
+    ranks, batch, cores = b.ranks, b.batch, b.cores
     nmax = max(ranks)
     strong_batch = batch * nmax  # fixed global batch for strong scaling
-
-    weak = {n: [] for n in ranks}
-    strong = {n: [] for n in ranks}
-    keras, hvdloop = [], []
     # One rank on the cores one of N ranks gets: splits efficiency into what threads give
     # a single rank and what running N ranks costs (communication, contention).
-    narrow = {n: [] for n in ranks if n > 1 and cores // n >= 1}
+    runs = TrainingRuns({n: [] for n in ranks}, {n: [] for n in ranks},
+                        {n: [] for n in ranks if n > 1 and cores // n >= 1}, [], [])
+
+    def pipeline(n: int, per_rank: int, rep: int, label: str, threads: int = 0) -> dict:
+        r = b.pipeline_run(n, per_rank, rep, threads)
+        b.say(f"  {label}: {r['throughput_samples_per_s']:,.0f} samples/s")
+        return r
+
+    def baseline(mode: str, n: int, rep: int, label: str) -> dict:
+        r = b.baseline(mode, n, rep)
+        b.say(f"  {label}: {r['throughput_samples_per_s']:,.0f} samples/s")
+        return r
+
     for rep in range(b.repeats):
         b.say(f"repeat {rep + 1}/{b.repeats}")
-        # Each ratio's two sides run back to back, so they see the same machine.
-        r = b.pipeline_run(1, batch, rep)
-        weak[1].append(r)
-        b.say(f"  pipeline 1 rank, batch {batch}: {r['throughput_samples_per_s']:,.0f} samples/s")
-        k = b.baseline("keras", 1, rep)
-        keras.append(k)
-        b.say(f"  plain Keras model.fit, 1 process: {k['throughput_samples_per_s']:,.0f} samples/s")
+        runs.weak[1].append(pipeline(1, batch, rep, f"pipeline 1 rank, batch {batch}"))
+        runs.keras.append(baseline("keras", 1, rep, "plain Keras model.fit, 1 process"))
         for n in ranks[1:]:
-            r = b.pipeline_run(n, batch, rep)
-            weak[n].append(r)
-            b.say(f"  pipeline {n} ranks, batch {batch}/rank: {r['throughput_samples_per_s']:,.0f} samples/s")
+            runs.weak[n].append(pipeline(n, batch, rep, f"pipeline {n} ranks, batch {batch}/rank"))
             if n == nmax:
-                h = b.baseline("horovod", nmax, rep)
-                hvdloop.append(h)
-                b.say(f"  Horovod Keras loop, {nmax} ranks: {h['throughput_samples_per_s']:,.0f} samples/s")
-            if n in narrow:
-                r = b.pipeline_run(1, batch, rep, threads=max(1, cores // n))
-                narrow[n].append(r)
-                b.say(f"  pipeline 1 rank on {max(1, cores // n)} core(s): {r['throughput_samples_per_s']:,.0f} "
-                      f"samples/s")
+                runs.hvdloop.append(baseline("horovod", nmax, rep, f"Horovod Keras loop, {nmax} ranks"))
+            if n in runs.narrow:
+                t = max(1, cores // n)
+                runs.narrow[n].append(pipeline(1, batch, rep, f"pipeline 1 rank on {t} core(s)", threads=t))
         for n in ranks:
             if n * batch == strong_batch:
-                strong[n].append(weak[n][-1])
+                runs.strong[n].append(runs.weak[n][-1])
             elif strong_batch % n == 0:
-                rs = b.pipeline_run(n, strong_batch // n, rep)
-                strong[n].append(rs)
-                b.say(f"  pipeline {n} rank(s), batch {strong_batch // n}/rank: "
-                      f"{rs['throughput_samples_per_s']:,.0f} samples/s")
+                runs.strong[n].append(pipeline(n, strong_batch // n, rep,
+                                               f"pipeline {n} rank(s), batch {strong_batch // n}/rank"))
+    return runs
 
-    def thr(rs):
-        return [r["throughput_samples_per_s"] for r in rs]
 
+def _thr(rs: list[dict]) -> list[float]:
+    return [r["throughput_samples_per_s"] for r in rs]
+
+
+def training_figures(b: Bench, runs: TrainingRuns) -> dict:
+    ranks, cores, nmax = b.ranks, b.cores, max(b.ranks)
+    weak, narrow = runs.weak, runs.narrow
     res: dict = {}
-    res["pipeline_vs_keras"] = summary([p / k for p, k in zip(thr(weak[1]), thr(keras))],
-                                       TARGETS["pipeline_vs_keras"])
-    res["pipeline_vs_horovod_loop"] = summary([p / h for p, h in zip(thr(weak[nmax]), thr(hvdloop))],
-                                              TARGETS["pipeline_vs_horovod_loop"])
-    res["scaling"] = scaling_rows(weak, thr)
-    res["strong_scaling"] = scaling_rows(strong, thr) if all(strong[n] for n in ranks) else []
+    res["pipeline_vs_keras"] = median_range([p / k for p, k in zip(_thr(weak[1]), _thr(runs.keras))],
+                                            TARGETS["pipeline_vs_keras"])
+    res["pipeline_vs_horovod_loop"] = median_range([p / h for p, h in zip(_thr(weak[nmax]), _thr(runs.hvdloop))],
+                                                   TARGETS["pipeline_vs_horovod_loop"])
+    res["scaling"] = scaling_rows(weak)
+    res["strong_scaling"] = scaling_rows(runs.strong) if all(runs.strong[n] for n in ranks) else []
     eff2 = next((r for r in res["scaling"] if r["ranks"] == 2), None)
     if eff2:
         res["efficiency_2_ranks"] = {**eff2["efficiency_summary"], "target": TARGETS["efficiency_2"],
@@ -205,14 +231,18 @@ def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = 
     # product holds only approximately).
     res["efficiency_breakdown"] = [{
         "ranks": n, "threads_per_rank": max(1, cores // n),
-        "thread_bound": summary([a / c for a, c in zip(thr(narrow[n]), thr(weak[1]))]),
-        "rank_efficiency": summary([x / (n * a) for x, a in zip(thr(weak[n]), thr(narrow[n]))]),
+        "thread_bound": median_range([a / c for a, c in zip(_thr(narrow[n]), _thr(weak[1]))]),
+        "rank_efficiency": median_range([x / (n * a) for x, a in zip(_thr(weak[n]), _thr(narrow[n]))]),
     } for n in narrow if narrow[n]]
-    res["throughput"] = {"keras": summary(thr(keras)), "horovod_loop": summary(thr(hvdloop)),
-                         **{f"pipeline_{n}": summary(thr(weak[n])) for n in ranks},
-                         **{f"pipeline_1_on_{max(1, cores // n)}_cores": summary(thr(narrow[n])) for n in narrow}}
+    res["throughput"] = {"keras": median_range(_thr(runs.keras)), "horovod_loop": median_range(_thr(runs.hvdloop)),
+                         **{f"pipeline_{n}": median_range(_thr(weak[n])) for n in ranks},
+                         **{f"pipeline_1_on_{max(1, cores // n)}_cores": median_range(_thr(narrow[n]))
+                            for n in narrow}}
+    return res
 
-    # --- allreduce: the pipeline's MPI settings, and Horovod's defaults for comparison ---
+
+def allreduce_figures(b: Bench) -> dict:
+    """Horovod with the pipeline's MPI settings, and with Horovod's defaults, against mpi4py."""
     b.say("allreduce: Horovod (pipeline settings) vs mpi4py")
     tuned = b.allreduce("tuned", {})
     b.say("allreduce: Horovod defaults (no MPI yield) vs mpi4py")
@@ -223,30 +253,39 @@ def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = 
         gloo = b.allreduce("gloo", {}, gloo=True)
     except (RuntimeError, FileNotFoundError, subprocess.TimeoutExpired) as e:
         b.say(f"  Gloo run failed, left out: {str(e).splitlines()[0]}")
-    res["allreduce"] = allreduce_rows(tuned, default, gloo)
-    res["memcpy_gbps"] = tuned["memcpy_gbps"]
-    big = [r["ratio"] for r in res["allreduce"] if r["bytes"] >= 16 << 20]
-    res["allreduce_ratio_16mib_plus"] = {"value": min(big), "target": TARGETS["allreduce_ratio_16mib"],
-                                         "met": min(big) >= TARGETS["allreduce_ratio_16mib"]}
+    rows = allreduce_rows(tuned, default, gloo)
+    big = [r["ratio"] for r in rows if r["bytes"] >= 16 << 20]
+    return {"allreduce": rows, "memcpy_gbps": tuned["memcpy_gbps"],
+            "allreduce_ratio_16mib_plus": {"value": min(big), "target": TARGETS["allreduce_ratio_16mib"],
+                                           "met": min(big) >= TARGETS["allreduce_ratio_16mib"]}}
 
+
+def data_figures(b: Bench) -> dict:
+    """The reader against the raw h5py read, at the largest rank count."""
+    nmax = max(b.ranks)
     b.say(f"data: reader vs raw h5py read ({nmax} ranks)")
     rv = b.out / "data-bench.json"
     try:
-        b.mpirun(nmax, [b.py, "-m", "pipeline", "bench", "data", str(b.data), "--repeats", "1" if quick else "2",
+        b.mpirun(nmax, [b.py, "-m", "pipeline", "bench", "data", str(b.data), "--repeats", "1" if b.quick else "2",
                         "--json", str(rv)])
-        d = json.loads(rv.read_text())
-        worst = min(d["per_rank"], key=lambda r: r["stream_vs_raw_cold"]["value"])
-        res["reader_vs_raw"] = {**worst["stream_vs_raw_cold"], "rank": worst["rank"], "cold": True,
-                                "reader_vs_raw_warm": worst["stream_vs_raw_warm"],
-                                "reader_vs_training": min(r["stream_vs_consume"]["value"] for r in d["per_rank"]),
-                                "detail": str(rv)}
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         b.say(f"  data bench failed, left out: {str(e).splitlines()[0]}")
+        return {}
+    d = json.loads(rv.read_text())
+    worst = min(d["per_rank"], key=lambda r: r["stream_vs_raw_cold"]["value"])
+    return {"reader_vs_raw": {**worst["stream_vs_raw_cold"], "rank": worst["rank"], "cold": True,
+                              "reader_vs_raw_warm": worst["stream_vs_raw_warm"],
+                              "reader_vs_training": min(r["stream_vs_consume"]["value"] for r in d["per_rank"]),
+                              "detail": str(rv)}}
 
-    res["settings"] = {
-        "quick": quick, "ranks": ranks, "repeats": b.repeats, "steps": b.steps, "warmup_steps": b.warmup,
-        "batch_per_rank": batch, "strong_scaling_global_batch": strong_batch, "model": "cnn",
-        "threads_per_rank": {n: max(1, cores // n) for n in ranks}, "cores": cores,
+
+def settings(b: Bench) -> dict:
+    cores = b.cores
+    return {
+        "quick": b.quick, "ranks": b.ranks, "repeats": b.repeats, "steps": b.steps, "warmup_steps": b.warmup,
+        "warmup_rule": measure.WARMUP_RULE,
+        "batch_per_rank": b.batch, "strong_scaling_global_batch": b.batch * max(b.ranks), "model": "cnn",
+        "threads_per_rank": {n: max(1, cores // n) for n in b.ranks}, "cores": cores,
         "binding": "mpirun --map-by slot:PE=cores/ranks --bind-to core", "mpi_env": MPI_ENV,
         "horovod_env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
         "machine": platform.node(), "python": platform.python_version(),
@@ -254,25 +293,18 @@ def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = 
                                  "last warm-up step to the end of the last step",
         "wall_s": round(time.perf_counter() - b.t0, 1),
     }
-    (b.out / "bench.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    from . import bench_report
-
-    bench_report.write(b.out, res, weak, keras, hvdloop)
-    print(bench_report.table(res), file=log)
-    b.say(f"wrote {b.out / 'bench.json'} and {b.out / 'report.md'}")
-    return res
 
 
-def scaling_rows(runs: dict, thr) -> list[dict]:
-    base = statistics.median(thr(runs[1]))
+def scaling_rows(runs: dict) -> list[dict]:
+    base = statistics.median(_thr(runs[1]))
     rows = []
     for n, rs in sorted(runs.items()):
         if not rs:
             continue
-        t = statistics.median(thr(rs))
-        effs = [x / (n * y) for x, y in zip(thr(rs), thr(runs[1]))]
+        t = statistics.median(_thr(rs))
+        effs = [x / (n * y) for x, y in zip(_thr(rs), _thr(runs[1]))]
         rows.append({"ranks": n, "global_batch": rs[0]["global_batch"], "throughput_samples_per_s": t, "speedup": t / base,
-                     "efficiency": t / (n * base), "efficiency_summary": summary(effs),
+                     "efficiency": t / (n * base), "efficiency_summary": median_range(effs),
                      "run_dirs": [r["run_dir"] for r in rs]})
     return rows
 
