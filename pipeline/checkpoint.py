@@ -74,20 +74,33 @@ def latest(directory: Path) -> CheckpointRef | None:
     return refs[-1] if refs else None
 
 
-def best(refs: list[CheckpointRef], metric: str) -> CheckpointRef | None:
-    """The checkpoint with the best `metric` in its meta (val_loss: lowest; else highest)."""
+# Metrics where lower is better, by the words in their names; everything else (accuracy,
+# IoU, precision, recall, AUC) is maximised. checkpoint.keep_best_mode overrides.
+LOWER_IS_BETTER = ("loss", "error", "mae", "mse", "mape", "msle", "crossentropy", "hinge", "divergence",
+                   "poisson", "logcosh", "huber")
+
+
+def direction(metric: str, mode: str = "") -> str:
+    """'min' or 'max' for `metric` (a val_<name>)."""
+    if mode:
+        return mode
+    return "min" if any(w in metric.lower() for w in LOWER_IS_BETTER) else "max"
+
+
+def best(refs: list[CheckpointRef], metric: str, mode: str = "") -> CheckpointRef | None:
+    """The checkpoint with the best `metric` in its meta (losses and errors lowest, else highest)."""
     scored = [r for r in refs if isinstance(r.meta.get(metric), (int, float))]
     if not scored:
         return None
-    pick = min if metric.endswith("loss") else max
+    pick = min if direction(metric, mode) == "min" else max
     return pick(scored, key=lambda r: r.meta[metric])
 
 
-def to_prune(refs: list[CheckpointRef], keep: int, keep_best: str = "") -> list[CheckpointRef]:
+def to_prune(refs: list[CheckpointRef], keep: int, keep_best: str = "", mode: str = "") -> list[CheckpointRef]:
     """Complete checkpoints (oldest first) to delete: all but the newest `keep`, and the best."""
     keepers = {r.step for r in refs[-keep:]}
     if keep_best:
-        b = best(refs, keep_best)
+        b = best(refs, keep_best, mode)
         if b is not None:
             keepers.add(b.step)
     return [r for r in refs if r.step not in keepers]
@@ -107,6 +120,7 @@ class CheckpointWriter:
         self.every_steps = settings.every_steps
         self.keep = settings.keep
         self.keep_best = settings.keep_best
+        self.keep_best_mode = settings.keep_best_mode
         self.enabled = enabled
         if enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -178,7 +192,7 @@ class CheckpointWriter:
         fsync_path(self.directory)
 
     def _prune(self) -> None:
-        for old in to_prune(list_complete(self.directory), self.keep, self.keep_best):
+        for old in to_prune(list_complete(self.directory), self.keep, self.keep_best, self.keep_best_mode):
             # Rename first, so a half-deleted checkpoint never looks like a candidate.
             trash = self.directory / f".trash-{old.path.name}-{os.getpid()}"
             os.rename(old.path, trash)

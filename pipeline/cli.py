@@ -24,10 +24,30 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_data_synth(a) -> int:
+    if a.kind != "images":
+        from .data.synth_layouts import synth_layout
+
+        synth_layout(a.kind, a.out, a.samples, a.shape, a.seed)
+        return 0
     from .data.synth import synth
 
-    synth(a.out, a.samples, a.val_samples, a.shards, a.val_shards, a.shape, a.classes, a.seed,
-          a.chunk_samples, a.compression, a.dtype)
+    synth(a.out, a.samples or 20000, a.val_samples, a.shards, a.val_shards, a.shape or (28, 28, 1), a.classes,
+          a.seed, a.chunk_samples, a.compression, a.dtype)
+    return 0
+
+
+def cmd_data_index(a) -> int:
+    from .data.index import index
+
+    index(a.src, a.out, a.x, a.y, a.per_file, a.subvolume, a.val_fraction, a.val, a.num_classes, a.checksums,
+          a.seed)
+    return 0
+
+
+def cmd_data_stats(a) -> int:
+    from .data.stats import stats
+
+    stats(a.dir, a.root)
     return 0
 
 
@@ -42,14 +62,14 @@ def cmd_data_convert(a) -> int:
 def cmd_data_verify(a) -> int:
     from .data import shards
 
-    m = shards.load_manifest(a.dir)
+    m = shards.load_manifest(a.dir, a.root)
     problems = list(shards.verify(m, checksums=not a.fast))
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
         return EXIT_USER_ERROR
     n = sum(len(m.shards(s)) for s in m.splits)
-    print(f"{m.dir}: {n} shards match the manifest ({', '.join(f'{s}={m.num_samples(s)}' for s in m.splits)})")
+    print(f"{m.dir}: {n} {'files' if m.indexed else 'shards'} match the manifest ({', '.join(f'{s}={m.num_samples(s)}' for s in m.splits)})")
     return 0
 
 
@@ -116,6 +136,11 @@ def _writer_options(p) -> None:
 def cmd_bench_data(a) -> int:
     from .bench import data
 
+    if a.layouts:
+        rows = data.layouts(a.work, a.repeats)
+        return 0 if all(r["met"] for r in rows) else 1
+    if not a.dir:
+        raise UserError("pipeline bench data: give a dataset directory, or --layouts")
     data.run(a.dir, a.batch_size, a.repeats, a.read_block, a.shuffle_buffer, a.threads, a.json)
     return 0
 
@@ -208,13 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = verbs.add_parser("data", help="make, convert and check datasets").add_subparsers(
         dest="data_verb", required=True, parser_class=_Parser)
-    s = data.add_parser("synth", help="write a learnable synthetic image dataset as HDF5 shards")
+    s = data.add_parser("synth", help="write a learnable synthetic image dataset as HDF5 shards, or small "
+                                      "datasets in the CosmoFlow and DeepCAM raw layouts to index")
+    s.add_argument("--kind", choices=["images", "cosmoflow", "segmentation"], default="images",
+                   help="images (default): shards ready to train on; cosmoflow | segmentation: raw files in "
+                        "those layouts, to be indexed with pipeline data index (docs/your-data.md)")
     s.add_argument("--out", required=True, help="dataset directory to create")
-    s.add_argument("--samples", type=int, default=20000, help="training samples (default 20000)")
+    s.add_argument("--samples", type=int, default=None,
+                   help="training samples (default 20000); with --kind: files (cosmoflow 64, segmentation 240)")
     s.add_argument("--val-samples", type=int, default=2000, help="validation samples (default 2000)")
     s.add_argument("--shards", type=int, default=4, help="training shards (default 4)")
     s.add_argument("--val-shards", type=int, default=1, help="validation shards (default 1)")
-    s.add_argument("--shape", type=_shape, default=(28, 28, 1), help="H,W,C images (default 28,28,1), or F for tabular rows of F features")
+    s.add_argument("--shape", type=_shape, default=None,
+                   help="H,W,C images (default 28,28,1), or F for tabular rows of F features; cosmoflow: the "
+                        "volume's side D (default 32); segmentation: H,W,C (default 64,64,4)")
     s.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     s.add_argument("--seed", type=int, default=0)
     _writer_options(s)
@@ -230,10 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--seed", type=int, default=0, help="seed of the hold-out draw")
     _writer_options(cv)
     cv.set_defaults(func=cmd_data_convert)
-    v = data.add_parser("verify", help="check every shard against manifest.json")
+    v = data.add_parser("verify", help="check every shard (or indexed file) against manifest.json")
     v.add_argument("dir")
     v.add_argument("--fast", action="store_true", help="skip the sha256 checksums")
+    v.add_argument("--root", help="where an indexed dataset's files are now (as data.root)")
     v.set_defaults(func=cmd_data_verify)
+    ix = data.add_parser("index", help="a manifest over your own HDF5 files, in place (nothing copied)")
+    ix.add_argument("src", nargs="+", metavar="SRC", help="files, directories (every .h5/.hdf5 below) or globs")
+    ix.add_argument("--out", required=True, help="directory for manifest.json (the files stay where they are)")
+    ix.add_argument("--x", required=True, metavar="KEY", help="the input dataset, e.g. full or climate/data")
+    ix.add_argument("--y", required=True, metavar="KEY", help="the target dataset, e.g. unitPar or climate/labels_0")
+    ix.add_argument("--per-file", choices=["many", "one"], default="many",
+                    help="many (default): axis 0 is the sample axis of both keys; one: each file is one sample")
+    ix.add_argument("--subvolume", type=int, metavar="S",
+                    help="each S-cube (or S-square) of a file's x is one sample with the file's y")
+    vs = ix.add_mutually_exclusive_group()
+    vs.add_argument("--val-fraction", type=float, help="validation files, drawn by file (default 0.1)")
+    vs.add_argument("--val", nargs="+", metavar="SRC", help="the validation files instead")
+    ix.add_argument("--num-classes", type=int, help="the targets are class ids 0..C-1 (else values: regression)")
+    ix.add_argument("--checksums", action="store_true", help="record each file's sha256 (reads every byte)")
+    ix.add_argument("--seed", type=int, default=0, help="seed of the validation draw")
+    ix.set_defaults(func=cmd_data_index)
+    st = data.add_parser("stats", help="per-channel mean and std of the training split (data.transform: standardize)")
+    st.add_argument("dir")
+    st.add_argument("--root", help="where an indexed dataset's files are now (as data.root)")
+    st.set_defaults(func=cmd_data_stats)
 
     t = verbs.add_parser("train", help="one training run (alone, or under mpirun / srun / horovodrun)")
     t.add_argument("--config", help="YAML config (default: built-in defaults, see configs/default.yaml)")
@@ -247,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the text summary")
     an.add_argument("--plots", metavar="DIR", help="write PNG plots here")
     an.add_argument("--report", metavar="FILE", help="one page with summary, tables and plots (.html or .md)")
-    an.add_argument("--target", type=float, default=0.9, help="validation accuracy for time to accuracy (0.9)")
+    an.add_argument("--target", default="0.9", help="the quality for time to target: METRIC>=X or METRIC<=X with "
+                                                    "any val_<name> of metrics.jsonl (val_mae<=0.2); a number X "
+                                                    "means val_accuracy>=X (default 0.9)")
     an.add_argument("--compare", action="store_true", help="two run directories A B: the differences, figure by figure")
     an.add_argument("--link-gbps", type=float, help="per-host link rate: add the communication model's prediction "
                                                     "next to the measured figures (docs/multinode.md)")
@@ -295,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = verbs.add_parser("bench", help="benchmarks measured against baselines in the same run").add_subparsers(
         dest="bench_verb", required=True, parser_class=_Parser)
     bd = b.add_parser("data", help="reader vs raw h5py read vs training consumption, per rank")
-    bd.add_argument("dir")
+    bd.add_argument("dir", nargs="?", help="a dataset directory (shards or indexed)")
+    bd.add_argument("--layouts", action="store_true", help="one row per layout (shards, many per file, gzip "
+                                                           "chunks, one sample per file, sub-volumes) on data made here")
+    bd.add_argument("--work", help="with --layouts: where the generated data goes (default: a temporary directory)")
     bd.add_argument("--batch-size", type=int, default=64)
     bd.add_argument("--repeats", type=int, default=3)
     bd.add_argument("--read-block", type=int, default=4096)

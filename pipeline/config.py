@@ -36,9 +36,17 @@ class DataConfig:
     read_block: int = 4096
     # Samples shuffled together: a window of blocks read, then visited in random order.
     shuffle_buffer: int = 65536
+    # What the model sees of x: none (uint8 scaled to [0, 1], others as stored) | log1p
+    # (counts, as CosmoFlow) | standardize (per channel, statistics from `pipeline data stats`).
+    transform: str = "none"
+    # Where an indexed dataset's files are now ("" = where they were indexed): a staged copy
+    # on node-local disk is used without indexing again.
+    root: str = ""
 
     def validate(self) -> None:
         _require(self.dir != "", "data.dir must not be empty")
+        _require(self.transform in TRANSFORMS,
+                 f"data.transform must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}")
         _require(self.prefetch == -1 or self.prefetch >= 1, "data.prefetch must be -1 (auto) or >= 1")
         _require(self.cache_mb >= 0, "data.cache_mb must be >= 0 (0: always stream from the shards)")
         _require(self.read_block >= 1, "data.read_block must be >= 1")
@@ -47,13 +55,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # A built-in name, keras.applications.NAME, or your own builder as path/to/file.py:function
+    # or package.module:function, called as function(input_shape, target_shape, num_classes, **args).
     name: str = "cnn"
+    args: dict = field(default_factory=dict)  # keyword arguments for the builder
 
     def validate(self) -> None:
         from .models import APPLICATIONS_PREFIX, MODELS, known
 
-        _require(known(self.name), f"model.name must be one of {sorted(MODELS)} or "
-                                   f"{APPLICATIONS_PREFIX}NAME (e.g. {APPLICATIONS_PREFIX}MobileNetV2), got {self.name!r}")
+        _require(known(self.name), f"model.name must be one of {sorted(MODELS)}, {APPLICATIONS_PREFIX}NAME "
+                                   f"(e.g. {APPLICATIONS_PREFIX}MobileNetV2) or path/to/file.py:function or "
+                                   f"package.module:function, got {self.name!r}")
+        _require(all(isinstance(k, str) for k in self.args), "model.args keys must be strings")
 
 
 @dataclass
@@ -77,6 +90,13 @@ class TrainConfig:
     threads: int = 0
     # A rank with no finished step for this long exits (code 76): its peer probably died.
     step_timeout_s: float = 300.0
+    # Any Keras loss by name; cross-entropies take the model's output as logits unless
+    # from_logits is false (a model ending in softmax or sigmoid).
+    loss: str = "sparse_categorical_crossentropy"
+    from_logits: bool = True
+    # Validation metrics besides the loss (and accuracy, for class targets): Keras metric
+    # names, or mean_iou (per-pixel class ids). Each is written as val_<name>.
+    metrics: list = field(default_factory=list)
 
     def validate(self) -> None:
         _require(self.batch_size > 0, "train.batch_size must be > 0")
@@ -94,24 +114,33 @@ class TrainConfig:
                  f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.threads >= 0, "train.threads must be >= 0 (0 means: the CPUs this rank owns)")
         _require(self.step_timeout_s >= 0, "train.step_timeout_s must be >= 0 (0: no watchdog)")
+        _require(self.loss != "", "train.loss must name a Keras loss, e.g. mse")
+        _require(all(isinstance(m, str) and m for m in self.metrics),
+                 "train.metrics must be a list of metric names, e.g. [mae]")
+        _require(len(set(self.metrics)) == len(self.metrics), "train.metrics names a metric twice")
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 200
     keep: int = 3
-    # "" or a metric of metrics.jsonl (val_accuracy: higher is better; val_loss: lower): also
-    # checkpoint after each evaluation and keep the best one besides the last `keep`.
+    # "" or a val_<name> of metrics.jsonl: also checkpoint after each evaluation and keep the
+    # best one besides the last `keep`. Losses and errors are minimised, accuracy and IoU
+    # maximised; keep_best_mode (min | max) says otherwise.
     keep_best: str = ""
+    keep_best_mode: str = ""
 
     def validate(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: only at the end)")
         _require(self.keep >= 1, "checkpoint.keep must be >= 1")
-        _require(self.keep_best in ("", "val_accuracy", "val_loss"),
-                 f"checkpoint.keep_best must be '', 'val_accuracy' or 'val_loss', got {self.keep_best!r}")
+        _require(self.keep_best == "" or self.keep_best.startswith("val_"),
+                 f"checkpoint.keep_best must be '' or a val_<name> of metrics.jsonl, got {self.keep_best!r}")
+        _require(self.keep_best_mode in ("", "min", "max"),
+                 f"checkpoint.keep_best_mode must be '', 'min' or 'max', got {self.keep_best_mode!r}")
 
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+TRANSFORMS = ("none", "log1p", "standardize")
 
 
 @dataclass
@@ -166,6 +195,10 @@ class Config:
     def validate(self) -> "Config":
         for f in fields(self):
             getattr(self, f.name).validate()
+        known = {"val_loss", "val_accuracy"} | {f"val_{m}" for m in self.train.metrics}
+        _require(self.checkpoint.keep_best in known | {""},
+                 f"checkpoint.keep_best {self.checkpoint.keep_best!r} is not written by this run "
+                 f"(it writes {', '.join(sorted(known))}; add the metric to train.metrics)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +212,10 @@ def _require(ok: bool, message: str) -> None:
 
 def _check_type(key: str, value: Any, expected: type) -> Any:
     """Returns value as `expected`, or raises naming the key; ints are accepted for floats."""
+    if expected is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if expected is dict and isinstance(value, dict):
+        return dict(value)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is float and isinstance(value, str):
@@ -195,7 +232,7 @@ def _check_type(key: str, value: Any, expected: type) -> Any:
 
 
 def _section_types(section_cls) -> dict[str, type]:
-    hints = {"int": int, "float": float, "bool": bool, "str": str}
+    hints = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}
     return {f.name: hints[f.type] for f in fields(section_cls)}
 
 
@@ -233,13 +270,28 @@ def apply_override(cfg: Config, assignment: str) -> None:
     key, text = assignment.split("=", 1)
     key = key.strip()
     parts = key.split(".")
-    if len(parts) != 2 or not hasattr(cfg, parts[0]) or not dataclasses.is_dataclass(getattr(cfg, parts[0])):
+    if len(parts) < 2 or not hasattr(cfg, parts[0]) or not dataclasses.is_dataclass(getattr(cfg, parts[0])):
         raise ConfigError(f"--set {key}: unknown key (keys look like train.batch_size)")
     section = getattr(cfg, parts[0])
     types = _section_types(type(section))
     if parts[1] not in types:
         raise ConfigError(f"--set {key}: unknown key (known in {parts[0]}: {', '.join(types)})")
     expected = types[parts[1]]
+    if len(parts) > 2:
+        # One entry of a mapping key: --set model.args.filters=8
+        if expected is not dict:
+            raise ConfigError(f"--set {key}: {parts[0]}.{parts[1]} is not a mapping")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse {text!r}") from None
+        target = getattr(section, parts[1])
+        for name in parts[2:-1]:
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {key}: {name} is not a mapping")
+        target[parts[-1]] = value
+        return
     if expected is str:
         value: Any = text  # a path or name stays as typed, even if it looks like a number
     else:

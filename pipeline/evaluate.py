@@ -1,41 +1,58 @@
-"""Evaluation: validation loss and accuracy over every rank's share of the validation split,
-summed exactly across ranks (float64 allreduce of sums and counts), so the figure is the
-same as one process evaluating the whole split."""
+"""Evaluation: the validation loss and every metric of the task over every rank's share of the
+validation split, exact: each rank accumulates sums (the loss's sum and element count, each
+metric's own state: totals and counts, or a confusion matrix), the sums are allreduced in
+float64, and the figures are computed once from them. Never an average of averages."""
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
+
 
 class Evaluator:
-    def __init__(self, model, inp, batch_size: int, dist):
+    def __init__(self, model, inp, batch_size: int, dist, task):
         import tensorflow as tf
 
-        from .data.reader import to_float
-
-        self.model, self.inp, self.batch_size, self.dist = model, inp, batch_size, dist
-        per_sample = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+        self.model, self.inp, self.batch_size, self.dist, self.task = model, inp, batch_size, dist, task
+        self.metrics = task.metrics()
 
         @tf.function
         def eval_step(xb, yb):
-            logits = model(to_float(xb), training=False)
-            hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), yb)
-            return tf.reduce_sum(per_sample(yb, logits)), tf.reduce_sum(tf.cast(hits, tf.float32))
+            pred = model(task.prepare_x(xb), training=False)
+            values = task.loss_values(yb, pred)
+            y = task.prepare_y(yb)
+            for _, m in self.metrics:
+                m.update_state(y, pred)
+            return tf.reduce_sum(tf.cast(values, tf.float64)), tf.cast(tf.size(values), tf.float64)
 
         self._step = eval_step
 
     def __call__(self) -> dict:
-        """{"val_loss", "val_accuracy", "eval_s"}; every rank must call it at the same step."""
+        """{"val_loss", "val_<metric>"..., "eval_s"}; every rank must call it at the same step."""
         t0 = time.perf_counter()
         # BatchNorm statistics (if any) are per rank; average them so every replica evaluates
         # (and later checkpoints) the same model.
         self.dist.average_variables(self.model.non_trainable_variables)
-        sums = [0.0, 0.0, 0.0]
+        for _, m in self.metrics:
+            m.reset_state()
+        loss_sum, count = 0.0, 0.0
         for xb, yb in self.inp.eval_batches(self.batch_size):
-            loss_sum, hits = self._step(xb, yb)
-            sums[0] += float(loss_sum)
-            sums[1] += float(hits)
-            sums[2] += len(yb)
-        loss_sum, hits, n = self.dist.allreduce_sum(sums)
-        loss, acc = (loss_sum / n, hits / n) if n else (float("nan"), float("nan"))
-        return {"val_loss": float(loss), "val_accuracy": float(acc), "eval_s": round(time.perf_counter() - t0, 3)}
+            s, n = self._step(xb, yb)
+            loss_sum += float(s)
+            count += float(n)
+        # One allreduce for the loss and every metric's state.
+        states = [v for _, m in self.metrics for v in m.variables]
+        flat = [np.asarray([loss_sum, count])] + [np.asarray(v.numpy(), np.float64).ravel() for v in states]
+        summed = self.dist.allreduce_sum(np.concatenate(flat))
+        loss_sum, count = summed[0], summed[1]
+        pos = 2
+        for v in states:
+            n = int(np.prod(v.shape))
+            v.assign(summed[pos:pos + n].reshape(v.shape).astype(v.dtype.as_numpy_dtype))
+            pos += n
+        out = {"val_loss": float(loss_sum / count) if count else float("nan")}
+        for name, m in self.metrics:
+            out[f"val_{name}"] = float(m.result()) if count else float("nan")
+        out["eval_s"] = round(time.perf_counter() - t0, 3)
+        return out

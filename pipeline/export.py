@@ -60,6 +60,12 @@ def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, laten
         data_dir = cfg.get("dataset") or cfg["data"]["dir"]
     except (OSError, ValueError, KeyError):
         raise UserError(f"{run.config}: missing or unreadable; it names the dataset to calibrate on") from None
+    from .data import shards
+
+    m = shards.load_manifest(data_dir)
+    if m.indexed or m.num_classes is None or m.y_shape:
+        raise UserError(f"{run.path}: pipeline export tflite compares int8 and float accuracy on class ids; "
+                        f"{data_dir} is not a classification dataset in the pipeline's shard format")
     model = tf.keras.models.load_model(run.model)
     x, y = _val_arrays(data_dir, samples)
     xf = _to_float(x)

@@ -1,6 +1,11 @@
-"""Models by name. Each builder takes the sample shape and the class count from the manifest."""
+"""Models by name. The classifiers (cnn, mlp, resnet20, keras.applications.*) take the
+sample shape and the class count; cosmoflow, segnet and a user's own builder
+(path/to/file.py:function or package.module:function) are called as
+function(input_shape, target_shape, num_classes, **model.args)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def cnn(input_shape, num_classes):
@@ -81,24 +86,153 @@ def keras_application(name: str, input_shape, num_classes):
                         f"{num_classes} classes: {str(e).splitlines()[0]}") from None
 
 
+def cosmoflow(input_shape, target_shape, num_classes, conv_layers: int = 4, filters: int = 8, kernel: int = 2,
+              dense: tuple = (64, 32), dropout: float = 0.0, scale: float = 1.2):
+    """The MLPerf HPC CosmoFlow reference architecture: 3D convolutions whose filters double
+    per layer (kernel 2, same padding, LeakyReLU, max-pool 2), two dense layers, a tanh
+    output scaled by 1.2 (the targets lie in [-1, 1]). The reference uses 5 layers from 32
+    filters on 128^3; the defaults here suit small sub-volumes."""
+    import tensorflow as tf
+    from tensorflow.keras import layers
+
+    if num_classes is not None or len(target_shape) != 1:
+        raise ValueError(f"cosmoflow regresses a vector of parameters; the targets are {target_shape}"
+                         + (f" class ids of {num_classes} classes" if num_classes else ""))
+    def leaky(x):
+        # LeakyReLU(0.3) as max(x, 0.3x): the same function, without the Conv3D+BiasAdd+LeakyRelu
+        # fusion that TensorFlow 2.15's grappler remapper fails on (it logs an error per step).
+        return layers.Lambda(lambda t: tf.maximum(t, 0.3 * t))(x)
+
+    inputs = layers.Input(shape=input_shape)
+    x = inputs
+    for i in range(conv_layers):
+        x = leaky(layers.Conv3D(filters * 2 ** i, kernel, padding="same")(x))
+        x = layers.MaxPooling3D(2, padding="same")(x)
+    x = layers.Flatten()(x)
+    for units in dense:
+        x = leaky(layers.Dense(units)(x))
+        if dropout:
+            x = layers.Dropout(dropout)(x)
+    out = layers.Dense(target_shape[0], activation="tanh")(x)
+    out = layers.Rescaling(scale)(out)
+    return tf.keras.Model(inputs, out, name="cosmoflow")
+
+
+def segnet(input_shape, target_shape, num_classes, filters: int = 16, depth: int = 2):
+    """A small U-Net-style per-pixel classifier: `depth` stride-2 stages down, the same up with
+    skip connections, per-pixel logits. H and W must divide by 2**depth."""
+    import tensorflow as tf
+    from tensorflow.keras import layers
+
+    if not num_classes or tuple(target_shape) != tuple(input_shape[:-1]):
+        raise ValueError(f"segnet labels every pixel: targets must be {tuple(input_shape[:-1])} class ids, "
+                         f"they are {tuple(target_shape)}" + ("" if num_classes else " values (no --num-classes)"))
+
+    def conv(x, f):
+        return layers.Conv2D(f, 3, padding="same", activation="relu")(x)
+
+    inputs = layers.Input(shape=input_shape)
+    x, skips = inputs, []
+    for d in range(depth):
+        x = conv(conv(x, filters * 2 ** d), filters * 2 ** d)
+        skips.append(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = conv(x, filters * 2 ** depth)
+    for d in reversed(range(depth)):
+        x = layers.Conv2DTranspose(filters * 2 ** d, 2, strides=2, padding="same")(x)
+        x = conv(layers.Concatenate()([x, skips[d]]), filters * 2 ** d)
+    return tf.keras.Model(inputs, layers.Conv2D(num_classes, 1)(x), name="segnet")
+
+
 MODELS = {"cnn": cnn, "mlp": mlp, "resnet20": resnet20}
+# Built-ins called as function(input_shape, target_shape, num_classes, **model.args), like a user's.
+TASK_MODELS = {"cosmoflow": cosmoflow, "segnet": segnet}
 APPLICATIONS_PREFIX = "keras.applications."
 
 
+def is_user_builder(name: str) -> bool:
+    """path/to/file.py:function or package.module:function."""
+    path, sep, func = name.rpartition(":")
+    return bool(sep and path and func.isidentifier())
+
+
 def known(name: str) -> bool:
-    return name in MODELS or (name.startswith(APPLICATIONS_PREFIX) and len(name) > len(APPLICATIONS_PREFIX))
+    return name in MODELS or name in TASK_MODELS or is_user_builder(name) or \
+        (name.startswith(APPLICATIONS_PREFIX) and len(name) > len(APPLICATIONS_PREFIX))
 
 
-def build(name: str, input_shape, num_classes, output_dtype: str | None = None):
-    """The model, with logits in float32 whatever the precision policy (softmax and the loss
-    in float16 lose accuracy; Keras's mixed-precision guide does the same)."""
+def _user_builder(name: str):
+    """The function named by model.name: a .py file's or an importable module's."""
+    import importlib
+    import importlib.util
+
+    from .errors import UserError
+
+    where, _, func = name.rpartition(":")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise UserError(f"model.name {name!r}: no such file {path}")
+        spec = importlib.util.spec_from_file_location(f"pipeline_user_model_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise UserError(f"model.name {name!r}: {path} failed to load ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise UserError(f"model.name {name!r}: cannot import {where} ({e})") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise UserError(f"model.name {name!r}: {where} has no function {func!r}")
+    return fn
+
+
+def expected_output(target_shape, num_classes) -> tuple:
+    """The output shape (without the batch axis) that fits the targets: logits per class for
+    class ids, else the target's own shape."""
+    return tuple(target_shape) + ((num_classes,) if num_classes else ())
+
+
+def build(name: str, input_shape, num_classes, output_dtype: str | None = None, *, target_shape=(),
+          args: dict | None = None):
+    """The model, with its output in float32 whatever the precision policy (softmax and the
+    loss in float16 lose accuracy; Keras's mixed-precision guide does the same). A model that
+    cannot be built for the data, or whose output does not fit the targets, is a user error
+    naming model.name and both shapes."""
+    import tensorflow as tf
+
+    from .errors import UserError
+
+    args = dict(args or {})
+    input_shape, target_shape = tuple(input_shape), tuple(target_shape)
+    shapes = f"input {input_shape}, targets {target_shape}" + (f" of {num_classes} classes" if num_classes else "")
     if name.startswith(APPLICATIONS_PREFIX):
         model = keras_application(name, input_shape, num_classes)
+    elif name in MODELS:
+        if args:
+            raise UserError(f"model.args: the built-in {name!r} takes none, got {sorted(args)}")
+        if not num_classes or target_shape:
+            raise UserError(f"model.name {name!r} classifies whole samples; the data has {shapes} "
+                            f"(cosmoflow and segnet, or your own model, fit other targets)")
+        model = MODELS[name](input_shape, num_classes)
     else:
-        model = MODELS[name](tuple(input_shape), num_classes)
+        fn = TASK_MODELS.get(name) or _user_builder(name)
+        try:
+            model = fn(input_shape, target_shape, num_classes, **args)
+        except Exception as e:
+            raise UserError(f"model.name {name!r} could not be built for {shapes}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        if not isinstance(model, tf.keras.Model):
+            raise UserError(f"model.name {name!r} returned {type(model).__name__}, not a Keras model")
+    got, want = tuple(model.output_shape[1:]), expected_output(target_shape, num_classes)
+    if got != want:
+        raise UserError(f"model.name {name!r}: output shape {got} does not fit the targets ({shapes}: "
+                        f"expected {want})")
     if output_dtype and model.output.dtype != output_dtype:
-        import tensorflow as tf
-
         out = tf.keras.layers.Activation("linear", dtype=output_dtype, name="logits_float32")(model.output)
         model = tf.keras.Model(model.inputs, out, name=model.name)
     return model

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 
 def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: str = "none",
-                    jit_compile: bool = False, loss_scale: bool = False):
+                    jit_compile: bool = False, loss_scale: bool = False, prepare_x=None):
+    """loss_fn(y, prediction) -> the batch's scalar loss; prepare_x turns the stored input into
+    what the model sees (default: uint8 to [0, 1], other types to float32)."""
     import tensorflow as tf
 
     from .data.reader import to_float
 
     variables = model.trainable_variables
+    prepare_x = prepare_x or to_float
 
     def forward_backward(x, y):
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(to_float(x), training=True))
+            loss = loss_fn(y, model(prepare_x(x), training=True))
             scaled = opt.get_scaled_loss(loss) if loss_scale else loss
         return loss, tape, scaled
 

@@ -36,6 +36,7 @@ from .fsutil import atomic_write_text
 from .preempt import StopSignals, Watchdog
 from .rundir import RunDir
 from .schedule import LR
+from .task import Task
 from .steplog import StepLog, rss_mb
 
 
@@ -65,7 +66,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
 
 def preflight(cfg: config_mod.Config, rd: RunDir) -> shards.Manifest:
     """Everything a user can get wrong, checked before any rank joins, reads or writes."""
-    manifest = shards.load_manifest(cfg.data.dir)
+    manifest = shards.load_manifest(cfg.data.dir, cfg.data.root or None)
     shards.check_exist(manifest)
     if rd.path.exists() and not rd.path.is_dir():
         raise UserError(f"{rd.path}: run directory path exists and is not a directory")
@@ -168,8 +169,11 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
     writers = writers_mod.build(dist.is_root, rd, cfg.log, total_steps=plan.total,
                                 steps_per_epoch=plan.steps_per_epoch, global_batch=plan.global_batch, stream=out)
     resources.callback(writers.close)
-    model = models.build(cfg.model.name, plan.manifest.shape, plan.manifest.num_classes,
-                         output_dtype="float32" if precision != "float32" else None)
+    try:
+        task = Task(cfg.train, cfg.data, plan.manifest)
+    except UserError as e:
+        raise UserError(str(e), quiet=not dist.is_root) from None
+    model = _build_model(cfg, plan, precision, dist)
     _write_config(cfg, rd, dist, plan, model, writers)
 
     lr = LR.from_config(cfg.train, dist.size, plan.total)
@@ -187,12 +191,22 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
     # This rank's share, opened after the process started (h5py is not fork-safe).
     inp = reader.Input(plan.manifest, plan.train, plan.val, cfg.data)
     writers.console.print(f"pipeline: input {inp.mode}")
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    train_step = step_mod.make_train_step(model, opt, loss_fn, dist, passes=plan.passes,
+    train_step = step_mod.make_train_step(model, opt, task.loss, dist, passes=plan.passes,
                                           compression=cfg.horovod.compression, jit_compile=cfg.train.jit_compile,
-                                          loss_scale=precision == "mixed_float16")
+                                          loss_scale=precision == "mixed_float16", prepare_x=task.prepare_x)
     return Trainer(cfg, rd, dist, plan, precision, model, opt, state, lr, ckpts, writers, inp, train_step,
-                   Evaluator(model, inp, cfg.train.batch_size, dist), start)
+                   Evaluator(model, inp, cfg.train.batch_size, dist, task), start)
+
+
+def _build_model(cfg, plan: RunPlan, precision: str, dist):
+    """The model; a builder that fails, or an output that does not fit the targets, is said
+    once, by rank 0 (the other ranks exit 2 quietly)."""
+    m = plan.manifest
+    try:
+        return models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape, args=cfg.model.args,
+                            output_dtype="float32" if precision != "float32" else None)
+    except UserError as e:
+        raise UserError(str(e), quiet=not dist.is_root) from None
 
 
 def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers) -> None:
@@ -318,10 +332,10 @@ def _evaluate(t: Trainer, s: LoopState, step: int, epoch: int) -> dict:
     record = {"epoch": epoch, "step": step, "time": time.time(), **figures}
     t.writers.metrics.write(record)
     t.writers.board.write(record)
-    t.writers.console.print(f"epoch {epoch} step {step}: val_loss {figures['val_loss']:.4f} "
-                            f"val_accuracy {figures['val_accuracy']:.4f}")
+    t.writers.console.print(f"epoch {epoch} step {step}: " + " ".join(
+        f"{k} {v:.4f}" for k, v in figures.items() if k.startswith("val_")))
     s.last_eval_step = step
-    return {"val_loss": figures["val_loss"], "val_accuracy": figures["val_accuracy"]}
+    return {k: v for k, v in figures.items() if k.startswith("val_")}
 
 
 # --- summarize and finish ---

@@ -136,8 +136,9 @@ class TensorBoard:
         """An evaluation record of metrics.jsonl."""
         tf, w = self._writer()
         with w.as_default(step=record["step"]):
-            for k in ("val_loss", "val_accuracy"):
-                tf.summary.scalar(f"eval/{k}", record[k])
+            for k, v in record.items():
+                if k.startswith("val_"):
+                    tf.summary.scalar(f"eval/{k}", v)
         w.flush()
 
     def close(self) -> None:

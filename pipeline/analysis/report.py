@@ -83,13 +83,13 @@ def text_summary(s: dict) -> list[str]:
     else:
         lines.append("stragglers: none (rule: docs/analysis.md)")
     tta = s["time_to_accuracy"]
+    goal = f"{tta['metric']} {tta['op']} {tta['target']}"
     if tta["reached"]:
-        lines.append(f"time to val_accuracy >= {tta['target']}: {_num(tta['seconds'], 1)} s "
-                     f"(step {tta['step']}, epoch {tta['epoch']})")
+        lines.append(f"time to {goal}: {_num(tta['seconds'], 1)} s (step {tta['step']}, epoch {tta['epoch']})")
     else:
-        best = tta["best_val_accuracy"]
-        lines.append(f"time to val_accuracy >= {tta['target']}: not reached"
-                     + (f" (best {best:.4f})" if best is not None else " (no evaluations)"))
+        best = tta["best"]
+        lines.append(f"time to {goal}: not reached" + (f" (best {best:.4f})" if best is not None else
+                                                       f" (no evaluations with {tta['metric']})"))
     return lines
 
 
@@ -129,13 +129,14 @@ def _safe_name(run_dir: str, i: int) -> str:
     return f"{i}-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(run_dir).name) or "run")
 
 
-def analyze(run_dirs: list[str], *, target: float = 0.9, plots_dir: str | None = None,
+def analyze(run_dirs: list[str], *, target=0.9, plots_dir: str | None = None,
             report: str | None = None, compare: bool = False, link_gbps: float | None = None,
             comm_file: str | None = None, compute_ms: float | None = None) -> dict:
     if compare and len(run_dirs) != 2:
         raise UserError("--compare takes exactly two run directories (A B)")
     if report and Path(report).suffix.lower() not in (".html", ".md"):
         raise UserError(f"--report {report}: give a .html or .md file")
+    summary_mod.parse_target(target)  # a bad --target fails before any reading
     runs = [logs.load(d) for d in run_dirs]
     sums = [summary_mod.summarize(r, target) for r in runs]
     summary_mod.communication_estimates(sums)

@@ -101,21 +101,53 @@ def stragglers(values: np.ndarray, step_s_p50: float, ranks: list[int]) -> list[
     return out
 
 
-def time_to_accuracy(metrics: list[dict], t0: float | None, target: float) -> dict:
-    out = {"target": target, "reached": False, "step": None, "epoch": None, "seconds": None}
-    for m in metrics:
-        acc = m.get("val_accuracy")
-        if isinstance(acc, (int, float)) and acc >= target:
-            t = m.get("time")
-            out.update(reached=True, step=m.get("step"), epoch=m.get("epoch"), val_accuracy=acc,
-                       seconds=(t - t0) if isinstance(t, (int, float)) and t0 is not None else None)
+def parse_target(spec) -> tuple[str, str, float]:
+    """`0.9` (val_accuracy >= 0.9), `val_mae<=0.2`, `mean_iou>=0.5` -> (metric, op, value)."""
+    from ..errors import UserError
+
+    if isinstance(spec, (int, float)):
+        return "val_accuracy", ">=", float(spec)
+    text = str(spec).replace(" ", "")
+    for op in (">=", "<="):
+        if op in text:
+            name, _, value = text.partition(op)
+            try:
+                v = float(value)
+            except ValueError:
+                break
+            if name:
+                return (name if name.startswith("val_") else f"val_{name}"), op, v
             break
-    best = [m["val_accuracy"] for m in metrics if isinstance(m.get("val_accuracy"), (int, float))]
-    out["best_val_accuracy"] = max(best) if best else None
+    try:
+        return "val_accuracy", ">=", float(text)
+    except ValueError:
+        raise UserError(f"--target {spec!r}: give METRIC>=X or METRIC<=X (e.g. val_mae<=0.2), or a number for "
+                        f"val_accuracy >= it") from None
+
+
+def time_to_accuracy(metrics: list[dict], t0: float | None, target) -> dict:
+    """The first evaluation that reaches the target (any metric of metrics.jsonl, either
+    direction; a number means val_accuracy >= it), and the time from the first step to it."""
+    name, op, value = parse_target(target)
+    out = {"target": value, "metric": name, "op": op, "reached": False, "step": None, "epoch": None,
+           "seconds": None}
+    for m in metrics:
+        v = m.get(name)
+        if isinstance(v, (int, float)) and (v >= value if op == ">=" else v <= value):
+            t = m.get("time")
+            out.update(reached=True, step=m.get("step"), epoch=m.get("epoch"), value=v,
+                       seconds=(t - t0) if isinstance(t, (int, float)) and t0 is not None else None)
+            if name == "val_accuracy":
+                out["val_accuracy"] = v
+            break
+    seen = [m[name] for m in metrics if isinstance(m.get(name), (int, float))]
+    out["best"] = (max(seen) if op == ">=" else min(seen)) if seen else None
+    acc = [m["val_accuracy"] for m in metrics if isinstance(m.get("val_accuracy"), (int, float))]
+    out["best_val_accuracy"] = max(acc) if acc else None
     return out
 
 
-def summarize(run: Run, target: float = 0.9) -> dict:
+def summarize(run: Run, target=0.9) -> dict:
     m = matrix(run)
     cfg = run.config
     out = {

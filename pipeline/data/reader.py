@@ -127,6 +127,17 @@ class _ChunkMap:
         return [tuple(e) for e in out]
 
 
+class _Contiguous:
+    """An uncompressed, contiguous dataset: sample j's bytes start at offset + j x sample_bytes
+    (with one sample per file, the whole dataset is the sample)."""
+
+    def __init__(self, offset: int, sample_bytes: int):
+        self.offset, self.sample_bytes = offset, sample_bytes
+
+    def extents(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        return [(self.offset + start * self.sample_bytes, (stop - start) * self.sample_bytes, 0)]
+
+
 def _direct_capable(dset) -> bool:
     """Chunked along samples, no filters, every chunk allocated: bytes on disk are the samples."""
     plist = dset.id.get_create_plist()
@@ -136,24 +147,48 @@ def _direct_capable(dset) -> bool:
             and dset.chunks[1:] == dset.shape[1:] and dset.id.get_num_chunks() == -(-dset.shape[0] // dset.chunks[0]))
 
 
-class ShardSource:
-    """Streams a window's blocks from the shards into a buffer, then gathers from it.
+def _direct_map(dset, sample_bytes: int, dtype) -> "_ChunkMap | _Contiguous | None":
+    """How to read `dset`'s samples with pread, bypassing h5py; None where only h5py can
+    (compressed, not allocated, another byte order or type than the manifest's)."""
+    import h5py
 
-    Uncompressed shards are read directly: the chunk offsets come from HDF5 once, then the
-    bytes go with os.preadv straight into the window buffer on a few threads. preadv
-    releases the GIL (h5py's reads do not), so reads run in parallel, and the next window
-    loads while this one is gathered and trained on. Compressed shards go through h5py.
+    if dset.dtype != dtype or not dset.dtype.isnative or dset.ndim == 0:
+        return None
+    layout = dset.id.get_create_plist().get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = dset.id.get_offset()
+        return _Contiguous(offset, sample_bytes) if offset is not None else None
+    if layout == h5py.h5d.CHUNKED and _direct_capable(dset):
+        return _ChunkMap(dset, sample_bytes)
+    return None
+
+
+class ShardSource:
+    """Streams a window's blocks from the files into a buffer, then gathers from it.
+
+    Where a dataset is stored uncompressed (chunked along samples, or contiguous, as one
+    sample per file usually is), the byte offsets come from HDF5 once per file and the bytes
+    go with os.preadv straight into the window buffer on a few threads. preadv releases the
+    GIL (h5py's reads do not), so reads run in parallel, and the next window loads while this
+    one is gathered and trained on. Everything else (compressed chunks, sub-volume
+    hyperslabs) goes through h5py. At most MAX_OPEN files are held open at once: datasets of
+    one sample per file have thousands.
     """
 
+    MAX_OPEN = 64
+
     def __init__(self, m: Manifest, split: str, threads: int = 4):
+        from collections import OrderedDict
         from concurrent.futures import ThreadPoolExecutor
 
         self.paths = [m.path(s) for s in m.shards(split)]
+        self.layout = m.layout
         self.shape, self.dtype = m.shape, np.dtype(m.x_dtype)
-        self.sample_bytes = m.sample_bytes
-        self._files: dict[int, object] = {}
-        self._maps: dict[int, _ChunkMap | None] = {}
-        self._fds: dict[int, int] = {}
+        self.y_shape, self.y_dtype = m.y_shape, np.dtype(m.y_dtype)
+        self.sample_bytes, self.target_bytes = m.sample_bytes, m.target_bytes
+        self.direct = not m.layout.subvolume
+        self._files: OrderedDict[int, object] = OrderedDict()  # h5py handles, least recently used first
+        self._maps: dict[int, tuple] = {}  # shard -> (x map, y map): a few integers each, kept
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-read")
         self._buffers = [None, None]  # (x, y) pairs reused: fresh ones would fault in every page
         self._ahead = None  # (group key, future) of the window loading in the background
@@ -162,39 +197,50 @@ class ShardSource:
     def _file(self, shard: int):
         f = self._files.get(shard)
         if f is None:
+            if len(self._files) >= self.MAX_OPEN:
+                self._files.popitem(last=False)[1].close()
             f = self._files[shard] = open_shard(self.paths[shard])
-            self._maps[shard] = _ChunkMap(f["x"], self.sample_bytes) if _direct_capable(f["x"]) else None
-            if self._maps[shard] is not None:
-                import os
-
-                self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        else:
+            self._files.move_to_end(shard)
         return f
+
+    def _map(self, shard: int) -> tuple:
+        maps = self._maps.get(shard)
+        if maps is None:
+            if self.direct:
+                f = self._file(shard)
+                maps = (_direct_map(f[self.layout.x_key], self.sample_bytes, self.dtype),
+                        _direct_map(f[self.layout.y_key], self.target_bytes, self.y_dtype))
+            else:
+                maps = (None, None)
+            self._maps[shard] = maps
+        return maps
 
     def _buffer(self, slot: int, n: int):
         buf = self._buffers[slot]
         if buf is None or len(buf[0]) < n:
-            buf = self._buffers[slot] = (np.empty((n, *self.shape), self.dtype), np.empty((n,), np.int32))
+            buf = self._buffers[slot] = (np.empty((n, *self.shape), self.dtype),
+                                         np.empty((n, *self.y_shape), self.y_dtype))
         return buf[0][:n], buf[1][:n]
 
     def _read(self, group: list[Block], slot: int):
         """Reads `group` (sorted by offset) into buffer `slot`; returns (x, y, offsets, starts)."""
-        import os
-
         n = sum(b.size for b in group)
         x, y = self._buffer(slot, n)
-        flat = x.reshape(n, -1).view(np.uint8).reshape(-1)
+        flat_x = x.reshape(-1).view(np.uint8)
+        flat_y = y.reshape(-1).view(np.uint8)
         jobs = []
         pos = 0
         for b in group:
-            f = self._file(b.shard)
-            y[pos:pos + b.size] = f["y"][b.start:b.stop]
-            cmap = self._maps[b.shard]
-            if cmap is None:
-                f["x"].read_direct(x, np.s_[b.start:b.stop], np.s_[pos:pos + b.size])
-            else:
+            xmap, ymap = self._map(b.shard)
+            for cmap, out, flat, nbytes, read in ((xmap, x, flat_x, self.sample_bytes, self.layout.read_x),
+                                                  (ymap, y, flat_y, self.target_bytes, self.layout.read_y)):
+                if cmap is None:
+                    read(self._file(b.shard), b.start, b.stop, out[pos:pos + b.size])
+                    continue
                 for off, size, rel in cmap.extents(b.start, b.stop):
-                    lo = (pos + rel) * self.sample_bytes
-                    jobs.append(self._pool.submit(_pread_full, self._fds[b.shard], flat[lo:lo + size], off))
+                    lo = (pos + rel) * nbytes
+                    jobs.append(self._pool.submit(_pread_path, self.paths[b.shard], flat[lo:lo + size], off))
             pos += b.size
         for j in jobs:
             j.result()
@@ -227,18 +273,24 @@ class ShardSource:
         np.take(self.y, pos, axis=0, out=out_y)
 
     def close(self) -> None:
-        import os
-
         if self._ahead is not None:
             self._ahead[1].result()
             self._ahead = None
         self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
         for f in self._files.values():
             f.close()
         self._files.clear()
-        self._fds.clear()
+
+
+def _pread_path(path, buf: np.ndarray, offset: int) -> None:
+    """Opens, reads and closes: a file descriptor per read keeps thousands of files cheap."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _pread_full(fd, buf, offset)
+    finally:
+        os.close(fd)
 
 
 def _pread_full(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -253,16 +305,16 @@ def _pread_full(fd: int, buf: np.ndarray, offset: int) -> None:
 
 
 def read_share(m: Manifest, split: str, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's samples of `split` as (x, int32 y) in rank-local order: one read per range."""
+    """This rank's samples of `split` as (x, y) in rank-local order: one read per range."""
     shards = m.shards(split)
     x = np.empty((plan.samples_per_rank, *m.shape), dtype=m.x_dtype)
-    y = np.empty((plan.samples_per_rank,), dtype=np.int32)
+    y = np.empty((plan.samples_per_rank, *m.y_shape), dtype=m.y_dtype)
     pos = 0
     for shard_index, start, stop in plan.ranges:
         with open_shard(m.path(shards[shard_index])) as f:
             n = stop - start
-            f["x"].read_direct(x, np.s_[start:stop], np.s_[pos:pos + n])
-            f["y"].read_direct(y, np.s_[start:stop], np.s_[pos:pos + n])
+            m.layout.read_x(f, start, stop, x[pos:pos + n])
+            m.layout.read_y(f, start, stop, y[pos:pos + n])
             pos += n
     return x, y
 
@@ -277,8 +329,9 @@ def batch_stacks(source, blocks: list[Block], batch_size: int, steps_per_epoch: 
                  start_step: int, end_step: int, window: int, shuffle: bool = True,
                  stack: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches for global steps start_step+1 .. end_step, as (k, batch, ...) stacks, k <= stack."""
-    shape, dtype = _sample_spec(source)
-    stack = stack or stack_size(batch_size, int(np.prod(shape)) * dtype.itemsize)
+    shape, dtype, y_shape, y_dtype = _sample_spec(source)
+    stack = stack or stack_size(batch_size, int(np.prod(shape)) * dtype.itemsize
+                                + int(np.prod(y_shape)) * y_dtype.itemsize)
     step = start_step
     while step < end_step:
         epoch, first = divmod(step, steps_per_epoch)
@@ -299,13 +352,13 @@ def batch_stacks(source, blocks: list[Block], batch_size: int, steps_per_epoch: 
             while pos < len(order):
                 if out_x is None:
                     k = min(stack * batch_size, need)
-                    out_x, out_y, filled = np.empty((k, *shape), dtype), np.empty((k,), np.int32), 0
+                    out_x, out_y, filled = np.empty((k, *shape), dtype), np.empty((k, *y_shape), y_dtype), 0
                 n = min(len(out_x) - filled, len(order) - pos)
                 source.take(order[pos:pos + n], out_x[filled:filled + n], out_y[filled:filled + n])
                 filled += n
                 pos += n
                 if filled == len(out_x):
-                    yield out_x.reshape(-1, batch_size, *shape), out_y.reshape(-1, batch_size)
+                    yield out_x.reshape(-1, batch_size, *shape), out_y.reshape(-1, batch_size, *y_shape)
                     need -= len(out_x)
                     out_x = None
             if need == 0:
@@ -313,10 +366,11 @@ def batch_stacks(source, blocks: list[Block], batch_size: int, steps_per_epoch: 
         step += batches
 
 
-def _sample_spec(source) -> tuple[tuple[int, ...], np.dtype]:
+def _sample_spec(source) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...], np.dtype]:
+    """(x shape, x dtype, y shape, y dtype) of one sample."""
     if isinstance(source, MemorySource):
-        return source.x.shape[1:], source.x.dtype
-    return source.shape, source.dtype
+        return source.x.shape[1:], source.x.dtype, source.y.shape[1:], source.y.dtype
+    return source.shape, source.dtype, source.y_shape, source.y_dtype
 
 
 def to_float(x):
@@ -334,14 +388,14 @@ def train_dataset(source, blocks: list[Block], plan: Plan, batch_size: int, seed
     compute; iterate it with `batches()`."""
     import tensorflow as tf
 
-    shape, dtype = _sample_spec(source)
+    shape, dtype, y_shape, y_dtype = _sample_spec(source)
 
     def gen():
         yield from batch_stacks(source, blocks, batch_size, plan.steps_per_epoch, seed, plan.rank,
                                 start_step, end_step, window, shuffle)
 
     spec = (tf.TensorSpec((None, batch_size, *shape), tf.as_dtype(dtype)),
-            tf.TensorSpec((None, batch_size), tf.int32))
+            tf.TensorSpec((None, batch_size, *y_shape), tf.as_dtype(y_dtype)))
     ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
     return ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
 
@@ -357,12 +411,12 @@ def batches(dataset) -> Iterator[tuple]:
 
 def eval_batches(source, blocks: list[Block], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The share in order, in batches (the last may be short)."""
-    shape, dtype = _sample_spec(source)
+    shape, dtype, y_shape, y_dtype = _sample_spec(source)
     pending_x, pending_y = [], []
     for block in blocks:
         source.load([block])
         idx = np.arange(block.offset, block.stop - block.start + block.offset)
-        x, y = np.empty((len(idx), *shape), dtype), np.empty((len(idx),), np.int32)
+        x, y = np.empty((len(idx), *shape), dtype), np.empty((len(idx), *y_shape), y_dtype)
         source.take(idx, x, y)
         pending_x.append(x)
         pending_y.append(y)
@@ -375,7 +429,7 @@ def eval_batches(source, blocks: list[Block], batch_size: int) -> Iterator[tuple
 
 
 def share_bytes(m: Manifest, plan: Plan) -> int:
-    return plan.samples_per_rank * (m.sample_bytes + 4)
+    return plan.samples_per_rank * (m.sample_bytes + m.target_bytes)
 
 
 class Input:

@@ -4,6 +4,10 @@ A dataset directory holds HDF5 shards, each with datasets ``x`` (N, H, W, C) and
 (N,) chunked along the sample axis, and ``manifest.json`` listing every shard with its
 sample count, size in bytes and sha256. Shards and the manifest are written under a
 temporary name and renamed when complete, so a reader never sees half a file.
+
+An indexed dataset (`pipeline data index`, pipeline/data/index.py) has only the manifest:
+it lists the user's own files where they are, relative to a root, with the layout of
+their samples (pipeline/data/layout.py). Everything downstream reads both kinds alike.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..fsutil import atomic_write_text, fsync_path, temp_name
+from .layout import Layout
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,6 +32,7 @@ SPLITS = ("train", "val")
 X_DTYPES = ("uint8", "float16", "float32")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 DEFAULT_CHUNK = 256
+INDEXED = "indexed"
 
 
 @dataclass(frozen=True)
@@ -40,12 +46,19 @@ class ShardInfo:
 @dataclass(frozen=True)
 class Manifest:
     dir: Path
-    shape: tuple[int, ...]
-    num_classes: int
+    shape: tuple[int, ...]            # one sample's x
+    num_classes: int | None           # None: the targets are values, not class ids
     x_dtype: str
     y_dtype: str
     splits: dict[str, tuple[ShardInfo, ...]]
     raw: dict
+    y_shape: tuple[int, ...] = ()     # one sample's y: () for a class id
+    layout: Layout = Layout()
+    root: Path | None = None          # where the files are (indexed datasets); None: dir
+
+    @property
+    def indexed(self) -> bool:
+        return self.raw.get("kind") == INDEXED
 
     def shards(self, split: str) -> tuple[ShardInfo, ...]:
         return self.splits.get(split, ())
@@ -54,11 +67,15 @@ class Manifest:
         return sum(s.num_samples for s in self.shards(split))
 
     def path(self, shard: ShardInfo) -> Path:
-        return self.dir / shard.file
+        return (self.root or self.dir) / shard.file
 
     @property
     def sample_bytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.x_dtype).itemsize
+
+    @property
+    def target_bytes(self) -> int:
+        return int(np.prod(self.y_shape)) * np.dtype(self.y_dtype).itemsize
 
     @property
     def chunk_samples(self) -> int:
@@ -179,8 +196,9 @@ def prepare_out_dir(out: Path) -> Path:
     return out
 
 
-def load_manifest(data_dir: str | Path) -> Manifest:
-    """Reads and checks the manifest's structure; names the file and the problem on error."""
+def load_manifest(data_dir: str | Path, root: str | Path | None = None) -> Manifest:
+    """Reads and checks the manifest's structure; names the file and the problem on error.
+    `root`: where an indexed dataset's files are now (data.root), instead of where they were."""
     d = Path(data_dir)
     if not d.exists():
         raise UserError(f"{d}: data directory not found (make one with: pipeline data synth --out {d})")
@@ -205,11 +223,22 @@ def load_manifest(data_dir: str | Path) -> Manifest:
             if sum(s.num_samples for s in shards) != int(split["num_samples"]):
                 raise UserError(f"{path}: split {name!r} num_samples does not equal the sum of its shards")
             splits[name] = shards
-        m = Manifest(d, tuple(int(v) for v in raw["shape"]), int(raw["num_classes"]),
-                     str(raw["x_dtype"]), str(raw["y_dtype"]), splits, raw)
-        if m.x_dtype not in X_DTYPES:
+        indexed = raw.get("kind") == INDEXED
+        if indexed:
+            base = Path(root) if root else Path(raw["root"])
+            if not base.is_absolute():
+                base = d / base
+        elif root:
+            raise UserError(f"data.root={root}: {path} is not an indexed dataset; data.root applies to "
+                            f"datasets made by pipeline data index")
+        m = Manifest(d, tuple(int(v) for v in raw["shape"]),
+                     int(raw["num_classes"]) if raw.get("num_classes") is not None else None,
+                     str(raw["x_dtype"]), str(raw["y_dtype"]), splits, raw,
+                     tuple(int(v) for v in raw.get("y_shape", ())), Layout.from_dict(raw.get("layout")),
+                     base if indexed else None)
+        if not indexed and m.x_dtype not in X_DTYPES:
             raise UserError(f"{path}: x_dtype {m.x_dtype!r} is not one of {', '.join(X_DTYPES)}")
-        np.dtype(m.y_dtype)
+        np.dtype(m.x_dtype), np.dtype(m.y_dtype)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: manifest is malformed (missing or bad field {e})") from None
     if "train" not in m.splits or m.num_samples("train") == 0:
@@ -219,58 +248,83 @@ def load_manifest(data_dir: str | Path) -> Manifest:
 
 def check_exist(m: Manifest, splits: Iterable[str] = SPLITS) -> None:
     """The cheapest check, one stat per shard, run by every rank before joining the job."""
+    what = "file" if m.indexed else "shard"
     for split in splits:
         for s in m.shards(split):
             p = m.path(s)
             if not p.exists():
-                raise UserError(f"{p}: shard listed in {m.dir / MANIFEST} is missing")
-            if p.stat().st_size == 0:
-                raise UserError(f"{p}: shard is empty (0 bytes)")
+                hint = " (moved? data.root says where the files are now)" if m.indexed else ""
+                raise UserError(f"{p}: {what} listed in {m.dir / MANIFEST} is missing{hint}")
+            size = p.stat().st_size
+            if size == 0:
+                raise UserError(f"{p}: {what} is empty (0 bytes)")
+            if m.indexed and s.bytes is not None and size != s.bytes:
+                raise UserError(f"{p}: size changed since indexing ({size} bytes, {s.bytes} when indexed); "
+                                f"index it again: pipeline data index")
 
 
 def _check_shard(m: Manifest, s: ShardInfo, checksums: bool) -> str | None:
-    """The first problem of one shard, as a line naming the file; None if it matches."""
+    """The first problem of one shard (or indexed file), as a line naming the file; None if it
+    matches the manifest."""
     p = m.path(s)
     if not p.exists():
-        return f"{p}: shard listed in the manifest is missing"
+        return f"{p}: {'file' if m.indexed else 'shard'} listed in the manifest is missing"
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(len(HDF5_SIGNATURE))
     if head != HDF5_SIGNATURE:
         return f"{p}: not an HDF5 file (no HDF5 signature)"
     if s.bytes is not None and size != s.bytes:
+        if m.indexed:
+            return f"{p}: size changed since indexing ({size} bytes, {s.bytes} when indexed)"
         kind = "truncated" if size < s.bytes else "longer than written"
         return f"{p}: {kind}: {size} bytes, manifest says {s.bytes}"
     try:
         with open_shard(p) as f:
-            for name in ("x", "y"):
-                if name not in f:
-                    return f"{p}: missing dataset {name!r}"
-            x, y = f["x"], f["y"]
-            if tuple(x.shape[1:]) != m.shape:
-                return f"{p}: x has sample shape {tuple(x.shape[1:])}, manifest says {m.shape}"
-            if x.dtype != np.dtype(m.x_dtype):
-                return f"{p}: x has dtype {x.dtype}, manifest says {m.x_dtype}"
-            if y.dtype != np.dtype(m.y_dtype):
-                return f"{p}: y has dtype {y.dtype}, manifest says {m.y_dtype}"
-            if y.ndim != 1 or len(x) != len(y):
-                return f"{p}: x has {len(x)} samples but y has shape {y.shape}"
-            if len(x) != s.num_samples:
-                return f"{p}: has {len(x)} samples, manifest says {s.num_samples}"
-            step = 1 << 20
-            for start in range(0, len(y), step):
-                labels = y[start:start + step]
-                lo, hi = int(labels.min()), int(labels.max())
-                if lo < 0 or hi >= m.num_classes:
-                    bad = lo if lo < 0 else hi
-                    return f"{p}: label {bad} out of range [0, {m.num_classes})"
+            problem = _check_content(m, s, f, p)
+            if problem:
+                return problem
     except OSError as e:
         first = str(e).splitlines()[0]
         if "truncated" in first:
             return f"{p}: truncated ({first})"
         return f"{p}: cannot be read as HDF5 ({first})"
-    if checksums and sha256_file(p) != s.sha256:
+    if checksums and s.sha256 and sha256_file(p) != s.sha256:
         return f"{p}: sha256 does not match the manifest"
+    return None
+
+
+def _check_content(m: Manifest, s: ShardInfo, f, p: Path) -> str | None:
+    lay = m.layout
+    for key in (lay.x_key, lay.y_key):
+        if key not in f or not isinstance(f[key], h5py.Dataset):
+            return f"{p}: missing dataset {key!r}"
+    x, y = f[lay.x_key], f[lay.y_key]
+    if lay.subvolume and tuple(x.shape) != lay.file_shape:
+        return f"{p}: {lay.x_key} has shape {tuple(x.shape)}, manifest says {lay.file_shape}"
+    if lay.sample_shape(x.shape) != m.shape:
+        return f"{p}: {lay.x_key} has sample shape {lay.sample_shape(x.shape)}, manifest says {m.shape}"
+    if x.dtype.name != np.dtype(m.x_dtype).name:
+        return f"{p}: {lay.x_key} has dtype {x.dtype}, manifest says {m.x_dtype}"
+    if y.dtype.name != np.dtype(m.y_dtype).name:
+        return f"{p}: {lay.y_key} has dtype {y.dtype}, manifest says {m.y_dtype}"
+    if lay.target_shape(y.shape) != m.y_shape or (lay.per_file == "many" and not lay.subvolume
+                                                  and len(x) != len(y)):
+        return f"{p}: x has {len(x)} samples but y has shape {y.shape}"
+    n = lay.samples_in_file(x.shape)
+    if n != s.num_samples:
+        return f"{p}: has {n} samples, manifest says {s.num_samples}"
+    if m.num_classes is not None:
+        step = 1 << 20
+        flat = y if y.ndim else y[()].reshape(1)
+        for start in range(0, max(1, len(flat)), step):
+            labels = np.asarray(flat[start:start + step])
+            if labels.size == 0:
+                continue
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= m.num_classes:
+                bad = lo if lo < 0 else hi
+                return f"{p}: label {bad} out of range [0, {m.num_classes})"
     return None
 
 
