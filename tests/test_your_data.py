@@ -236,6 +236,7 @@ def test_two_ranks_learn_from_indexed_files(raw, tmp_path, kind, model):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     final = read_jsonl(run / "metrics.jsonl")[-1]
     (metric, constant), = constant_predictors(data).items()
+    print(f"{kind} {model}: {metric} {final[metric]:.4f}, constant predictor {constant:.4f}")
     if metric == "val_mae":
         # Stated: the constant predictor's MAE is about 0.5 on parameters uniform in [-1, 1].
         assert final[metric] <= 0.6 * constant, (final, constant)

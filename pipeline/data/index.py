@@ -72,6 +72,7 @@ def _probe(path: Path, lay: Layout) -> dict:
                     raise UserError(f"{path}: dataset {key!r} has dtype {d.dtype}, not numbers")
                 info[role] = tuple(d.shape)
                 info[role + "_dtype"] = d.dtype.name  # the reader asks HDF5 for native byte order
+                info[role + "_chunk"] = d.chunks[0] if d.chunks and d.ndim else 1
     except OSError as e:
         raise UserError(f"{path}: cannot be read as HDF5 ({str(e).splitlines()[0]})") from None
     xs, ys = info["x"], info["y"]
@@ -87,7 +88,7 @@ def _probe(path: Path, lay: Layout) -> dict:
         if xs[0] != ys[0]:
             raise UserError(f"{path}: {lay.x_key!r} has {xs[0]} samples but {lay.y_key!r} has {ys[0]}")
     return {"x_shape": xs, "y_shape": ys, "x_dtype": info["x_dtype"], "y_dtype": info["y_dtype"],
-            "samples": lay.samples_in_file(xs), "bytes": path.stat().st_size}
+            "samples": lay.samples_in_file(xs), "bytes": path.stat().st_size, "chunk": info["x_chunk"]}
 
 
 def _consistent(files: list[Path], probes: list[dict], lay: Layout) -> None:
@@ -168,7 +169,8 @@ def index(sources: list[str], out: str | Path, x_key: str, y_key: str, per_file:
         "schema_version": SCHEMA_VERSION, "kind": INDEXED, "root": str(root), "layout": lay.as_dict(),
         "shape": list(lay.sample_shape(first["x_shape"])), "x_dtype": first["x_dtype"],
         "y_shape": list(y_shape), "y_dtype": first["y_dtype"], "num_classes": num_classes,
-        "chunk_samples": 1, "checksums": checksums,
+        # Reads are cut at multiples of x's chunk length along the sample axis (many per file).
+        "chunk_samples": first["chunk"] if lay.per_file == "many" and not subvolume else 1, "checksums": checksums,
         "splits": {name: {"num_samples": sum(s.num_samples for s in infos), "shards": [s.__dict__ for s in infos]}
                    for name, infos in splits.items() if infos},
     }

@@ -147,7 +147,69 @@ def _direct_capable(dset) -> bool:
             and dset.chunks[1:] == dset.shape[1:] and dset.id.get_num_chunks() == -(-dset.shape[0] // dset.chunks[0]))
 
 
-def _direct_map(dset, sample_bytes: int, dtype) -> "_ChunkMap | _Contiguous | None":
+class _DeflateChunks:
+    """A dataset chunked along samples with only the deflate (gzip) filter: each chunk's
+    compressed bytes are read with pread and inflated with zlib on the reader's threads. Both
+    release the GIL, so chunks decompress in parallel, where h5py would inflate them one at a
+    time under its lock."""
+
+    def __init__(self, dset, sample_bytes: int):
+        self.chunk = dset.chunks[0]
+        where = {}
+        dset.id.chunk_iter(lambda info: where.__setitem__(info.chunk_offset[0] // self.chunk,
+                                                          (info.byte_offset, info.size, info.filter_mask)))
+        self.where = where
+        self.samples = dset.shape[0]
+        self.sample_bytes = sample_bytes
+
+    def jobs(self, start: int, stop: int):
+        """(chunk file offset, compressed size, first sample of the chunk, [a, b) wanted of it)."""
+        c = self.chunk
+        for k in range(start // c, (stop - 1) // c + 1):
+            off, size, _ = self.where[k]
+            yield off, size, k * c, max(start, k * c), min(stop, (k + 1) * c)
+
+
+def _inflate_into(path, off: int, size: int, first: int, a: int, b: int, start: int, sample_bytes: int,
+                  flat: np.ndarray, base: int) -> None:
+    import zlib
+
+    raw = np.empty(size, np.uint8)
+    _pread_path(path, raw, off)
+    data = zlib.decompress(raw)
+    lo = (a - first) * sample_bytes
+    dst = base + (a - start) * sample_bytes
+    flat[dst:dst + (b - a) * sample_bytes] = np.frombuffer(data, np.uint8, (b - a) * sample_bytes, lo)
+
+
+class _Slabs:
+    """Sub-volumes of a contiguous, uncompressed volume: the S rows of the outermost axis that
+    hold a row of the sub-volume grid are one contiguous slab in the file. Each slab is read
+    once with pread and its sub-volumes cut out with numpy, on the reader's threads, instead of
+    one h5py hyperslab read (a strided gather under h5py's lock) per sub-volume."""
+
+    def __init__(self, offset: int, file_shape: tuple[int, ...], dtype, layout):
+        self.offset, self.file_shape, self.dtype, self.layout = offset, file_shape, np.dtype(dtype), layout
+        s = layout.subvolume
+        self.slab_shape = (s, *file_shape[1:])
+        self.slab_bytes = int(np.prod(self.slab_shape)) * self.dtype.itemsize
+        self.per_slab = int(np.prod(layout.grid[1:]))  # sub-volumes in one slab
+
+    def read(self, path, slab: int, js: list[int], start: int, out: np.ndarray) -> None:
+        buf = np.empty(self.slab_bytes, np.uint8)
+        _pread_path(path, buf, self.offset + slab * self.slab_bytes)
+        vol = buf.view(self.dtype).reshape(self.slab_shape)
+        for j in js:
+            cube = self.layout.cube(j)
+            out[j - start] = vol[(slice(None),) + cube[1:]]
+
+    def jobs(self, start: int, stop: int):
+        """(slab, the sub-volume indices of [start, stop) in it)."""
+        for slab in range(start // self.per_slab, (stop - 1) // self.per_slab + 1):
+            yield slab, list(range(max(start, slab * self.per_slab), min(stop, (slab + 1) * self.per_slab)))
+
+
+def _direct_map(dset, sample_bytes: int, dtype) -> "_ChunkMap | _Contiguous | _DeflateChunks | None":
     """How to read `dset`'s samples with pread, bypassing h5py; None where only h5py can
     (compressed, not allocated, another byte order or type than the manifest's)."""
     import h5py
@@ -160,6 +222,12 @@ def _direct_map(dset, sample_bytes: int, dtype) -> "_ChunkMap | _Contiguous | No
         return _Contiguous(offset, sample_bytes) if offset is not None else None
     if layout == h5py.h5d.CHUNKED and _direct_capable(dset):
         return _ChunkMap(dset, sample_bytes)
+    plist = dset.id.get_create_plist()
+    if (layout == h5py.h5d.CHUNKED and plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE
+            and dset.chunks[1:] == dset.shape[1:] and dset.id.get_num_chunks() == -(-dset.shape[0] // dset.chunks[0])):
+        m = _DeflateChunks(dset, sample_bytes)
+        # A chunk whose filter was skipped (filter_mask) is stored raw: leave such files to h5py.
+        return m if not any(mask for _, _, mask in m.where.values()) else None
     return None
 
 
@@ -170,9 +238,11 @@ class ShardSource:
     sample per file usually is), the byte offsets come from HDF5 once per file and the bytes
     go with os.preadv straight into the window buffer on a few threads. preadv releases the
     GIL (h5py's reads do not), so reads run in parallel, and the next window loads while this
-    one is gathered and trained on. Everything else (compressed chunks, sub-volume
-    hyperslabs) goes through h5py. At most MAX_OPEN files are held open at once: datasets of
-    one sample per file have thousands.
+    one is gathered and trained on. gzip chunks are read the same way and inflated with zlib
+    on those threads; sub-volumes of a contiguous volume are cut from slabs read whole. Only
+    what none of these fit (other filters, odd layouts) goes through h5py. At most MAX_OPEN
+    files are held open at once: datasets of one sample per file have thousands; offsets
+    (a few integers per file) are kept, so later epochs open no file with h5py.
     """
 
     MAX_OPEN = 64
@@ -207,12 +277,16 @@ class ShardSource:
     def _map(self, shard: int) -> tuple:
         maps = self._maps.get(shard)
         if maps is None:
+            f = self._file(shard)
             if self.direct:
-                f = self._file(shard)
                 maps = (_direct_map(f[self.layout.x_key], self.sample_bytes, self.dtype),
                         _direct_map(f[self.layout.y_key], self.target_bytes, self.y_dtype))
             else:
-                maps = (None, None)
+                # Every sub-volume of a file has the file's target: keep small ones in memory, so
+                # later epochs need no h5py call for them.
+                y = f[self.layout.y_key]
+                maps = (_slabs(f[self.layout.x_key], self.dtype, self.layout),
+                        np.asarray(y[()], self.y_dtype) if y.nbytes <= 1 << 16 else None)
             self._maps[shard] = maps
         return maps
 
@@ -237,6 +311,19 @@ class ShardSource:
                                                   (ymap, y, flat_y, self.target_bytes, self.layout.read_y)):
                 if cmap is None:
                     read(self._file(b.shard), b.start, b.stop, out[pos:pos + b.size])
+                    continue
+                if isinstance(cmap, np.ndarray):  # the file's one target, kept
+                    out[pos:pos + b.size] = cmap
+                    continue
+                if isinstance(cmap, _Slabs):
+                    for slab, js in cmap.jobs(b.start, b.stop):
+                        jobs.append(self._pool.submit(cmap.read, self.paths[b.shard], slab, js, b.start,
+                                                      out[pos:pos + b.size]))
+                    continue
+                if isinstance(cmap, _DeflateChunks):
+                    for job in cmap.jobs(b.start, b.stop):
+                        jobs.append(self._pool.submit(_inflate_into, self.paths[b.shard], *job, b.start, nbytes,
+                                                      flat, pos * nbytes))
                     continue
                 for off, size, rel in cmap.extents(b.start, b.stop):
                     lo = (pos + rel) * nbytes
@@ -280,6 +367,18 @@ class ShardSource:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _slabs(dset, dtype, layout) -> _Slabs | None:
+    """Slab reads for a sub-volume layout whose volume is contiguous, uncompressed and in the
+    manifest's type; None (h5py hyperslabs) otherwise."""
+    import h5py
+
+    if dset.dtype != dtype or not dset.dtype.isnative or tuple(dset.shape) != tuple(layout.file_shape):
+        return None
+    if dset.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or dset.id.get_offset() is None:
+        return None
+    return _Slabs(dset.id.get_offset(), tuple(dset.shape), dtype, layout)
 
 
 def _pread_path(path, buf: np.ndarray, offset: int) -> None:

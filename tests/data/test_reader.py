@@ -105,3 +105,24 @@ def test_eval_batches_cover_the_share_in_order(small_dataset):
         got = list(reader.eval_batches(source, blocks, 64))
         assert [len(b[1]) for b in got] == [64] * 5 + [333 - 320]
         assert np.array_equal(np.concatenate([b[0] for b in got]), x)
+
+
+@pytest.mark.parametrize("compression", ["gzip:1", "lzf"])
+def test_compressed_shards_stream_the_same_samples(tmp_path, compression):
+    """gzip chunks are inflated on the reader's threads (pread + zlib); other filters go
+    through h5py. Either way the samples are the ones h5py reads."""
+    from pipeline.data.synth import synth
+
+    synth(tmp_path / "d", samples_train=1500, samples_val=0, shards=2, seed=2, chunk_samples=100,
+          compression=compression, progress=lambda *_: None)
+    m = shards.load_manifest(tmp_path / "d")
+    plan = assign([s.num_samples for s in m.shards("train")], 1, 2, batch_size=16)
+    x, y = reader.read_share(m, "train", plan)
+    stream = ShardSource(m, "train")
+    stream.load(cut_blocks(plan, reader.block_size(250, m.chunk_samples)))
+    xs, ys = np.empty_like(x), np.empty_like(y)
+    stream.take(np.arange(len(x)), xs, ys)
+    assert np.array_equal(xs, x) and np.array_equal(ys, y)
+    kinds = {type(mp).__name__ for maps in stream._maps.values() for mp in maps}
+    assert kinds == ({"_DeflateChunks"} if compression.startswith("gzip") else {"NoneType"})
+    stream.close()
