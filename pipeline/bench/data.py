@@ -174,31 +174,33 @@ def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int =
               "reader_vs_raw_warm": median_range([r["stream_vs_raw_warm"]["value"] for r in ranks]),
               "reader_vs_consumption": median_range([r["stream_vs_consume"]["value"] for r in ranks])}
     if dist.is_root:
-        mb = (m.sample_bytes + m.target_bytes) / 1e6
-        print(f"bench data: {data_dir}, {dist.size} rank(s) x {dist.threads} thread(s), batch {batch_size}, "
-              f"read block {result['read_block']}, shuffle buffer {shuffle_buffer}; samples/s, "
-              f"median [min-max] of {repeats}", file=out)
-        cols = [("raw_cold", "raw cold"), ("stream_cold", "reader cold"), ("raw_warm", "raw warm"),
-                ("stream_warm", "reader warm"), ("memory", "reader cached"), ("consume", "training")]
-        print(f"{'rank':>4} {'MB':>6} " + " ".join(f"{label:>24}" for _, label in cols), file=out)
-        for r in ranks:
-            print(f"{r['rank']:>4} {r['share_mb']:>6.0f} " + " ".join(f"{fmt(r[k]):>24}" for k, _ in cols), file=out)
-        cold_mb = median_range([r["stream_cold"]["value"] * mb for r in ranks])
-        print(f"reader cold, per rank:          {fmt(cold_mb, ' MB/s')}", file=out)
-        print(f"reader / raw read (cold):       {fmt(result['reader_vs_raw'], 'x', digits=2)}  target >= 0.8x",
-              file=out)
-        print(f"reader / raw read (cold, 2nd epoch): {fmt(result['reader_epoch2_vs_raw'], 'x', digits=2)}",
-              file=out)
-        print(f"reader / raw read (warm):       {fmt(result['reader_vs_raw_warm'], 'x', digits=2)}  "
-              f"(memory-copy bound: the reader copies each sample twice more to shuffle and batch it)", file=out)
-        if consume_known:
-            print(f"reader / training consumption: {fmt(result['reader_vs_consumption'], 'x', digits=1)}  "
-                  f"target >= 20x", file=out)
+        _report(result, ranks, m, dist, repeats, consume_known, out)
         if json_out:
             Path(json_out).parent.mkdir(parents=True, exist_ok=True)
             Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     dist.shutdown()
     return result
+
+
+def _report(result: dict, ranks: list[dict], m, dist, repeats: int, consume_known: bool, out) -> None:
+    mb = (m.sample_bytes + m.target_bytes) / 1e6
+    print(f"bench data: {result['data_dir']}, {dist.size} rank(s) x {dist.threads} thread(s), batch "
+          f"{result['batch_size']}, read block {result['read_block']}, shuffle buffer {result['shuffle_buffer']}; "
+          f"samples/s, median [min-max] of {repeats}", file=out)
+    cols = [("raw_cold", "raw cold"), ("stream_cold", "reader cold"), ("raw_warm", "raw warm"),
+            ("stream_warm", "reader warm"), ("memory", "reader cached"), ("consume", "training")]
+    print(f"{'rank':>4} {'MB':>6} " + " ".join(f"{label:>24}" for _, label in cols), file=out)
+    for r in ranks:
+        print(f"{r['rank']:>4} {r['share_mb']:>6.0f} " + " ".join(f"{fmt(r[k]):>24}" for k, _ in cols), file=out)
+    cold_mb = median_range([r["stream_cold"]["value"] * mb for r in ranks])
+    print(f"reader cold, per rank:          {fmt(cold_mb, ' MB/s')}", file=out)
+    print(f"reader / raw read (cold):       {fmt(result['reader_vs_raw'], 'x', digits=2)}  target >= 0.8x", file=out)
+    print(f"reader / raw read (cold, 2nd epoch): {fmt(result['reader_epoch2_vs_raw'], 'x', digits=2)}", file=out)
+    print(f"reader / raw read (warm):       {fmt(result['reader_vs_raw_warm'], 'x', digits=2)}  "
+          f"(memory-copy bound: the reader copies each sample twice more to shuffle and batch it)", file=out)
+    if consume_known:
+        print(f"reader / training consumption: {fmt(result['reader_vs_consumption'], 'x', digits=1)}  "
+              f"target >= 20x", file=out)
 
 
 # The layouts `pipeline bench data --layouts` measures: (row, how the files are made, index args).
