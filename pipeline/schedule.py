@@ -80,7 +80,9 @@ class LR:
                    step_factor=train.lr_step_factor)
 
     def at(self, step: int) -> float:
-        return lr_at(step, **asdict(self))
+        # Called every step (the step log's lr): positional, without building a dict each time.
+        return lr_at(step, self.base_lr, self.size, self.warmup_steps, self.scale, self.schedule, self.total_steps,
+                     self.step_every, self.step_factor)
 
     def keras(self):
         return keras_schedule(**asdict(self))

@@ -37,3 +37,14 @@ def test_step_decay():
     assert lr_at(99, **kw) == pytest.approx(0.2)
     assert lr_at(100, **kw) == pytest.approx(0.02)
     assert lr_at(250, **kw) == pytest.approx(0.002)
+
+
+def test_the_runs_rule_comes_from_the_train_section():
+    from pipeline.config import TrainConfig
+    from pipeline.schedule import LR
+
+    train = TrainConfig(lr=0.01, warmup_steps=5, lr_schedule="step", lr_step_every=20, lr_step_factor=0.5)
+    lr = LR.from_config(train, size=2, total_steps=100)
+    assert [lr.at(s) for s in (0, 5, 19, 20, 45)] == pytest.approx([0.01, 0.02, 0.02, 0.01, 0.005])
+    assert lr.at(45) == lr_at(45, 0.01, size=2, warmup_steps=5, schedule="step", total_steps=100, step_every=20,
+                              step_factor=0.5)
