@@ -10,6 +10,7 @@ file and the key.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
+from ..fsutil import atomic_write_text
 from .layout import PER_FILE, Layout
 from .shards import HDF5_SIGNATURE, INDEXED, SCHEMA_VERSION, ShardInfo, open_shard, prepare_out_dir, sha256_file
 
@@ -163,8 +165,6 @@ def index(sources: list[str], out: str | Path, x_key: str, y_key: str, per_file:
         splits["val" if v else "train"].append(ShardInfo(str(f.relative_to(root)), p["samples"], digest, p["bytes"]))
     if not splits["train"]:
         raise UserError("no training files left: every file is a validation file")
-    import json
-
     doc = {
         "schema_version": SCHEMA_VERSION, "kind": INDEXED, "root": str(root), "layout": lay.as_dict(),
         "shape": list(lay.sample_shape(first["x_shape"])), "x_dtype": first["x_dtype"],
@@ -174,8 +174,6 @@ def index(sources: list[str], out: str | Path, x_key: str, y_key: str, per_file:
         "splits": {name: {"num_samples": sum(s.num_samples for s in infos), "shards": [s.__dict__ for s in infos]}
                    for name, infos in splits.items() if infos},
     }
-    from ..fsutil import atomic_write_text
-
     out = prepare_out_dir(out)
     path = out / "manifest.json"
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
