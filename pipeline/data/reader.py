@@ -18,6 +18,7 @@ opened inside the rank's own process, never before a fork: h5py handles are not 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import numpy as np
@@ -101,8 +102,26 @@ class MemorySource:
         np.take(self.y, idx, axis=0, out=out_y)
 
 
-class _ChunkMap:
-    """Where each chunk of an uncompressed, chunked `x` lies in the file, for direct reads."""
+# Ways to read a file's samples without h5py. Each map knows where a dataset's bytes lie and
+# turns "samples [start, stop) of this file into `out`" into reads (zero-argument callables)
+# that the reader runs on its threads: pread and zlib release the GIL, h5py does not.
+
+class _Extents:
+    """Base of the maps whose bytes are the samples as stored: subclasses give extents()."""
+
+    sample_bytes: int
+
+    def extents(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def reads(self, path, start: int, stop: int, out: np.ndarray) -> list:
+        flat = out.reshape(-1).view(np.uint8)
+        return [partial(_pread_path, path, flat[rel * self.sample_bytes:rel * self.sample_bytes + size], off)
+                for off, size, rel in self.extents(start, stop)]
+
+
+class _ChunkMap(_Extents):
+    """Where each chunk of an uncompressed dataset chunked along samples lies in the file."""
 
     def __init__(self, dset, sample_bytes: int):
         self.chunk = dset.chunks[0]
@@ -127,7 +146,7 @@ class _ChunkMap:
         return [tuple(e) for e in out]
 
 
-class _Contiguous:
+class _Contiguous(_Extents):
     """An uncompressed, contiguous dataset: sample j's bytes start at offset + j x sample_bytes
     (with one sample per file, the whole dataset is the sample)."""
 
@@ -138,20 +157,10 @@ class _Contiguous:
         return [(self.offset + start * self.sample_bytes, (stop - start) * self.sample_bytes, 0)]
 
 
-def _direct_capable(dset) -> bool:
-    """Chunked along samples, no filters, every chunk allocated: bytes on disk are the samples."""
-    plist = dset.id.get_create_plist()
-    import h5py
-
-    return (plist.get_layout() == h5py.h5d.CHUNKED and plist.get_nfilters() == 0
-            and dset.chunks[1:] == dset.shape[1:] and dset.id.get_num_chunks() == -(-dset.shape[0] // dset.chunks[0]))
-
-
 class _DeflateChunks:
     """A dataset chunked along samples with only the deflate (gzip) filter: each chunk's
-    compressed bytes are read with pread and inflated with zlib on the reader's threads. Both
-    release the GIL, so chunks decompress in parallel, where h5py would inflate them one at a
-    time under its lock."""
+    compressed bytes are read with pread and inflated with zlib on the reader's threads, where
+    h5py would inflate them one at a time under its lock."""
 
     def __init__(self, dset, sample_bytes: int):
         self.chunk = dset.chunks[0]
@@ -159,75 +168,94 @@ class _DeflateChunks:
         dset.id.chunk_iter(lambda info: where.__setitem__(info.chunk_offset[0] // self.chunk,
                                                           (info.byte_offset, info.size, info.filter_mask)))
         self.where = where
-        self.samples = dset.shape[0]
         self.sample_bytes = sample_bytes
 
-    def jobs(self, start: int, stop: int):
-        """(chunk file offset, compressed size, first sample of the chunk, [a, b) wanted of it)."""
-        c = self.chunk
+    @property
+    def filtered(self) -> bool:
+        """Every chunk went through the filter (HDF5 may store one raw, marked in its mask)."""
+        return not any(mask for _, _, mask in self.where.values())
+
+    def reads(self, path, start: int, stop: int, out: np.ndarray) -> list:
+        flat = out.reshape(-1).view(np.uint8)
+        c, sb = self.chunk, self.sample_bytes
+        jobs = []
         for k in range(start // c, (stop - 1) // c + 1):
             off, size, _ = self.where[k]
-            yield off, size, k * c, max(start, k * c), min(stop, (k + 1) * c)
+            a, b = max(start, k * c), min(stop, (k + 1) * c)
+            jobs.append(partial(self._inflate, path, off, size, (a - k * c) * sb,
+                                flat[(a - start) * sb:(b - start) * sb]))
+        return jobs
 
+    @staticmethod
+    def _inflate(path, off: int, size: int, skip: int, dst: np.ndarray) -> None:
+        import zlib
 
-def _inflate_into(path, off: int, size: int, first: int, a: int, b: int, start: int, sample_bytes: int,
-                  flat: np.ndarray, base: int) -> None:
-    import zlib
-
-    raw = np.empty(size, np.uint8)
-    _pread_path(path, raw, off)
-    data = zlib.decompress(raw)
-    lo = (a - first) * sample_bytes
-    dst = base + (a - start) * sample_bytes
-    flat[dst:dst + (b - a) * sample_bytes] = np.frombuffer(data, np.uint8, (b - a) * sample_bytes, lo)
+        raw = np.empty(size, np.uint8)
+        _pread_path(path, raw, off)
+        dst[:] = np.frombuffer(zlib.decompress(raw), np.uint8, len(dst), skip)
 
 
 class _Slabs:
     """Sub-volumes of a contiguous, uncompressed volume: the S rows of the outermost axis that
     hold a row of the sub-volume grid are one contiguous slab in the file. Each slab is read
-    once with pread and its sub-volumes cut out with numpy, on the reader's threads, instead of
-    one h5py hyperslab read (a strided gather under h5py's lock) per sub-volume."""
+    once with pread and its sub-volumes cut out with numpy, instead of one h5py hyperslab read
+    (a strided gather under h5py's lock) per sub-volume."""
 
     def __init__(self, offset: int, file_shape: tuple[int, ...], dtype, layout):
-        self.offset, self.file_shape, self.dtype, self.layout = offset, file_shape, np.dtype(dtype), layout
-        s = layout.subvolume
-        self.slab_shape = (s, *file_shape[1:])
+        self.offset, self.dtype, self.layout = offset, np.dtype(dtype), layout
+        self.slab_shape = (layout.subvolume, *file_shape[1:])
         self.slab_bytes = int(np.prod(self.slab_shape)) * self.dtype.itemsize
         self.per_slab = int(np.prod(layout.grid[1:]))  # sub-volumes in one slab
 
-    def read(self, path, slab: int, js: list[int], start: int, out: np.ndarray) -> None:
+    def reads(self, path, start: int, stop: int, out: np.ndarray) -> list:
+        n = self.per_slab
+        return [partial(self._cut, path, slab, range(max(start, slab * n), min(stop, (slab + 1) * n)), start, out)
+                for slab in range(start // n, (stop - 1) // n + 1)]
+
+    def _cut(self, path, slab: int, js: range, start: int, out: np.ndarray) -> None:
         buf = np.empty(self.slab_bytes, np.uint8)
         _pread_path(path, buf, self.offset + slab * self.slab_bytes)
         vol = buf.view(self.dtype).reshape(self.slab_shape)
         for j in js:
-            cube = self.layout.cube(j)
-            out[j - start] = vol[(slice(None),) + cube[1:]]
-
-    def jobs(self, start: int, stop: int):
-        """(slab, the sub-volume indices of [start, stop) in it)."""
-        for slab in range(start // self.per_slab, (stop - 1) // self.per_slab + 1):
-            yield slab, list(range(max(start, slab * self.per_slab), min(stop, (slab + 1) * self.per_slab)))
+            out[j - start] = vol[(slice(None),) + self.layout.cube(j)[1:]]
 
 
-def _direct_map(dset, sample_bytes: int, dtype) -> "_ChunkMap | _Contiguous | _DeflateChunks | None":
-    """How to read `dset`'s samples with pread, bypassing h5py; None where only h5py can
-    (compressed, not allocated, another byte order or type than the manifest's)."""
+class _Kept:
+    """A file's one target (every sub-volume of a file has it), kept in memory."""
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+
+    def reads(self, path, start: int, stop: int, out: np.ndarray) -> list:
+        out[:] = self.value
+        return []
+
+
+def _chunked_by_sample(dset, nfilters: int) -> bool:
+    """Chunks hold whole samples, every chunk is allocated, and `nfilters` filters apply."""
+    import h5py
+
+    plist = dset.id.get_create_plist()
+    return (plist.get_layout() == h5py.h5d.CHUNKED and plist.get_nfilters() == nfilters
+            and dset.chunks[1:] == dset.shape[1:] and dset.id.get_num_chunks() == -(-dset.shape[0] // dset.chunks[0]))
+
+
+def _direct_map(dset, sample_bytes: int, dtype) -> "_Extents | _DeflateChunks | None":
+    """How to read `dset`'s samples without h5py; None where only h5py can (other filters,
+    not allocated, another byte order or type than the manifest's)."""
     import h5py
 
     if dset.dtype != dtype or not dset.dtype.isnative or dset.ndim == 0:
         return None
-    layout = dset.id.get_create_plist().get_layout()
-    if layout == h5py.h5d.CONTIGUOUS:
+    plist = dset.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.CONTIGUOUS:
         offset = dset.id.get_offset()
         return _Contiguous(offset, sample_bytes) if offset is not None else None
-    if layout == h5py.h5d.CHUNKED and _direct_capable(dset):
+    if _chunked_by_sample(dset, 0):
         return _ChunkMap(dset, sample_bytes)
-    plist = dset.id.get_create_plist()
-    if (layout == h5py.h5d.CHUNKED and plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE
-            and dset.chunks[1:] == dset.shape[1:] and dset.id.get_num_chunks() == -(-dset.shape[0] // dset.chunks[0])):
+    if _chunked_by_sample(dset, 1) and plist.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE:
         m = _DeflateChunks(dset, sample_bytes)
-        # A chunk whose filter was skipped (filter_mask) is stored raw: leave such files to h5py.
-        return m if not any(mask for _, _, mask in m.where.values()) else None
+        return m if m.filtered else None
     return None
 
 
@@ -286,7 +314,7 @@ class ShardSource:
                 # later epochs need no h5py call for them.
                 y = f[self.layout.y_key]
                 maps = (_slabs(f[self.layout.x_key], self.dtype, self.layout),
-                        np.asarray(y[()], self.y_dtype) if y.nbytes <= 1 << 16 else None)
+                        _Kept(np.asarray(y[()], self.y_dtype)) if y.nbytes <= 1 << 16 else None)
             self._maps[shard] = maps
         return maps
 
@@ -301,33 +329,15 @@ class ShardSource:
         """Reads `group` (sorted by offset) into buffer `slot`; returns (x, y, offsets, starts)."""
         n = sum(b.size for b in group)
         x, y = self._buffer(slot, n)
-        flat_x = x.reshape(-1).view(np.uint8)
-        flat_y = y.reshape(-1).view(np.uint8)
         jobs = []
         pos = 0
         for b in group:
-            xmap, ymap = self._map(b.shard)
-            for cmap, out, flat, nbytes, read in ((xmap, x, flat_x, self.sample_bytes, self.layout.read_x),
-                                                  (ymap, y, flat_y, self.target_bytes, self.layout.read_y)):
+            for cmap, out, read in zip(self._map(b.shard), (x, y), (self.layout.read_x, self.layout.read_y)):
                 if cmap is None:
                     read(self._file(b.shard), b.start, b.stop, out[pos:pos + b.size])
-                    continue
-                if isinstance(cmap, np.ndarray):  # the file's one target, kept
-                    out[pos:pos + b.size] = cmap
-                    continue
-                if isinstance(cmap, _Slabs):
-                    for slab, js in cmap.jobs(b.start, b.stop):
-                        jobs.append(self._pool.submit(cmap.read, self.paths[b.shard], slab, js, b.start,
-                                                      out[pos:pos + b.size]))
-                    continue
-                if isinstance(cmap, _DeflateChunks):
-                    for job in cmap.jobs(b.start, b.stop):
-                        jobs.append(self._pool.submit(_inflate_into, self.paths[b.shard], *job, b.start, nbytes,
-                                                      flat, pos * nbytes))
-                    continue
-                for off, size, rel in cmap.extents(b.start, b.stop):
-                    lo = (pos + rel) * nbytes
-                    jobs.append(self._pool.submit(_pread_path, self.paths[b.shard], flat[lo:lo + size], off))
+                else:
+                    jobs += [self._pool.submit(r) for r in cmap.reads(self.paths[b.shard], b.start, b.stop,
+                                                                      out[pos:pos + b.size])]
             pos += b.size
         for j in jobs:
             j.result()
