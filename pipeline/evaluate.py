@@ -15,13 +15,13 @@ class Evaluator:
         import tensorflow as tf
 
         self.model, self.inp, self.batch_size, self.dist, self.task = model, inp, batch_size, dist, task
-        self.metrics = task.metrics()
+        self.metrics = task.metrics
 
         @tf.function
         def eval_step(xb, yb):
             pred = model(task.prepare_x(xb), training=False)
-            values = task.loss_values(yb, pred)
             y = task.prepare_y(yb)
+            values = task.loss_values(y, pred)
             for _, m in self.metrics:
                 m.update_state(y, pred)
             return tf.reduce_sum(tf.cast(values, tf.float64)), tf.cast(tf.size(values), tf.float64)

@@ -56,7 +56,8 @@ class Task:
         self._values = _loss_values(train.loss, train.from_logits)
         if "mean_iou" in self.metric_names and not self.classification:
             raise UserError("train.metrics: mean_iou needs class ids as targets (index with --num-classes)")
-        self.metrics()  # unknown names fail now, on every rank alike, not at the first evaluation
+        # Built now, so an unknown name fails before training, on every rank alike.
+        self.metrics = self._build_metrics()
 
     def prepare_x(self, x):
         import tensorflow as tf
@@ -74,17 +75,17 @@ class Task:
         return tf.cast(y, tf.int32) if self.classification else tf.cast(y, tf.float32)
 
     def loss_values(self, y, pred):
-        """The loss per element (per sample, or per pixel), unreduced."""
-        return self._values(self.prepare_y(y), pred)
+        """The loss per element (per sample, or per pixel), unreduced; `y` as prepare_y gives it."""
+        return self._values(y, pred)
 
     def loss(self, y, pred):
-        """The training loss: the mean over every element of the batch."""
+        """The training loss: the mean over every element of the batch, from the stored `y`."""
         import tensorflow as tf
 
-        return tf.reduce_mean(self.loss_values(y, pred))
+        return tf.reduce_mean(self._values(self.prepare_y(y), pred))
 
-    def metrics(self) -> list[tuple[str, object]]:
-        """Fresh metric objects, as (name written as val_<name>, Keras metric)."""
+    def _build_metrics(self) -> list[tuple[str, object]]:
+        """The metric objects, as (name written as val_<name>, Keras metric)."""
         import tensorflow as tf
 
         out = []

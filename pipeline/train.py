@@ -169,11 +169,11 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
     writers = writers_mod.build(dist.is_root, rd, cfg.log, total_steps=plan.total,
                                 steps_per_epoch=plan.steps_per_epoch, global_batch=plan.global_batch, stream=out)
     resources.callback(writers.close)
-    try:
-        task = Task(cfg.train, cfg.data, plan.manifest)
-    except UserError as e:
-        raise UserError(str(e), quiet=not dist.is_root) from None
-    model = _build_model(cfg, plan, precision, dist)
+    m = plan.manifest
+    with _said_by_rank0(dist):
+        task = Task(cfg.train, cfg.data, m)
+        model = models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape, args=cfg.model.args,
+                             output_dtype="float32" if precision != "float32" else None)
     _write_config(cfg, rd, dist, plan, model, writers)
 
     lr = LR.from_config(cfg.train, dist.size, plan.total)
@@ -198,15 +198,14 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
                    Evaluator(model, inp, cfg.train.batch_size, dist, task), start)
 
 
-def _build_model(cfg, plan: RunPlan, precision: str, dist):
-    """The model; a builder that fails, or an output that does not fit the targets, is said
-    once, by rank 0 (the other ranks exit 2 quietly)."""
-    m = plan.manifest
+@contextlib.contextmanager
+def _said_by_rank0(dist):
+    """For user errors every rank meets alike (a bad loss or metric name, a model that cannot
+    be built or does not fit the targets): rank 0 says it, the others exit 2 quietly."""
     try:
-        return models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape, args=cfg.model.args,
-                            output_dtype="float32" if precision != "float32" else None)
+        yield
     except UserError as e:
-        raise UserError(str(e), quiet=not dist.is_root) from None
+        raise UserError(str(e), quiet=e.quiet or not dist.is_root) from None
 
 
 def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers) -> None:

@@ -144,7 +144,7 @@ def analyze(run_dirs: list[str], *, target=0.9, plots_dir: str | None = None,
         summary_mod.comm_model(sums, commmodel.load_network(link_gbps, comm_file),
                                compute_ms / 1e3 if compute_ms is not None else None)
     result = {"runs": sums}
-    rows, declined = summary_mod.scaling_with_declined(sums)
+    rows, declined = summary_mod.scaling(sums)
     if len({s["ranks"] for s in sums if s.get("throughput_samples_per_s")}) > 1:
         result["scaling"] = rows
     if declined:

@@ -303,15 +303,11 @@ def describe(diff: dict) -> str:
     return ", ".join(f"{SETUP_LABELS.get(k, k)} {x} vs {y}" for k, (x, y) in diff.items())
 
 
-def scaling(summaries: list[dict]) -> list[dict]:
-    """Speedup and efficiency against the run with the fewest ranks among runs of the same
-    model, precision and threads per rank; weak (same per-rank batch) or strong (same global
-    batch). Runs with no such base are left out (scaling_declined says why)."""
-    rows, _ = scaling_with_declined(summaries)
-    return rows
-
-
-def scaling_with_declined(summaries: list[dict]) -> tuple[list[dict], list[dict]]:
+def scaling(summaries: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows, declined): speedup and efficiency against the run with the fewest ranks among
+    runs of the same model, precision and threads per rank; weak (same per-rank batch) or
+    strong (same global batch). A run with more ranks and no such base is declined, with what
+    differs."""
     runs = sorted((s for s in summaries if s.get("throughput_samples_per_s")), key=lambda s: (s["ranks"], s["run_dir"]))
     if len({s["ranks"] for s in runs}) < 2:
         return [], []
