@@ -10,7 +10,6 @@ file and the key.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 from pathlib import Path
@@ -19,9 +18,8 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
-from ..fsutil import atomic_write_text
 from .layout import PER_FILE, Layout
-from .shards import HDF5_SIGNATURE, INDEXED, SCHEMA_VERSION, ShardInfo, open_shard, prepare_out_dir, sha256_file
+from .shards import HDF5_SIGNATURE, INDEXED, ShardInfo, open_shard, prepare_out_dir, sha256_file, write_manifest
 
 SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc")
 
@@ -75,6 +73,7 @@ def _probe(path: Path, lay: Layout) -> dict:
                 info[role] = tuple(d.shape)
                 info[role + "_dtype"] = d.dtype.name  # the reader asks HDF5 for native byte order
                 info[role + "_chunk"] = d.chunks[0] if d.chunks and d.ndim else 1
+                info[role + "_compression"] = d.compression or "none"
     except OSError as e:
         raise UserError(f"{path}: cannot be read as HDF5 ({str(e).splitlines()[0]})") from None
     xs, ys = info["x"], info["y"]
@@ -90,25 +89,22 @@ def _probe(path: Path, lay: Layout) -> dict:
         if xs[0] != ys[0]:
             raise UserError(f"{path}: {lay.x_key!r} has {xs[0]} samples but {lay.y_key!r} has {ys[0]}")
     return {"x_shape": xs, "y_shape": ys, "x_dtype": info["x_dtype"], "y_dtype": info["y_dtype"],
-            "samples": lay.samples_in_file(xs), "bytes": path.stat().st_size, "chunk": info["x_chunk"]}
+            "samples": lay.samples_in_file(xs), "bytes": path.stat().st_size, "chunk": info["x_chunk"],
+            "compression": info["x_compression"]}
 
 
 def _consistent(files: list[Path], probes: list[dict], lay: Layout) -> None:
     """Every file has the same sample shape and dtypes as the first."""
-    first = probes[0]
-
-    def sig(p: dict) -> tuple:
-        return (lay.sample_shape(p["x_shape"]) if not lay.subvolume else p["x_shape"], p["x_dtype"],
-                lay.target_shape(p["y_shape"]), p["y_dtype"])
-
+    x_shape = (lambda p: p["x_shape"]) if lay.subvolume else (lambda p: lay.sample_shape(p["x_shape"]))
+    checks = [("x shape" if lay.subvolume else "sample shape", lay.x_key, x_shape),
+              ("dtype", lay.x_key, lambda p: p["x_dtype"]),
+              ("target shape", lay.y_key, lambda p: lay.target_shape(p["y_shape"])),
+              ("dtype", lay.y_key, lambda p: p["y_dtype"])]
     for f, p in zip(files[1:], probes[1:]):
-        a, b = sig(first), sig(p)
-        for (what, key), u, v in zip(((f"{'x shape' if lay.subvolume else 'sample shape'}", lay.x_key),
-                                      ("dtype", lay.x_key), ("target shape", lay.y_key), ("dtype", lay.y_key)),
-                                     a, b):
-            if u != v:
-                raise UserError(f"{f}: {key!r} {what} {v} differs from {u} in {files[0]} (mixed shapes or "
-                                f"dtypes cannot be indexed together)")
+        for what, key, get in checks:
+            if get(p) != get(probes[0]):
+                raise UserError(f"{f}: {key!r} {what} {get(p)} differs from {get(probes[0])} in {files[0]} "
+                                f"(mixed shapes or dtypes cannot be indexed together)")
 
 
 def _split(files: list[Path], val: list[Path] | None, val_fraction: float | None, seed: int) -> list[bool]:
@@ -165,20 +161,15 @@ def index(sources: list[str], out: str | Path, x_key: str, y_key: str, per_file:
         splits["val" if v else "train"].append(ShardInfo(str(f.relative_to(root)), p["samples"], digest, p["bytes"]))
     if not splits["train"]:
         raise UserError("no training files left: every file is a validation file")
-    doc = {
-        "schema_version": SCHEMA_VERSION, "kind": INDEXED, "root": str(root), "layout": lay.as_dict(),
-        "shape": list(lay.sample_shape(first["x_shape"])), "x_dtype": first["x_dtype"],
-        "y_shape": list(y_shape), "y_dtype": first["y_dtype"], "num_classes": num_classes,
+    shape = lay.sample_shape(first["x_shape"])
+    path = write_manifest(
+        prepare_out_dir(out), shape, num_classes, {k: v for k, v in splits.items() if v}, first["x_dtype"],
         # Reads are cut at multiples of x's chunk length along the sample axis (many per file).
-        "chunk_samples": first["chunk"] if lay.per_file == "many" and not subvolume else 1, "checksums": checksums,
-        "splits": {name: {"num_samples": sum(s.num_samples for s in infos), "shards": [s.__dict__ for s in infos]}
-                   for name, infos in splits.items() if infos},
-    }
-    out = prepare_out_dir(out)
-    path = out / "manifest.json"
-    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        first["chunk"] if lay.per_file == "many" and not subvolume else 1, first["compression"],
+        y_dtype=first["y_dtype"], kind=INDEXED, root=str(root), layout=lay.as_dict(), y_shape=list(y_shape),
+        checksums=checksums)
     n = {k: sum(s.num_samples for s in v) for k, v in splits.items()}
     progress(f"indexed {len(files)} files under {root}: {n['train']} training and {n['val']} validation samples "
-             f"of shape {tuple(doc['shape'])} {doc['x_dtype']}, targets {tuple(y_shape)} {doc['y_dtype']}; "
+             f"of shape {shape} {first['x_dtype']}, targets {tuple(y_shape)} {first['y_dtype']}; "
              f"wrote {path} in {time.perf_counter() - t0:.1f}s")
     return path

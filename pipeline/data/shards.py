@@ -160,15 +160,17 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_manifest(out: Path, shape: tuple[int, ...], num_classes: int,
+def write_manifest(out: Path, shape: tuple[int, ...], num_classes: int | None,
                    splits: dict[str, Iterable[ShardInfo]], x_dtype: str = "uint8",
-                   chunk_samples: int = DEFAULT_CHUNK, compression: str = "none", **extra) -> Path:
+                   chunk_samples: int = DEFAULT_CHUNK, compression: str = "none", y_dtype: str = "int32",
+                   **extra) -> Path:
+    """manifest.json, written atomically: the shards' (or indexed files') splits and facts."""
     doc = {
         "schema_version": SCHEMA_VERSION,
         "shape": list(shape),
         "num_classes": num_classes,
         "x_dtype": x_dtype,
-        "y_dtype": "int32",
+        "y_dtype": y_dtype,
         "chunk_samples": chunk_samples,
         "compression": compression,
         "splits": {
