@@ -90,6 +90,10 @@ class TrainConfig:
     threads: int = 0
     # A rank with no finished step for this long exits (code 76): its peer probably died.
     step_timeout_s: float = 300.0
+    # Training steps per call of the compiled step function (like Keras's steps_per_execution):
+    # the host's per-call cost is paid once for this many steps. A call never runs past an
+    # evaluation, a checkpoint, the end of an epoch or the last step (docs/training.md).
+    steps_per_call: int = 16
     # Any Keras loss by name; cross-entropies take the model's output as logits unless
     # from_logits is false (a model ending in softmax or sigmoid).
     loss: str = "sparse_categorical_crossentropy"
@@ -114,6 +118,7 @@ class TrainConfig:
                  f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.threads >= 0, "train.threads must be >= 0 (0 means: the CPUs this rank owns)")
         _require(self.step_timeout_s >= 0, "train.step_timeout_s must be >= 0 (0: no watchdog)")
+        _require(self.steps_per_call >= 1, "train.steps_per_call must be >= 1")
         _require(self.loss != "", "train.loss must name a Keras loss, e.g. mse")
         _require(all(isinstance(m, str) and m for m in self.metrics),
                  "train.metrics must be a list of metric names, e.g. [mae]")

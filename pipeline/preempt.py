@@ -23,19 +23,53 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
-    """Installs handlers that record the first stop signal; restores the old ones on close."""
+    """Installs handlers that record the first stop signal; restores the old ones on close.
 
-    def __init__(self, rank: int, signals=SIGNALS):
+    With `on_signal`, a thread also learns of each signal the moment it arrives (through
+    Python's wakeup fd) and calls `on_signal()` there: Python runs its own handlers only
+    between bytecodes of the main thread, which may be inside a compiled call of many steps.
+    The training loop uses it to set the stop flag that each step of that call reads.
+    """
+
+    def __init__(self, rank: int, signals=SIGNALS, on_signal=None):
         self.rank = rank
         self.signum: int | None = None
         self.time: float | None = None  # wall clock of the first signal, to time the stop
+        self._lock = threading.Lock()
+        self._signals = set(signals)
         self._old = {s: signal.signal(s, self._handle) for s in signals}
+        self._watcher = None
+        if on_signal is not None:
+            r, w = os.pipe()
+            os.set_blocking(w, False)  # the C-level handler must never block
+            self._wakeup = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
+            self._watcher = threading.Thread(target=self._watch, args=(r, on_signal), name="stop-signals",
+                                             daemon=True)
+            self._watcher.start()
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None:
+        self._record(signum)
+
+    def _record(self, signum: int) -> None:
+        with self._lock:
+            if self.signum is not None:
+                return
             self.signum, self.time = signum, time.time()
-            print(f"rank {self.rank}: {signal.Signals(signum).name} received; stopping at the next step boundary",
-                  file=sys.stderr, flush=True)
+        print(f"rank {self.rank}: {signal.Signals(signum).name} received; stopping at the next step boundary",
+              file=sys.stderr, flush=True)
+
+    def _watch(self, fd: int, on_signal) -> None:
+        while True:
+            try:
+                got = os.read(fd, 64)
+            except OSError:
+                return
+            if not got:
+                return  # close() closed the write end
+            mine = [s for s in got if s in self._signals]
+            if mine:
+                self._record(mine[0])
+                on_signal()
 
     @property
     def requested(self) -> bool:
@@ -45,6 +79,13 @@ class StopSignals:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old = {}
+        if self._watcher is not None:
+            r, w, old_fd = self._wakeup
+            signal.set_wakeup_fd(old_fd)
+            os.close(w)
+            self._watcher.join()
+            os.close(r)
+            self._watcher = None
 
     def __enter__(self) -> "StopSignals":
         return self

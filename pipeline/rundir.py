@@ -42,7 +42,8 @@ STEP_OPTIONAL = ("time", "loss", "rss_mb", "lr")
 # A header record opens each process's part of a step log: who wrote the steps and how.
 HEADER_KIND = "header"
 HEADER_FIELDS = ("kind", "rank", "size", "local_rank", "local_size", "host", "pid", "start_step", "precision",
-                 "jit_compile", "compression", "backward_passes_per_step", "batch_size", "threads", "backend", "time")
+                 "jit_compile", "compression", "backward_passes_per_step", "batch_size", "threads", "backend",
+                 "steps_per_call", "time")
 # One evaluation in metrics.jsonl.
 METRIC_FIELDS = ("epoch", "step", "time", "val_loss", "val_accuracy", "eval_s")
 # ranks/rank-R.json at the end of a run.

@@ -62,8 +62,81 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
             grads = dist.average_gradients(grads, compression)
         if loss_scale:
             grads = opt.get_unscaled_gradients(grads)
-        opt.apply_gradients(zip(grads, variables))
         # Any rank's stop request reaches every rank in this same step.
-        return loss, dist.sum_in_step(stop)
+        stops = dist.sum_in_step(stop)
+        updated = opt.apply_gradients(zip(grads, variables))
+        # Both results wait for the update, so a clock read after them times the whole step.
+        with tf.control_dependencies([updated]):
+            return tf.identity(loss), tf.identity(stops)
 
     return train_step
+
+
+def graph_clock(deterministic: bool):
+    """A clock op for the step's timings: unix seconds, in whole microseconds.
+
+    tf.timestamp is a plain kernel; TensorFlow refuses it under op determinism (it would make
+    a graph's outputs depend on time), so with train.deterministic the clock is a small
+    Python call instead, which costs a few microseconds and takes the GIL."""
+    import tensorflow as tf
+
+    if not deterministic:
+        return tf.timestamp
+
+    import time
+
+    import numpy as np
+
+    def now():
+        return tf.numpy_function(lambda: np.float64(time.time_ns() // 1000 / 1e6), [], tf.float64, stateful=True)
+
+    return now
+
+
+def compile_calls(train_step, stop_flag, batch_at, signature=(), clock=None):
+    """Several training steps per call of one compiled function, so the host's cost (entering
+    the function, reading results back) is paid once per call instead of once per step, as
+    Keras's `steps_per_execution` does.
+
+    `run(first, n, inputs)` runs steps for batches first .. first+n-1, batch i coming from
+    `batch_at(i, inputs)` inside the graph; `signature` gives the specs of `inputs`, so every
+    call, whatever its n or stack length, runs the one traced function.
+
+    Each step reads `stop_flag` (a variable a signal sets while a call runs) and passes it to
+    the step's allreduce; when the sum over ranks is positive, every rank ends the call after
+    that same step. Each step is timed in the graph (`clock`, from graph_clock): `begin` (the
+    step starts), `ready` (its batch is in hand) and `done` (the update is applied), all unix
+    seconds, so nothing waits on the host to time a step.
+    Returns (losses, begin, ready, done, stopped), one entry per step run.
+    """
+    import tensorflow as tf
+
+    clock = clock or tf.timestamp
+
+    @tf.function(input_signature=[tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32), tuple(signature)])
+    def run(first, n, inputs):
+        losses = tf.TensorArray(tf.float32, size=0, dynamic_size=True)
+        begin, ready, done = (tf.TensorArray(tf.float64, size=0, dynamic_size=True) for _ in range(3))
+        stopped = tf.constant(False)
+        t_end = clock()
+        for i in tf.range(n):
+            # Each clock read waits for what it times (control dependencies): the previous
+            # step's end, the batch, the update.
+            with tf.control_dependencies([t_end]):
+                t_begin = clock()
+            with tf.control_dependencies([t_begin]):
+                xb, yb = batch_at(first + i, inputs)
+            with tf.control_dependencies([xb, yb]):
+                t_ready = clock()
+            with tf.control_dependencies([t_ready]):
+                loss, stops = train_step(xb, yb, stop_flag.read_value())
+            with tf.control_dependencies([loss, stops]):
+                t_end = clock()
+            losses = losses.write(i, tf.cast(loss, tf.float32))
+            begin, ready, done = begin.write(i, t_begin), ready.write(i, t_ready), done.write(i, t_end)
+            if stops > 0:
+                stopped = True
+                break
+        return losses.stack(), begin.stack(), ready.stack(), done.stack(), stopped
+
+    return run

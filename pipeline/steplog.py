@@ -1,7 +1,8 @@
 """Every rank's step log: steps/rank-<R>.jsonl, one JSON line per step.
 
-Each record is flushed, so a crash leaves every finished step on disk (flush hands the line
-to the kernel; no fsync per step, which would cost more than the step). The log measures its
+The records of each call of the compiled steps are flushed together, so a crash leaves every
+step of every finished call on disk (flush hands the lines to the kernel; no fsync, which
+would cost more than the steps). The log measures its
 own cost, reported as the step-log overhead in ranks/rank-R.json. Field names and the header
 record: pipeline/rundir.py.
 """
@@ -43,18 +44,16 @@ class StepLog:
         """Opens this process's part of the log: who writes the following steps and how."""
         self.write({"kind": HEADER_KIND, **fields, "time": time.time()})
 
-    def step(self, step: int, epoch: int, rank: int, size: int, step_s: float, data_s: float, compute_s: float,
-             samples: int, loss: float, lr: float, rss: float) -> None:
-        self.write({"step": step, "epoch": epoch, "rank": rank, "size": size, "time": time.time(),
-                    "step_s": step_s, "data_s": data_s, "compute_s": compute_s, "samples": samples, "loss": loss,
-                    "lr": lr, "rss_mb": round(rss, 1)})
-
-    def write(self, record: dict) -> None:
+    def steps(self, records: list[dict]) -> None:
+        """Step records (fields: rundir.STEP_FIELDS), handed to the kernel together."""
         t0 = time.perf_counter()
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
         self._f.flush()
         self.cost_s += time.perf_counter() - t0
-        self.records += 1
+        self.records += len(records)
+
+    def write(self, record: dict) -> None:
+        self.steps([record])
 
     @property
     def closed(self) -> bool:

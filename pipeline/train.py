@@ -11,8 +11,9 @@ Every stage can be called on its own (tests/test_train_inprocess.py). `run` wrap
 that whatever happens, the signal handlers, the watchdog, the step log, the TensorBoard
 writer and Horovod are closed.
 
-Per step each rank measures `data_s` (waiting for its batch) apart from `compute_s`
-(forward, backward, allreduce and update, waited on to completion by reading the loss).
+Steps run in calls of several steps each (`train.steps_per_call`); the graph times each step
+itself, so per step each rank logs `data_s` (waiting for its batch) apart from `compute_s`
+(forward, backward, allreduce and update, to completion) without the host waiting per step.
 """
 
 from __future__ import annotations
@@ -263,6 +264,9 @@ class LoopState:
 
 
 def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
+    """Runs the steps in calls of up to train.steps_per_call steps (pipeline/step.py
+    `compile_calls`); after each call, writes one step-log record per step from the times the
+    graph took, then evaluates and checkpoints where due (a call always ends there)."""
     import tensorflow as tf
 
     dist, plan, writers = t.dist, t.plan, t.writers
@@ -271,47 +275,109 @@ def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
                    host=socket.gethostname(), pid=os.getpid(), start_step=t.start, precision=t.precision,
                    jit_compile=t.cfg.train.jit_compile, compression=t.cfg.horovod.compression,
                    backward_passes_per_step=plan.passes, batch_size=t.cfg.train.batch_size, threads=dist.threads,
-                   backend=dist.backend)
+                   backend=dist.backend, steps_per_call=t.cfg.train.steps_per_call)
     t.run_dir.ranks_dir.mkdir(exist_ok=True)
     atomic_write_text(t.run_dir.rank_file(dist.rank), json.dumps(
         {"rank": dist.rank, "pid": os.getpid(), "host": socket.gethostname(), "status": "running",
          "start_step": t.start}) + "\n")
-    signals = resources.enter_context(StopSignals(dist.rank))
+    # Read by every step inside a call; a signal sets it the moment it arrives.
+    with tf.device("/CPU:0"):
+        stop_flag = tf.Variable(0.0, trainable=False, name="stop_flag")
+    signals = resources.enter_context(StopSignals(dist.rank, on_signal=lambda: _raise_flag(stop_flag)))
     watchdog = resources.enter_context(Watchdog(t.cfg.train.step_timeout_s, dist.rank))
+    feed = t.input.feed(plan.update_batch, t.cfg.train.seed, t.start, plan.total)
+    resources.callback(feed.close)
+    calls = step_mod.compile_calls(t.train_step, stop_flag, feed.batch_at, feed.signature,
+                                   step_mod.graph_clock(t.cfg.train.deterministic))
     s = LoopState(step=t.start, last_eval_step=t.start)
-    batches = reader.batches(t.input.train_dataset(plan.update_batch, t.cfg.train.seed, t.start, plan.total))
-    go, stop = tf.constant(0.0), tf.constant(1.0)
     writers.progress.begin(t.start)
     t_loop = time.perf_counter()
-    for step in range(t.start + 1, plan.total + 1):
-        epoch = plan.epoch_of(step)
-        t0 = time.perf_counter()
-        xb, yb = next(batches)
-        t1 = time.perf_counter()
-        loss_t, stops = t.train_step(xb, yb, stop if signals.requested else go)
-        s.loss = float(loss_t)  # reading the loss waits for the whole step
-        t2 = time.perf_counter()
+    last_end = _now_us()  # the end of the previous step, in the graph clock's microseconds
+    while s.step < plan.total:
+        n = call_size(s.step, t.cfg.train.steps_per_call, lambda k: _call_ends_at(t, k))
+        t_call = _now_us()
+        first, n, inputs = feed.prepare(s.step, n)
+        waited = _now_us() - t_call  # the host's part of the first step's data wait
+        losses, begin, ready, done, stopped = calls(tf.constant(first, tf.int32), tf.constant(n, tf.int32), inputs)
+        losses, begin, ready, done = losses.numpy(), _us(begin), _us(ready), _us(done)
         watchdog.progress()
-        s.step = step
-        s.step_times.append(t2 - t0)
-        rss = rss_mb()
-        s.rss_peak = max(s.rss_peak, rss)
-        rate = t.lr.at(step - 1)
-        steplog.step(step, epoch, dist.rank, dist.size, t2 - t0, t1 - t0, t2 - t1, plan.update_batch, s.loss,
-                     rate, rss)
-        writers.board.step(step, s.loss, rate)
-        writers.progress.maybe_print(step, s.loss)
-        if float(stops) > 0:
-            _stop_on_signal(t, s, step, epoch, signals)
+        last_end = _log_steps(t, s, steplog, losses, begin, ready, done, last_end, waited)
+        writers.progress.maybe_print(s.step, s.loss)
+        if bool(stopped):
+            _stop_on_signal(t, s, s.step, plan.epoch_of(s.step), signals)
             break
-        evaluated = _evaluate(t, s, step, epoch) if plan.evaluates_after(step) else {}
-        ref = t.checkpoints.save_if_due(t.state, step, epoch, plan.total, evaluated)
-        if ref is not None and step == plan.total:
+        evaluated = _evaluate(t, s, s.step, plan.epoch_of(s.step)) if plan.evaluates_after(s.step) else {}
+        ref = t.checkpoints.save_if_due(t.state, s.step, plan.epoch_of(s.step), plan.total, evaluated)
+        if ref is not None and s.step == plan.total:
             writers.console.print(f"checkpoint: {ref.path}")
+        if evaluated or ref is not None:
+            # An evaluation or a save is not part of the next step's time.
+            last_end = _now_us()
     s.loop_s = time.perf_counter() - t_loop
     s.step_log_s = steplog.cost_s
     s.stopped_by = _signal_name(signals.signum)
     return s
+
+
+def call_size(step: int, limit: int, ends_at) -> int:
+    """Steps in the next call after `step`: at most `limit`, ending at the first step k for
+    which ends_at(k) holds."""
+    for n in range(1, limit + 1):
+        if ends_at(step + n):
+            return n
+    return limit
+
+
+def _call_ends_at(t: Trainer, k: int) -> bool:
+    """Something other than a step happens after step k (the same answer on every rank)."""
+    plan = t.plan
+    return k >= plan.total or k % plan.steps_per_epoch == 0 or \
+        t.checkpoints.due(k, plan.total, plan.evaluates_after(k))
+
+
+def _log_steps(t: Trainer, s: LoopState, steplog: StepLog, losses, begin, ready, done, last_end: int,
+               waited: int) -> int:
+    """One step-log record per step of a call. Times are integer microseconds of the graph's
+    clock (unix time): step_s = this step's end - the previous step's end; data_s = from the
+    step's start until its batch was in hand (for a call's first step, with the host's wait
+    for the batch before the call); compute_s = from then until the update was applied.
+    So data_s + compute_s <= step_s. Returns the last step's end."""
+    plan, dist = t.plan, t.dist
+    rss = rss_mb()  # once per call: the figure barely moves within one
+    s.rss_peak = max(s.rss_peak, rss)
+    records = []
+    for j, loss in enumerate(losses.tolist()):
+        step = s.step + 1 + j
+        step_us = done[j] - last_end
+        data_us = ready[j] - begin[j] + (waited if j == 0 else 0)
+        last_end = done[j]
+        rate = t.lr.at(step - 1)
+        s.step_times.append(step_us / 1e6)
+        records.append(dict(step=step, epoch=plan.epoch_of(step), rank=dist.rank, size=dist.size,
+                            time=done[j] / 1e6, step_s=step_us / 1e6, data_s=data_us / 1e6,
+                            compute_s=(done[j] - ready[j]) / 1e6, samples=plan.update_batch, loss=loss, lr=rate,
+                            rss_mb=round(rss, 1)))
+        t.writers.board.step(step, loss, rate)
+    steplog.steps(records)
+    s.step += len(records)
+    s.loss = losses[-1].item() if len(records) else s.loss
+    return last_end
+
+
+def _now_us() -> int:
+    # The graph's clock (tf.timestamp) is the same wall clock, read in whole microseconds.
+    return time.time_ns() // 1000
+
+
+def _us(t) -> list:
+    return [round(x * 1e6) for x in t.numpy().tolist()]
+
+
+def _raise_flag(flag) -> None:
+    try:
+        flag.assign(1.0)
+    except Exception as e:  # noqa: BLE001 - a failure here must not kill the signal thread silently
+        print(f"pipeline: could not raise the stop flag: {e}", file=sys.stderr, flush=True)
 
 
 def _stop_on_signal(t: Trainer, s: LoopState, step: int, epoch: int, signals: StopSignals) -> None:

@@ -27,6 +27,10 @@ def table(res: dict) -> str:
     if "efficiency_2_ranks" in res:
         lines.append(f"| weak-scaling efficiency, 2 ranks | {_t(res['efficiency_2_ranks'], 3)} | "
                      f"{_verdict(res['efficiency_2_ranks'])} |")
+    if "step_log_cost" in res:
+        c = res["step_log_cost"]
+        lines.append(f"| step-log cost, share of step time (worst rank of each run) | "
+                     f"{c['value']:.3%} [{c['min']:.3%}-{c['max']:.3%}] | < 0.5% |")
     a = res["allreduce_ratio_16mib_plus"]
     lines.append(f"| Horovod / MPI allreduce busbw, >= 16 MiB (worst size) | {a['value']:.3f} | "
                  f"target >= {a['target']}: {'met' if a['met'] else 'MISSED'} |")
@@ -35,6 +39,17 @@ def table(res: dict) -> str:
                      f"| {_t(e['thread_bound'], 3)} | what threads give one rank |")
         lines.append(f"| ... and rank efficiency: {e['ranks']} ranks / ({e['ranks']} x 1 rank on "
                      f"{e['threads_per_rank']} core(s)) | {_t(e['rank_efficiency'], 3)} | communication and contention |")
+    if res.get("models"):
+        lines += ["", f"| model | batch/rank | pipeline / plain Keras | pipeline / Horovod loop ({max(st['ranks'])} "
+                      f"ranks) | overhead per step (us) |", "|---|---|---|---|---|"]
+        for m in res["models"]:
+            lines.append(f"| {m['model']} | {m['batch_per_rank']} | {_t(m['pipeline_vs_keras'], 3)} "
+                         f"{'met' if m['pipeline_vs_keras']['met'] else 'MISSED'} >= {m['pipeline_vs_keras']['target']} | "
+                         f"{_t(m['pipeline_vs_horovod_loop'], 3)} "
+                         f"{'met' if m['pipeline_vs_horovod_loop']['met'] else 'MISSED'} >= "
+                         f"{m['pipeline_vs_horovod_loop']['target']} | {_t(m['overhead_us_per_step'], 0)} |")
+        lines.append(f"\nBaselines ran with steps_per_execution 1 and {st['steps_per_call']} (the pipeline's "
+                     f"train.steps_per_call); each ratio is against the faster of the two in its repeat.")
     lines += ["", "| samples/s | median [min-max] |", "|---|---|"]
     for k, v in res["throughput"].items():
         lines.append(f"| {k} | {_t(v, 0)} |")
@@ -103,8 +118,9 @@ def write(out: Path, res: dict, weak: dict, keras: list, hvdloop: list) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     w = res["settings"]["warmup_steps"]
     series = [(f"pipeline {n} rank(s)", rs[0]["step_s"][w:]) for n, rs in sorted(weak.items()) if rs]
-    series.append(("plain Keras", keras[0]["step_s"][w:]))
-    series.append((f"Horovod Keras loop {hvdloop[0]['ranks']} ranks", hvdloop[0]["step_s"][w:]))
+    # The baselines' steady steps (per execution of steps_per_execution steps, over its steps).
+    series.append(("plain Keras", keras[0]["step_s"]))
+    series.append((f"Horovod Keras loop {hvdloop[0]['ranks']} ranks", hvdloop[0]["step_s"]))
     ax.boxplot([np.array(s) * 1e3 for _, s in series], showfliers=False)
     ax.set_xticks(range(1, len(series) + 1), [n for n, _ in series])
     ax.set(ylabel="step time (ms), steady steps", title="Step-time distributions (first repeat)")

@@ -6,8 +6,12 @@ slows both sides of a ratio alike.
    and at a fixed global batch (strong scaling);
 2. pipeline (1 rank, HDF5, step logs on) / plain Keras `model.fit` on in-memory arrays;
 3. pipeline / the Horovod Keras loop from Horovod's examples, at the largest rank count;
-4. allreduce: Horovod over MPI (and Gloo) against raw mpi4py, 4 KiB-64 MiB, with memcpy;
-5. data: the reader against the raw h5py read (full run only).
+   both baselines measured with Keras's default steps_per_execution and with the pipeline's
+   steps_per_call, each ratio taken against the faster of the two;
+4. the same two ratios per model (MODEL_ROWS), with the pipeline's per-step overhead in
+   microseconds (its step minus plain Keras's);
+5. allreduce: Horovod over MPI (and Gloo) against raw mpi4py, 4 KiB-64 MiB, with memcpy;
+6. data: the reader against the raw h5py read (full run only).
 
 Each pipeline run is an ordinary run directory under OUT/runs that `pipeline analyze` reads.
 """
@@ -31,8 +35,22 @@ from ..errors import UserError
 from ..measure import median_range
 from ..rundir import RunDir
 
-TARGETS = {"pipeline_vs_keras": 0.97, "pipeline_vs_horovod_loop": 1.0, "efficiency_2": 0.85,
+TARGETS = {"pipeline_vs_keras": 1.02, "pipeline_vs_horovod_loop": 1.05, "model_rows": 1.0, "efficiency_2": 0.85,
            "allreduce_ratio_16mib": 0.9}
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """A model the bench compares beyond the default CNN, on a dataset of its input shape."""
+    model: str
+    shape: str | None       # synth --shape; None: the bench's default dataset
+    batch: int              # per rank
+    steps: int              # per run (full bench); quick runs take a third
+    samples: int            # training samples of its dataset
+
+
+MODEL_ROWS = (ModelRow("resnet20", None, 64, 60, 0),
+              ModelRow("keras.applications.MobileNetV2", "96,96,3", 32, 40, 2600))
 # Settings the pipeline applies to training (pipeline/dist.py); the baselines get the same
 # MPI environment so the comparison is about the code, not the launcher's defaults.
 MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}
@@ -50,6 +68,9 @@ class Bench:
         self.env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         self.data = out / "data"
         self.t0 = time.perf_counter()
+        from ..config import TrainConfig
+
+        self.steps_per_call = TrainConfig().steps_per_call  # the pipeline's default
 
     def say(self, msg: str) -> None:
         print(f"[bench {time.perf_counter() - self.t0:5.0f}s] {msg}", file=self.log, flush=True)
@@ -70,35 +91,50 @@ class Bench:
                                f"\n{r.stderr[-3000:]}")
 
     # --- the pieces ---
-    def make_data(self) -> None:
-        if (self.data / "manifest.json").exists():
-            return
-        samples = max(self.steps * self.batch * 2 + 1000, 20000)
-        self.say(f"synthetic dataset: {samples} samples -> {self.data}")
-        self._run([self.py, "-m", "pipeline", "data", "synth", "--out", str(self.data), "--samples", str(samples),
-                   "--val-samples", "1000"])
+    def make_data(self, shape: str | None = None, samples: int = 0) -> Path:
+        """The bench's dataset (shape None: the default synth shape), made once."""
+        data = self.data if shape is None else self.out / f"data-{shape.replace(',', 'x')}"
+        if (data / "manifest.json").exists():
+            return data
+        samples = samples or max(self.steps * self.batch * 2 + 1000, 20000)
+        self.say(f"synthetic dataset: {samples} samples{f' of {shape}' if shape else ''} -> {data}")
+        self._run([self.py, "-m", "pipeline", "data", "synth", "--out", str(data), "--samples", str(samples),
+                   "--val-samples", "200" if shape else "1000", *(["--shape", shape] if shape else [])])
+        return data
 
-    def pipeline_run(self, n: int, batch: int, rep: int, threads: int = 0) -> dict:
+    def pipeline_run(self, n: int, batch: int, rep: int, threads: int = 0, model: str = "cnn",
+                     data: Path | None = None, steps: int = 0) -> dict:
         t = threads or max(1, self.cores // n)
-        run = self.out / "runs" / f"pipeline-n{n}-b{batch}-t{t}-r{rep}"
+        steps = steps or self.steps
+        tag = "" if model == "cnn" else f"{model.rsplit('.', 1)[-1].lower()}-"
+        run = self.out / "runs" / f"pipeline-{tag}n{n}-b{batch}-t{t}-r{rep}"
         shutil.rmtree(run, ignore_errors=True)
         self.mpirun(n, [self.py, "-m", "pipeline", "train", "--run-dir", str(run),
-                        "--set", f"data.dir={self.data}", "--set", f"train.batch_size={batch}",
-                        "--set", f"train.max_steps={self.steps}", "--set", f"train.threads={t}",
+                        "--set", f"data.dir={data or self.data}", "--set", f"train.batch_size={batch}",
+                        "--set", f"model.name={model}",
+                        "--set", f"train.max_steps={steps}", "--set", f"train.threads={t}",
                         "--set", "checkpoint.every_steps=0", "--set", "log.progress_every_s=3600"], pe=t)
-        return {"run_dir": str(run), "global_batch": batch * n, **wall_throughput(run, n, warmup=self.warmup)}
+        return {"run_dir": str(run), "global_batch": batch * n,
+                **wall_throughput(run, n, warmup=measure.warmup_count(steps))}
 
     @property
     def warmup(self) -> int:
         """Steps left out of every speed figure, the pipeline's and the baselines' alike."""
         return measure.warmup_count(self.steps)
 
-    def baseline(self, mode: str, n: int, rep: int) -> dict:
-        out = self.out / "baselines" / f"{mode}-n{n}-r{rep}.json"
+    def baseline(self, mode: str, n: int, rep: int, model: str = "cnn", data: Path | None = None, steps: int = 0,
+                 batch: int = 0) -> dict:
+        """Keras fit or the Horovod loop, with steps_per_execution 1 and the pipeline's
+        steps_per_call (pipeline/bench/baselines.py), which of them first alternating by repeat."""
+        steps, batch = steps or self.steps, batch or self.batch
+        tag = "" if model == "cnn" else f"{model.rsplit('.', 1)[-1].lower()}-"
+        out = self.out / "baselines" / f"{mode}-{tag}n{n}-r{rep}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        args = [self.py, "-m", "pipeline.bench.baselines", "--mode", mode, "--data", str(self.data),
-                "--batch-size", str(self.batch), "--steps", str(self.steps), "--warmup", str(self.warmup),
-                "--threads", str(max(1, self.cores // n)), "--out", str(out)]
+        args = [self.py, "-m", "pipeline.bench.baselines", "--mode", mode, "--data", str(data or self.data),
+                "--model", model, "--batch-size", str(batch), "--steps", str(steps),
+                "--warmup", str(measure.warmup_count(steps)), "--threads", str(max(1, self.cores // n)),
+                "--steps-per-execution", str(self.steps_per_call),
+                "--order", "default-first" if rep % 2 == 0 else "default-last", "--out", str(out)]
         if mode == "horovod":
             self.mpirun(n, args)
         else:
@@ -146,6 +182,9 @@ def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = 
     b.make_data()
     runs = measure_training(b)
     res = training_figures(b, runs)
+    res["models"] = [model_row("cnn", b.batch, runs.weak[1], runs.keras, runs.weak[max(b.ranks)], runs.hvdloop)]
+    res["models"] += model_figures(b)
+    res["step_log_cost"] = step_log_cost(runs)
     res.update(allreduce_figures(b))
     res.update(data_figures(b))
     res["settings"] = settings(b)
@@ -209,6 +248,56 @@ def measure_training(b: Bench) -> TrainingRuns:
     return runs
 
 
+def model_figures(b: Bench) -> list[dict]:
+    """MODEL_ROWS: per model and repeat, the pipeline and each baseline back to back."""
+    nmax, rows = max(b.ranks), []
+    for m in MODEL_ROWS:
+        data = b.make_data(m.shape, m.samples)
+        steps = m.steps // 3 if b.quick else m.steps
+        p1, keras, pn, hvd = [], [], [], []
+        for rep in range(b.repeats):
+            b.say(f"{m.model}: repeat {rep + 1}/{b.repeats}")
+            p1.append(b.pipeline_run(1, m.batch, rep, model=m.model, data=data, steps=steps))
+            keras.append(b.baseline("keras", 1, rep, m.model, data, steps, m.batch))
+            pn.append(b.pipeline_run(nmax, m.batch, rep, model=m.model, data=data, steps=steps))
+            hvd.append(b.baseline("horovod", nmax, rep, m.model, data, steps, m.batch))
+            b.say(f"  pipeline {_thr(p1)[-1]:,.0f} / Keras {_thr(keras)[-1]:,.0f}; pipeline {nmax} ranks "
+                  f"{_thr(pn)[-1]:,.0f} / Horovod loop {_thr(hvd)[-1]:,.0f} samples/s")
+        rows.append(model_row(m.model, m.batch, p1, keras, pn, hvd))
+    return rows
+
+
+def model_row(model: str, batch: int, p1: list, keras: list, pn: list, hvd: list) -> dict:
+    """The two ratios for one model (medians of per-repeat ratios against the faster baseline
+    setting), and the pipeline's per-step overhead: its step time minus plain Keras's, in
+    microseconds (negative: the pipeline's step is shorter)."""
+    target = TARGETS["pipeline_vs_keras"] if model == "cnn" else TARGETS["model_rows"]
+    target_hvd = TARGETS["pipeline_vs_horovod_loop"] if model == "cnn" else TARGETS["model_rows"]
+    return {"model": model, "batch_per_rank": batch,
+            "pipeline_vs_keras": median_range([p / k for p, k in zip(_thr(p1), _thr(keras))], target),
+            "pipeline_vs_horovod_loop": median_range([p / h for p, h in zip(_thr(pn), _thr(hvd))], target_hvd),
+            "overhead_us_per_step": median_range([(batch / p - batch / k) * 1e6
+                                                  for p, k in zip(_thr(p1), _thr(keras))]),
+            "keras_best_steps_per_execution": [k.get("best_steps_per_execution", 1) for k in keras],
+            "horovod_best_steps_per_execution": [h.get("best_steps_per_execution", 1) for h in hvd]}
+
+
+def step_log_cost(runs: TrainingRuns) -> dict:
+    """The pipeline runs' step-log cost (ranks/rank-R.json step_log_overhead, worst rank)."""
+    costs = []
+    for rs in runs.weak.values():
+        for r in rs:
+            ranks = sorted(Path(r["run_dir"], "ranks").glob("rank-*.json"))
+            costs.append(max(json.loads(f.read_text())["step_log_overhead"] for f in ranks))
+    return median_range(costs)
+
+
+def _per_setting(name: str, rs: list[dict]) -> dict:
+    """A baseline's samples/s at each steps_per_execution it ran with."""
+    return {f"{name}_steps_per_execution_{k}": median_range([r["runs"][k]["throughput_samples_per_s"] for r in rs])
+            for k in rs[0]["runs"]} if rs else {}
+
+
 def _thr(rs: list[dict]) -> list[float]:
     return [r["throughput_samples_per_s"] for r in rs]
 
@@ -235,6 +324,7 @@ def training_figures(b: Bench, runs: TrainingRuns) -> dict:
         "rank_efficiency": median_range([x / (n * a) for x, a in zip(_thr(weak[n]), _thr(narrow[n]))]),
     } for n in narrow if narrow[n]]
     res["throughput"] = {"keras": median_range(_thr(runs.keras)), "horovod_loop": median_range(_thr(runs.hvdloop)),
+                         **_per_setting("keras", runs.keras), **_per_setting("horovod_loop", runs.hvdloop),
                          **{f"pipeline_{n}": median_range(_thr(weak[n])) for n in ranks},
                          **{f"pipeline_1_on_{max(1, cores // n)}_cores": median_range(_thr(narrow[n]))
                             for n in narrow}}
@@ -285,6 +375,9 @@ def settings(b: Bench) -> dict:
         "quick": b.quick, "ranks": b.ranks, "repeats": b.repeats, "steps": b.steps, "warmup_steps": b.warmup,
         "warmup_rule": measure.WARMUP_RULE,
         "batch_per_rank": b.batch, "strong_scaling_global_batch": b.batch * max(b.ranks), "model": "cnn",
+        "steps_per_call": b.steps_per_call,
+        "model_rows": [{"model": m.model, "shape": m.shape or "synth default", "batch_per_rank": m.batch,
+                        "steps": m.steps // 3 if b.quick else m.steps} for m in MODEL_ROWS],
         "threads_per_rank": {n: max(1, cores // n) for n in b.ranks}, "cores": cores,
         "binding": "mpirun --map-by slot:PE=cores/ranks --bind-to core", "mpi_env": MPI_ENV,
         "horovod_env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},

@@ -445,7 +445,8 @@ def batch_stacks(source, blocks: list[Block], batch_size: int, steps_per_epoch: 
     while step < end_step:
         epoch, first = divmod(step, steps_per_epoch)
         batches = min(steps_per_epoch - first, end_step - step)
-        skip, need = first * batch_size, batches * batch_size
+        # `left`: samples of this segment not yet taken (a stack may span two windows).
+        skip, left = first * batch_size, batches * batch_size
         out_x = out_y = None
         filled = 0
         groups = list(epoch_groups(blocks, seed, epoch, rank, window, shuffle))
@@ -453,24 +454,24 @@ def batch_stacks(source, blocks: list[Block], batch_size: int, steps_per_epoch: 
             if skip >= len(order):
                 skip -= len(order)  # a window wholly before the resume point is never read
                 continue
-            order = order[skip:skip + need]
+            order = order[skip:skip + left]
             skip = 0
-            ahead = groups[g + 1][0] if g + 1 < len(groups) and need > len(order) else None
+            ahead = groups[g + 1][0] if g + 1 < len(groups) and left > len(order) else None
             source.load(group, ahead)
             pos = 0
             while pos < len(order):
                 if out_x is None:
-                    k = min(stack * batch_size, need)
+                    k = min(stack * batch_size, left + filled)
                     out_x, out_y, filled = np.empty((k, *shape), dtype), np.empty((k, *y_shape), y_dtype), 0
                 n = min(len(out_x) - filled, len(order) - pos)
                 source.take(order[pos:pos + n], out_x[filled:filled + n], out_y[filled:filled + n])
                 filled += n
                 pos += n
+                left -= n
                 if filled == len(out_x):
                     yield out_x.reshape(-1, batch_size, *shape), out_y.reshape(-1, batch_size, *y_shape)
-                    need -= len(out_x)
-                    out_x = None
-            if need == 0:
+                    out_x, filled = None, 0
+            if left == 0:
                 break
         step += batches
 
@@ -559,6 +560,19 @@ class Input:
     def train_dataset(self, batch_size: int, seed: int, start_step: int, end_step: int):
         return train_dataset(self.train, self.blocks, self.plan, batch_size, seed, start_step, end_step,
                              self.data.shuffle_buffer, self.data.shuffle, self.data.prefetch)
+
+    def feed(self, batch_size: int, seed: int, start_step: int, end_step: int):
+        """What the compiled steps read (pipeline/feed.py): a share in memory moves into
+        variables the graph gathers from (the numpy copy is let go); a streamed one comes as
+        the reader's stacks."""
+        from .. import feed
+
+        if isinstance(self.train, MemorySource):
+            f = feed.MemoryFeed(self.train, self.blocks, self.plan, batch_size, seed, self.data.shuffle_buffer,
+                                self.data.shuffle)
+            self.train = None
+            return f
+        return feed.StreamFeed(self.train_dataset(batch_size, seed, start_step, end_step))
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self.val is None:

@@ -126,3 +126,15 @@ def test_compressed_shards_stream_the_same_samples(tmp_path, compression):
     kinds = {type(mp).__name__ for maps in stream._maps.values() for mp in maps}
     assert kinds == ({"_DeflateChunks"} if compression.startswith("gzip") else {"NoneType"})
     stream.close()
+
+
+def test_batch_stacks_end_exactly_where_a_stack_spans_two_windows(small_dataset):
+    # 40 batches of 32 = 1280 samples in one stack, over windows of ~1000: the generator must
+    # hand over exactly those batches and end (it once spun forever after the last stack).
+    m = shards.load_manifest(small_dataset)
+    plan = assign([s.num_samples for s in m.shards("train")], 1, 2, batch_size=32)
+    blocks = cut_blocks(plan, 256)
+    x, y = reader.read_share(m, "train", plan)
+    stacks = list(batch_stacks(MemorySource(x, y), blocks, 32, plan.steps_per_epoch, 1, plan.rank, 0, 40, 1000))
+    got = np.concatenate([s[0].reshape(-1, *x.shape[1:]) for s in stacks])
+    assert np.array_equal(got, x[epoch_order(blocks, 1, 0, plan.rank, 1000)[:40 * 32]])
