@@ -90,10 +90,11 @@ class TrainConfig:
     threads: int = 0
     # A rank with no finished step for this long exits (code 76): its peer probably died.
     step_timeout_s: float = 300.0
-    # Training steps per call of the compiled step function (like Keras's steps_per_execution):
-    # the host's per-call cost is paid once for this many steps. A call never runs past an
+    # Training steps per call of the compiled step function at most (like Keras's
+    # steps_per_execution): the host's per-call cost is paid once for this many steps. Fewer
+    # where steps are slow (a call lasts about 1 s at most); a call never runs past an
     # evaluation, a checkpoint, the end of an epoch or the last step (docs/training.md).
-    steps_per_call: int = 16
+    steps_per_call: int = 32
     # Any Keras loss by name; cross-entropies take the model's output as logits unless
     # from_logits is false (a model ending in softmax or sigmoid).
     loss: str = "sparse_categorical_crossentropy"

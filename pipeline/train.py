@@ -293,8 +293,9 @@ def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
     writers.progress.begin(t.start)
     t_loop = time.perf_counter()
     last_end = _now_us()  # the end of the previous step, in the graph clock's microseconds
+    limit = 1  # the first call traces the function: one step, whatever the step costs
     while s.step < plan.total:
-        n = call_size(s.step, t.cfg.train.steps_per_call, lambda k: _call_ends_at(t, k))
+        n = call_size(s.step, limit, lambda k: _call_ends_at(t, k))
         t_call = _now_us()
         first, n, inputs = feed.prepare(s.step, n)
         waited = _now_us() - t_call  # the host's part of the first step's data wait
@@ -302,6 +303,7 @@ def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
         losses, begin, ready, done = losses.numpy(), _us(begin), _us(ready), _us(done)
         watchdog.progress()
         last_end = _log_steps(t, s, steplog, losses, begin, ready, done, last_end, waited)
+        limit = steps_in_a_call(t.cfg.train.steps_per_call, s.step_times[-len(losses):])
         writers.progress.maybe_print(s.step, s.loss)
         if bool(stopped):
             _stop_on_signal(t, s, s.step, plan.epoch_of(s.step), signals)
@@ -317,6 +319,21 @@ def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
     s.step_log_s = steplog.cost_s
     s.stopped_by = _signal_name(signals.signum)
     return s
+
+
+# A call lasts about this long at most: the step log, the progress line and the watchdog hear
+# from a rank at least this often, however slow its steps.
+CALL_TARGET_S = 1.0
+
+
+def steps_in_a_call(steps_per_call: int, recent_step_s: list) -> int:
+    """train.steps_per_call, fewer where steps are slow (the median of the last call's steps):
+    a call stays under about CALL_TARGET_S. Steps of a second or more run one per call, where
+    the per-call cost (about 2 ms here) is nothing beside them."""
+    if not recent_step_s:
+        return steps_per_call
+    typical = sorted(recent_step_s)[len(recent_step_s) // 2]
+    return max(1, min(steps_per_call, int(CALL_TARGET_S / max(typical, 1e-6))))
 
 
 def call_size(step: int, limit: int, ends_at) -> int:

@@ -44,6 +44,11 @@ def test_bench_run_quick_writes_every_figure(tmp_path):
     for key in ("pipeline_vs_keras", "pipeline_vs_horovod_loop"):
         assert set(res[key]) >= {"value", "min", "max", "target"} and res[key]["value"] > 0
     assert [row["ranks"] for row in res["scaling"]] == [1, 2]
+    assert [m["model"] for m in res["models"]] == ["cnn", "resnet20", "keras.applications.MobileNetV2"]
+    for m in res["models"]:
+        assert m["pipeline_vs_keras"]["value"] > 0 and m["pipeline_vs_horovod_loop"]["value"] > 0
+        assert set(m["overhead_us_per_step"]) >= {"value", "min", "max"}
+    assert 0 < res["step_log_cost"]["value"] < 1
     assert res["scaling"][1]["efficiency"] == pytest.approx(
         res["scaling"][1]["throughput_samples_per_s"] / (2 * res["scaling"][0]["throughput_samples_per_s"]))
     sizes = [row["bytes"] for row in res["allreduce"]]

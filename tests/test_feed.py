@@ -170,3 +170,12 @@ def test_a_signal_during_a_call_stops_it_after_the_step_that_sees_it():
         loss, _, _, _, stopped = run(tf.constant(0), tf.constant(12), (xs, ys))
         assert signals.signum == signal.SIGUSR1
     assert bool(stopped) and len(loss) == 6, "steps 0..5 ran; the call ended after the step that saw the flag"
+
+
+def test_slow_steps_run_fewer_per_call():
+    from pipeline.train import steps_in_a_call
+
+    assert steps_in_a_call(32, []) == 32
+    assert steps_in_a_call(32, [0.005] * 10) == 32
+    assert steps_in_a_call(32, [0.1, 0.1, 5.0]) == 10, "the median, not one slow step"
+    assert steps_in_a_call(32, [2.0]) == 1
