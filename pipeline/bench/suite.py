@@ -50,8 +50,8 @@ class ModelRow:
 
 
 # Steps sized so the full bench stays under 15 minutes on 2 cores.
-MODEL_ROWS = (ModelRow("resnet20", None, 64, 40, 0),
-              ModelRow("keras.applications.MobileNetV2", "96,96,3", 16, 30, 1200))
+MODEL_ROWS = (ModelRow("resnet20", None, 64, 30, 0),
+              ModelRow("keras.applications.MobileNetV2", "96,96,3", 16, 20, 800))
 # Settings the pipeline applies to training (pipeline/dist.py); the baselines get the same
 # MPI environment so the comparison is about the code, not the launcher's defaults.
 MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}
