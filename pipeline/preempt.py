@@ -71,10 +71,6 @@ class StopSignals:
                 self._record(mine[0])
                 on_signal()
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
     def close(self) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)

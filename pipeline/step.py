@@ -72,6 +72,13 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
     return train_step
 
 
+def now_us() -> int:
+    """Unix time in whole microseconds: what the graph's clock (tf.timestamp) reads."""
+    import time
+
+    return time.time_ns() // 1000
+
+
 def graph_clock(deterministic: bool):
     """A clock op for the step's timings: unix seconds, in whole microseconds.
 
@@ -83,12 +90,10 @@ def graph_clock(deterministic: bool):
     if not deterministic:
         return tf.timestamp
 
-    import time
-
     import numpy as np
 
     def now():
-        return tf.numpy_function(lambda: np.float64(time.time_ns() // 1000 / 1e6), [], tf.float64, stateful=True)
+        return tf.numpy_function(lambda: np.float64(now_us() / 1e6), [], tf.float64, stateful=True)
 
     return now
 

@@ -292,29 +292,30 @@ def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
     s = LoopState(step=t.start, last_eval_step=t.start)
     writers.progress.begin(t.start)
     t_loop = time.perf_counter()
-    last_end = _now_us()  # the end of the previous step, in the graph clock's microseconds
+    last_end = step_mod.now_us()  # the end of the previous step, in the graph clock's microseconds
     limit = 1  # the first call traces the function: one step, whatever the step costs
     while s.step < plan.total:
         n = call_size(s.step, limit, lambda k: _call_ends_at(t, k))
-        t_call = _now_us()
+        t_call = step_mod.now_us()
         first, n, inputs = feed.prepare(s.step, n)
-        waited = _now_us() - t_call  # the host's part of the first step's data wait
+        waited = step_mod.now_us() - t_call  # the host's part of the first step's data wait
         losses, begin, ready, done, stopped = calls(tf.constant(first, tf.int32), tf.constant(n, tf.int32), inputs)
         losses, begin, ready, done = losses.numpy(), _us(begin), _us(ready), _us(done)
         watchdog.progress()
         last_end = _log_steps(t, s, steplog, losses, begin, ready, done, last_end, waited)
         limit = steps_in_a_call(t.cfg.train.steps_per_call, s.step_times[-len(losses):])
         writers.progress.maybe_print(s.step, s.loss)
+        epoch = plan.epoch_of(s.step)
         if bool(stopped):
-            _stop_on_signal(t, s, s.step, plan.epoch_of(s.step), signals)
+            _stop_on_signal(t, s, s.step, epoch, signals)
             break
-        evaluated = _evaluate(t, s, s.step, plan.epoch_of(s.step)) if plan.evaluates_after(s.step) else {}
-        ref = t.checkpoints.save_if_due(t.state, s.step, plan.epoch_of(s.step), plan.total, evaluated)
+        evaluated = _evaluate(t, s, s.step, epoch) if plan.evaluates_after(s.step) else {}
+        ref = t.checkpoints.save_if_due(t.state, s.step, epoch, plan.total, evaluated)
         if ref is not None and s.step == plan.total:
             writers.console.print(f"checkpoint: {ref.path}")
         if evaluated or ref is not None:
             # An evaluation or a save is not part of the next step's time.
-            last_end = _now_us()
+            last_end = step_mod.now_us()
     s.loop_s = time.perf_counter() - t_loop
     s.step_log_s = steplog.cost_s
     s.stopped_by = _signal_name(signals.signum)
@@ -379,11 +380,6 @@ def _log_steps(t: Trainer, s: LoopState, steplog: StepLog, losses, begin, ready,
     s.step += len(records)
     s.loss = losses[-1].item() if len(records) else s.loss
     return last_end
-
-
-def _now_us() -> int:
-    # The graph's clock (tf.timestamp) is the same wall clock, read in whole microseconds.
-    return time.time_ns() // 1000
 
 
 def _us(t) -> list:
