@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import EXIT_USER_ERROR, UserError
 
@@ -93,6 +94,27 @@ def cmd_analyze(a) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(report.text(result))
+    return 0
+
+
+def cmd_doctor(a) -> int:
+    from . import config, doctor
+
+    cfg = config.load(a.config, a.set or [])
+    return doctor.run(cfg, a.run_dir)
+
+
+def cmd_postmortem(a) -> int:
+    from .analysis import postmortem
+
+    if not Path(a.run_dir).is_dir():
+        raise UserError(f"{a.run_dir}: no such run directory")
+    result = postmortem.analyze(a.run_dir)
+    if a.json:
+        json.dump(result, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(postmortem.text(result))
     return 0
 
 
@@ -310,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--compute-ms", type=float, help="compute time per step without communication (default: a "
                                                      "1-rank run among the run directories)")
     an.set_defaults(func=cmd_analyze)
+
+    dr = verbs.add_parser("doctor", help="pre-flight checks on every rank, under the same launcher and arguments as "
+                                         "train: versions, dataset, run directory, network, GPUs, allreduce")
+    dr.add_argument("--config", help="YAML config, as for train")
+    dr.add_argument("--run-dir", help="the run directory train will use: writable, with room for checkpoints")
+    dr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, as for train")
+    dr.set_defaults(func=cmd_doctor)
+
+    pm = verbs.add_parser("postmortem", help="what stopped a run: which rank stopped first, on which host, in "
+                                             "which phase and step, what the others waited for, the first exception")
+    pm.add_argument("run_dir", metavar="RUN_DIR")
+    pm.add_argument("--json", action="store_true", help="one JSON object on stdout (keys: CONTRACT.md)")
+    pm.set_defaults(func=cmd_postmortem)
 
     ex = verbs.add_parser("export", help="serve-ready exports of a finished run's model").add_subparsers(
         dest="export_verb", required=True, parser_class=_Parser)

@@ -88,8 +88,16 @@ class TrainConfig:
     jit_compile: bool = False      # XLA-compile the training step
     # Threads per rank for TensorFlow's intra-op pool; 0 picks the CPUs this rank owns.
     threads: int = 0
-    # A rank with no finished step for this long exits (code 76): its peer probably died.
+    # A rank with no finished call of steps for this long exits (code 76) after writing its
+    # post-mortem: its peer probably died or hangs (docs/troubleshooting.md).
     step_timeout_s: float = 300.0
+    # The same from the process's start until its first call of steps is done: imports,
+    # hvd.init, restore, the first broadcast and the first step's tracing (code 76).
+    startup_timeout_s: float = 900.0
+    # After a stop signal, the ranks must end their call at the same step within this long; a
+    # rank whose peer is gone writes its post-mortem and exits 77 instead of waiting. Below
+    # SLURM's default KillWait (30 s) so the post-mortem is written before SIGKILL.
+    stop_timeout_s: float = 20.0
     # Training steps per call of the compiled step function at most (like Keras's
     # steps_per_execution): the host's per-call cost is paid once for this many steps. Fewer
     # where steps are slow (a call lasts about 1 s at most); a call never runs past an
@@ -119,6 +127,8 @@ class TrainConfig:
                  f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.threads >= 0, "train.threads must be >= 0 (0 means: the CPUs this rank owns)")
         _require(self.step_timeout_s >= 0, "train.step_timeout_s must be >= 0 (0: no watchdog)")
+        _require(self.startup_timeout_s >= 0, "train.startup_timeout_s must be >= 0 (0: no start-up watchdog)")
+        _require(self.stop_timeout_s >= 0, "train.stop_timeout_s must be >= 0 (0: wait for the stop)")
         _require(self.steps_per_call >= 1, "train.steps_per_call must be >= 1")
         _require(self.loss != "", "train.loss must name a Keras loss, e.g. mse")
         _require(all(isinstance(m, str) and m for m in self.metrics),
@@ -190,6 +200,21 @@ class LogConfig:
 
 
 @dataclass
+class DebugConfig:
+    # A fault on purpose, e.g. rank=1,step=20,phase=data,kind=hang (pipeline/fault.py,
+    # docs/troubleshooting.md); "" (the default): none.
+    fault: str = ""
+
+    def validate(self) -> None:
+        from .fault import parse
+
+        try:
+            parse(self.fault)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -197,6 +222,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     horovod: HorovodConfig = field(default_factory=HorovodConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> "Config":
         for f in fields(self):

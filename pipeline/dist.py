@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from . import flight
+
 
 def rank_threads(requested: int, local_size: int) -> int:
     """CPU threads for one rank: the request; else SLURM's CPUs per task; else the CPUs this
@@ -75,23 +77,27 @@ class Dist:
         import tensorflow as tf
 
         # float64 so sums of per-rank counts and losses stay exact.
-        return self._hvd.allreduce(tf.constant(values), op=self._hvd.Sum, name=None).numpy()
+        with flight.waiting("allreduce"):
+            return self._hvd.allreduce(tf.constant(values), op=self._hvd.Sum, name=None).numpy()
 
     def broadcast_object(self, obj: Any, name: str) -> Any:
         if self._hvd is None or self.size == 1:
             return obj
-        return self._hvd.broadcast_object(obj, root_rank=0, name=name)
+        with flight.waiting(f"broadcast {name}"):
+            return self._hvd.broadcast_object(obj, root_rank=0, name=name)
 
     def allgather_object(self, obj: Any, name: str) -> list:
         if self._hvd is None or self.size == 1:
             return [obj]
-        return self._hvd.allgather_object(obj, name=name)
+        with flight.waiting(f"allgather {name}"):
+            return self._hvd.allgather_object(obj, name=name)
 
     def broadcast_variables(self, variables) -> None:
         # Every rank starts from rank 0's weights and optimizer state, whether fresh or
         # restored from a checkpoint, so the replicas are identical from step 1.
         if self._hvd is not None and self.size > 1:
-            self._hvd.broadcast_variables(variables, root_rank=0)
+            with flight.waiting("broadcast variables"):
+                self._hvd.broadcast_variables(variables, root_rank=0)
 
     def average_variables(self, variables) -> None:
         """Sets each variable to its mean over ranks. For BatchNorm's moving statistics, which
@@ -100,8 +106,9 @@ class Dist:
         variables = list(variables)
         if self._hvd is None or self.size == 1 or not variables:
             return
-        means = self._hvd.grouped_allreduce([v.read_value() for v in variables], op=self._hvd.Average,
-                                            name="non_trainable")
+        with flight.waiting("allreduce non_trainable"):
+            means = self._hvd.grouped_allreduce([v.read_value() for v in variables], op=self._hvd.Average,
+                                                name="non_trainable")
         for v, m in zip(variables, means):
             v.assign(m)
 
@@ -176,7 +183,8 @@ def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False, hor
         except ImportError:
             hvd = None
     if hvd is not None:
-        hvd.init()
+        with flight.waiting("hvd.init"):
+            hvd.init()
         d = Dist(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), "horovod", _hvd=hvd)
     else:
         d = Dist()

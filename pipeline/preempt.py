@@ -17,7 +17,13 @@ import time
 EXIT_OK = 0
 EXIT_FAILED = 1  # e.g. a checkpoint could not be written (disk full); earlier checkpoints are intact
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on a signal after a complete checkpoint; run again to resume
-EXIT_STALLED = 76  # no step finished within train.step_timeout_s: a peer rank died or hangs
+EXIT_STALLED = 76  # no progress within train.startup_timeout_s / step_timeout_s: a peer died or hangs
+EXIT_STOP_INCOMPLETE = 77  # a stop signal arrived but the ranks could not stop together: a peer is gone
+EXIT_FAULT = 70  # debug.fault kind=exit: the rank leaves at once, as a crashed process would
+
+# When Python itself cannot run for the watchdog's timeout plus this long (the GIL held in C
+# code), faulthandler's own thread writes the stacks and exits 1.
+BACKSTOP_S = 30.0
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -91,34 +97,80 @@ class StopSignals:
 
 
 class Watchdog:
-    """Ends the process when no step finishes for `timeout_s`: a rank whose peer died would
-    otherwise wait in the allreduce until the job's wall-time limit."""
+    """Ends the process when it makes no progress for `timeout_s`: a rank whose peer died
+    would otherwise wait in a collective until the job's wall-time limit.
 
-    def __init__(self, timeout_s: float, rank: int, on_stall=None):
-        self.timeout_s = timeout_s
+    It runs from the first instant of a run: `arm()` switches it from the start-up timeout to
+    the step timeout once the first call of steps is done. After a stop signal, `stopping()`
+    also bounds the collective part of the stop (every rank must end its call at the same
+    step): a peer that is gone cannot take part, and the rank exits EXIT_STOP_INCOMPLETE.
+    When it fires, the flight recorder (if any) writes the rank's post-mortem first.
+    """
+
+    def __init__(self, timeout_s: float, rank: int, on_stall=None, what: str = "step", flight=None):
+        self.timeout_s, self.what = timeout_s, what
         self.rank = rank
+        self.flight = flight
         self._last = time.monotonic()
+        self._deadline: float | None = None
+        self._stop_bound = 0.0
         self._done = threading.Event()
         self._on_stall = on_stall or self._exit
         self._thread = threading.Thread(target=self._run, name="step-watchdog", daemon=True)
-        if timeout_s > 0:
+        if timeout_s > 0 or flight is not None:
             self._thread.start()
+
+    def arm(self, timeout_s: float, what: str) -> None:
+        self.timeout_s, self.what = timeout_s, what
+        self.progress()
 
     def progress(self) -> None:
         self._last = time.monotonic()
 
+    def stopping(self, bound_s: float) -> None:
+        """A stop signal arrived: the stop's collective part must end within bound_s."""
+        if bound_s > 0 and self._deadline is None:
+            self._stop_bound = bound_s
+            self._deadline = time.monotonic() + bound_s
+
+    def stopped(self) -> None:
+        """Every rank ended its call at the same step: the collective part of the stop is done."""
+        self._deadline = None
+
     def _run(self) -> None:
-        while not self._done.wait(min(1.0, self.timeout_s / 4)):
-            idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+        while not self._done.wait(min(1.0, self.timeout_s / 4) if self.timeout_s > 0 else 1.0):
+            now = time.monotonic()
+            if self._deadline is not None and now > self._deadline:
+                self._on_stall(-1.0)
+                return
+            idle = now - self._last
+            if self.timeout_s > 0 and idle > self.timeout_s:
                 self._on_stall(idle)
                 return
+            if self.flight is not None and self.timeout_s > 0:
+                self.flight.arm_backstop(self.timeout_s + BACKSTOP_S)
 
     def _exit(self, idle: float) -> None:
-        print(f"rank {self.rank}: no step finished for {idle:.0f}s (train.step_timeout_s={self.timeout_s:g}); "
-              f"a peer rank probably died. Exiting {EXIT_STALLED}; resume from the last complete checkpoint.",
-              file=sys.stderr, flush=True)
-        os._exit(EXIT_STALLED)
+        where = ""
+        if self.flight is not None:
+            st = self.flight.state()
+            where = (f" on {st['host']}, in phase {st['phase']} at step {st['step']}"
+                     + (f" waiting in {st['waiting']}" if st["waiting"] else ""))
+        if idle < 0:
+            code = EXIT_STOP_INCOMPLETE
+            why = (f"a stop signal arrived but the ranks did not end their step together within "
+                   f"{self._stop_bound:g}s (train.stop_timeout_s): a peer rank is gone")
+        else:
+            code = EXIT_STALLED
+            key = "train.startup_timeout_s" if self.what == "startup" else "train.step_timeout_s"
+            why = f"no {self.what} progress for {idle:.0f}s ({key}={self.timeout_s:g}); a peer rank probably died or hangs"
+        if self.flight is not None:
+            self.flight.event("stall", label=f"exit {code}")
+            self.flight.postmortem(why, exit_code=code)
+            where += f"; post-mortem in {self.flight.json.parent}"
+        print(f"rank {self.rank}{where}: {why}. Exiting {code}; run `pipeline postmortem RUN_DIR`, then resume "
+              f"from the last complete checkpoint.", file=sys.stderr, flush=True)
+        os._exit(code)
 
     def close(self) -> None:
         self._done.set()

@@ -7,6 +7,8 @@ Training writes it, `pipeline analyze`, the benchmarks, `pipeline export` and
     RUN/config.json            rank 0: the resolved config + the run's facts (RUN_FACTS)
     RUN/steps/rank-R.jsonl     every rank: header records, then one step record per step
     RUN/ranks/rank-R.json      every rank: "running" at the start, its summary at the end
+    RUN/ranks/rank-R.events    every rank: its flight recorder's ring (pipeline/flight.py)
+    RUN/postmortem/rank-R.*    a rank that stalled, raised or was stopped: stacks (.txt), state (.json)
     RUN/metrics.jsonl          rank 0: one record per evaluation
     RUN/checkpoints/step-N/    rank 0: complete checkpoints (pipeline/checkpoint.py)
     RUN/tensorboard/           rank 0: TensorBoard event files
@@ -43,7 +45,7 @@ STEP_OPTIONAL = ("time", "loss", "rss_mb", "lr")
 HEADER_KIND = "header"
 HEADER_FIELDS = ("kind", "rank", "size", "local_rank", "local_size", "host", "pid", "start_step", "precision",
                  "jit_compile", "compression", "backward_passes_per_step", "batch_size", "threads", "backend",
-                 "steps_per_call", "time")
+                 "steps_per_call", "fault", "time")
 # One evaluation in metrics.jsonl.
 METRIC_FIELDS = ("epoch", "step", "time", "val_loss", "val_accuracy", "eval_s")
 # ranks/rank-R.json at the end of a run.

@@ -22,13 +22,15 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint, config as config_mod, dist as dist_mod, measure, models, step as step_mod
+from . import checkpoint, config as config_mod, dist as dist_mod, fault as fault_mod, flight, measure, models
+from . import step as step_mod
 from . import writers as writers_mod
 from .data import reader, sharding, shards
 from .errors import UserError
@@ -42,25 +44,66 @@ from .steplog import StepLog, rss_mb
 
 
 def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
-    """One run, start to end (or to a stop signal); returns this rank's summary."""
+    """One run, start to end (or to a stop signal); returns this rank's summary.
+
+    The flight recorder and the watchdog start first (pipeline/flight.py): a rank stuck
+    joining the job or in its first broadcast is caught by train.startup_timeout_s, and any
+    way a rank fails leaves its post-mortem."""
     t_start = time.time()
     rd = RunDir(run_dir)
     manifest = preflight(cfg, rd)
-    dist = join(cfg, rd)
+    fault = fault_mod.parse(cfg.debug.fault)
+    rank = flight.launch_rank()
+    rec = flight.start(rd.path, rank)
+    watchdog = Watchdog(cfg.train.startup_timeout_s, rank, what="startup", flight=rec)
+    holder: list = []
+    early = StopSignals(rank, signals=(signal.SIGTERM, signal.SIGUSR1),
+                        on_signal=lambda: _signal_at_startup(rec, holder[0].signum if holder else None))
+    holder.append(early)
+    dist = None
     try:
+        if fault is not None and fault.due(rank, "startup", 0):
+            fault.fire(rank, 0, rec)
+        rec.event("phase", "init")
+        dist = join(cfg, rd)
+        rec.event("phase", "setup")
         check_data(manifest, dist)
         plan = make_plan(cfg, manifest, dist)
         with contextlib.ExitStack() as resources:
             trainer = build(cfg, rd, dist, plan, out, resources)
-            state = loop(trainer, resources)
+            early.close()
+            state = loop(trainer, resources, watchdog)
         summary = summarize(trainer, state, t_start)
         finish(trainer, state, summary)
         dist.stop_timeline()
+        rec.event("phase", "done")
         return summary
+    except UserError:
+        raise
+    except BaseException as e:
+        # The first real exception, before Horovod's shutdown makes every peer raise its own.
+        rec.postmortem(f"raised {type(e).__name__}: {e}", exc=e, exit_code=1)
+        raise
     finally:
+        early.close()
+        watchdog.close()
         # On any way out: a failing rank leaves the job, so its peers' collectives fail with
         # an error instead of waiting for it until the watchdog or the job's time limit.
-        dist.shutdown()
+        if dist is not None:
+            dist.shutdown()
+        rec.close()
+
+
+def _signal_at_startup(rec, signum: int | None) -> None:
+    """A stop signal before the first step: nothing to checkpoint yet. The rank leaves its
+    post-mortem (the launcher may be ending the job after another rank died) and exits."""
+    signum = signum or signal.SIGTERM
+    code = 128 + signum
+    name = _signal_name(signum)
+    rec.event("signal", label=name)
+    rec.postmortem(f"{name} during start-up, before the first step (nothing to checkpoint)", exit_code=code,
+                   bound_s=5.0)
+    os._exit(code)
 
 
 # --- preflight and join ---
@@ -155,6 +198,7 @@ class Trainer:
     train_step: object
     evaluate: Evaluator
     start: int                       # the step resumed after (0: a fresh run)
+    fault: fault_mod.Fault | None = None  # debug.fault
 
 
 def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan, out,
@@ -196,7 +240,7 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
                                           compression=cfg.horovod.compression, jit_compile=cfg.train.jit_compile,
                                           loss_scale=precision == "mixed_float16", prepare_x=task.prepare_x)
     return Trainer(cfg, rd, dist, plan, precision, model, opt, state, lr, ckpts, writers, inp, train_step,
-                   Evaluator(model, inp, cfg.train.batch_size, dist, task), start)
+                   Evaluator(model, inp, cfg.train.batch_size, dist, task), start, fault_mod.parse(cfg.debug.fault))
 
 
 @contextlib.contextmanager
@@ -263,19 +307,24 @@ class LoopState:
     step_log_s: float = 0.0
 
 
-def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
+def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None = None) -> LoopState:
     """Runs the steps in calls of up to train.steps_per_call steps (pipeline/step.py
     `compile_calls`); after each call, writes one step-log record per step from the times the
-    graph took, then evaluates and checkpoints where due (a call always ends there)."""
+    graph took, then evaluates and checkpoints where due (a call always ends there).
+    `watchdog`: run()'s, on its start-up timeout until the first call is done; else one of
+    its own. The flight recorder (if run() started one) hears of each phase and call."""
     import tensorflow as tf
 
     dist, plan, writers = t.dist, t.plan, t.writers
+    rec = flight.current()
+    fault = t.fault
     steplog = resources.enter_context(StepLog(t.run_dir, dist.rank))
     steplog.header(rank=dist.rank, size=dist.size, local_rank=dist.local_rank, local_size=dist.local_size,
                    host=socket.gethostname(), pid=os.getpid(), start_step=t.start, precision=t.precision,
                    jit_compile=t.cfg.train.jit_compile, compression=t.cfg.horovod.compression,
                    backward_passes_per_step=plan.passes, batch_size=t.cfg.train.batch_size, threads=dist.threads,
-                   backend=dist.backend, steps_per_call=t.cfg.train.steps_per_call)
+                   backend=dist.backend, steps_per_call=t.cfg.train.steps_per_call,
+                   fault=str(fault) if fault else None)
     t.run_dir.ranks_dir.mkdir(exist_ok=True)
     atomic_write_text(t.run_dir.rank_file(dist.rank), json.dumps(
         {"rank": dist.rank, "pid": os.getpid(), "host": socket.gethostname(), "status": "running",
@@ -283,8 +332,12 @@ def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
     # Read by every step inside a call; a signal sets it the moment it arrives.
     with tf.device("/CPU:0"):
         stop_flag = tf.Variable(0.0, trainable=False, name="stop_flag")
-    signals = resources.enter_context(StopSignals(dist.rank, on_signal=lambda: _raise_flag(stop_flag)))
-    watchdog = resources.enter_context(Watchdog(t.cfg.train.step_timeout_s, dist.rank))
+    if watchdog is None:
+        watchdog = resources.enter_context(Watchdog(t.cfg.train.step_timeout_s, dist.rank, flight=rec))
+    holder: list = []
+    signals = resources.enter_context(StopSignals(
+        dist.rank, on_signal=lambda: _stop_requested(t, stop_flag, watchdog, rec, holder)))
+    holder.append(signals)
     feed = t.input.feed(plan.update_batch, t.cfg.train.seed, t.start, plan.total)
     resources.callback(feed.close)
     calls = step_mod.compile_calls(t.train_step, stop_flag, feed.batch_at, feed.signature,
@@ -294,22 +347,42 @@ def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
     t_loop = time.perf_counter()
     last_end = step_mod.now_us()  # the end of the previous step, in the graph clock's microseconds
     limit = 1  # the first call traces the function: one step, whatever the step costs
+    first_call = True
+    rec_cost0 = rec.recorder.cost_s if rec else 0.0
     while s.step < plan.total:
         n = call_size(s.step, limit, lambda k: _call_ends_at(t, k))
         t_call = step_mod.now_us()
+        _phase(rec, fault, dist.rank, "data", s.step + 1)
         first, n, inputs = feed.prepare(s.step, n)
         waited = step_mod.now_us() - t_call  # the host's part of the first step's data wait
+        _phase(rec, fault, dist.rank, "allreduce", s.step + 1)
+        if rec:
+            rec.event("call", "step", s.step + 1, waiting=f"call of steps {s.step + 1}-{s.step + n}")
         losses, begin, ready, done, stopped = calls(tf.constant(first, tf.int32), tf.constant(n, tf.int32), inputs)
         losses, begin, ready, done = losses.numpy(), _us(begin), _us(ready), _us(done)
+        if rec:
+            rec.event("done", step=s.step + len(losses), waiting="")
+        if first_call:
+            watchdog.arm(t.cfg.train.step_timeout_s, "step")  # start-up ends with the first call
+            first_call = False
         watchdog.progress()
         last_end = _log_steps(t, s, steplog, losses, begin, ready, done, last_end, waited)
         limit = steps_in_a_call(t.cfg.train.steps_per_call, s.step_times[-len(losses):])
         writers.progress.maybe_print(s.step, s.loss)
         epoch = plan.epoch_of(s.step)
         if bool(stopped):
+            watchdog.stopped()  # every rank ended its call here: the rest is the save
+            _phase(rec, None, dist.rank, "stop", s.step)
             _stop_on_signal(t, s, s.step, epoch, signals)
+            if rec:
+                rec.discard()  # stopped as asked: the post-mortem written at the signal is moot
             break
-        evaluated = _evaluate(t, s, s.step, epoch) if plan.evaluates_after(s.step) else {}
+        evaluated = {}
+        if plan.evaluates_after(s.step):
+            _phase(rec, fault, dist.rank, "eval", s.step)
+            evaluated = _evaluate(t, s, s.step, epoch)
+        if t.checkpoints.due(s.step, plan.total, plan.evaluates_after(s.step)):
+            _phase(rec, fault, dist.rank, "checkpoint", s.step)
         ref = t.checkpoints.save_if_due(t.state, s.step, epoch, plan.total, evaluated)
         if ref is not None and s.step == plan.total:
             writers.console.print(f"checkpoint: {ref.path}")
@@ -317,7 +390,8 @@ def loop(t: Trainer, resources: contextlib.ExitStack) -> LoopState:
             # An evaluation or a save is not part of the next step's time.
             last_end = step_mod.now_us()
     s.loop_s = time.perf_counter() - t_loop
-    s.step_log_s = steplog.cost_s
+    # The flight recorder's events are part of what logging costs.
+    s.step_log_s = steplog.cost_s + (rec.recorder.cost_s - rec_cost0 if rec else 0.0)
     s.stopped_by = _signal_name(signals.signum)
     return s
 
@@ -347,10 +421,33 @@ def call_size(step: int, limit: int, ends_at) -> int:
 
 
 def _call_ends_at(t: Trainer, k: int) -> bool:
-    """Something other than a step happens after step k (the same answer on every rank)."""
+    """Something other than a step happens after step k (the same answer on every rank, but
+    for a debug.fault, which splits the calls of its own rank only)."""
     plan = t.plan
     return k >= plan.total or k % plan.steps_per_epoch == 0 or \
-        t.checkpoints.due(k, plan.total, plan.evaluates_after(k))
+        t.checkpoints.due(k, plan.total, plan.evaluates_after(k)) or \
+        (t.fault is not None and t.fault.splits_before(t.dist.rank) == k)
+
+
+def _phase(rec, fault, rank: int, phase: str, step: int) -> None:
+    """Tells the flight recorder (if any) where the rank is; fires a debug.fault due there."""
+    if fault is not None and fault.due(rank, phase, step):
+        fault.fire(rank, step, rec)
+    if rec is not None and phase != "allreduce":
+        rec.event("phase", phase, step, waiting="")
+
+
+def _stop_requested(t: Trainer, stop_flag, watchdog: Watchdog, rec, holder: list) -> None:
+    """On the signal thread, the moment a stop signal arrives: raise the flag every step of the
+    current call reads, bound the collective part of the stop, and leave a post-mortem now (a
+    launcher ending the job after another rank died sends SIGKILL soon after its SIGTERM);
+    it is discarded when the stop completes."""
+    _raise_flag(stop_flag)
+    watchdog.stopping(t.cfg.train.stop_timeout_s)
+    if rec is not None:
+        name = _signal_name(holder[0].signum) if holder else "a stop signal"
+        rec.event("signal", label=name)
+        rec.postmortem(f"{name} received; stopping at the next step boundary", bound_s=5.0)
 
 
 def _log_steps(t: Trainer, s: LoopState, steplog: StepLog, losses, begin, ready, done, last_end: int,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import commmodel
 from ..errors import UserError
-from . import logs, plots, summary as summary_mod
+from . import logs, plots, postmortem, summary as summary_mod
 
 
 def _ms(v) -> str:
@@ -139,6 +139,9 @@ def analyze(run_dirs: list[str], *, target=0.9, plots_dir: str | None = None,
     summary_mod.parse_target(target)  # a bad --target fails before any reading
     runs = [logs.load(d) for d in run_dirs]
     sums = [summary_mod.summarize(r, target) for r in runs]
+    for d, s in zip(run_dirs, sums):
+        if postmortem.present(d):  # a run that stalled, raised or was killed: say who and where
+            s["postmortem"] = {k: v for k, v in postmortem.analyze(d).items() if k != "run_dir"}
     summary_mod.communication_estimates(sums)
     if link_gbps is not None or comm_file:
         summary_mod.comm_model(sums, commmodel.load_network(link_gbps, comm_file),
@@ -191,7 +194,10 @@ def model_lines(s: dict) -> list[str]:
 def text(result: dict) -> str:
     lines = []
     for s in result["runs"]:
-        lines += text_summary(s) + model_lines(s) + [""]
+        lines += text_summary(s) + model_lines(s)
+        if s.get("postmortem"):
+            lines += ["== post-mortem (pipeline postmortem RUN_DIR)"] + s["postmortem"]["lines"]
+        lines.append("")
     lines += scaling_lines(result.get("scaling", []), result.get("scaling_declined", []))
     if "compare" in result:
         lines += compare_lines(result["runs"][0], result["runs"][1], result["compare"],

@@ -1,0 +1,244 @@
+"""`pipeline doctor`: pre-flight checks under the same launcher as training.
+
+Every rank reports what it sees: host, versions (Python, TensorFlow, Horovod, MPI, NCCL) and
+Horovod's built operations, the dataset manifest's digest, whether the run directory is
+writable with room for checkpoint.keep + 1 checkpoints (rank 0 writes them), the network
+interfaces MPI and NCCL would use, GPUs against the ranks on its host; then all ranks time a
+1 MiB and a 64 MiB allreduce together. Rank 0 prints one table; the job exits 0, or 2 with
+one line per fatal mismatch naming rank and host (slurm/train.sbatch runs it first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+from . import dist as dist_mod
+from .errors import EXIT_USER_ERROR
+
+# Interfaces that carry no traffic between hosts: loopback, and container or VM bridges.
+_LOCAL_ONLY = ("lo", "docker", "virbr", "br-", "veth", "cni", "flannel", "podman", "lxcbr")
+
+
+def _ipv4(name: str) -> str | None:
+    """An interface's IPv4 address (SIOCGIFADDR), or None."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+        return socket.inet_ntoa(packed[20:24])
+    return None
+
+
+def interfaces(environ=os.environ) -> dict:
+    """The interfaces up with an IPv4 address, and which of them MPI's TCP transport and NCCL's
+    sockets would use: the site's setting where given, else their default choice."""
+    names = [n for _, n in socket.if_nameindex()]
+    up = {n: a for n in names if (a := _ipv4(n))}
+    routable = [n for n in up if not n.startswith(_LOCAL_ONLY)]
+
+    def pick(include: str | None, exclude: str | None, default: list) -> list:
+        if include:
+            return [n for n in up if any(n.startswith(p) for p in include.replace("^", "").split(","))]
+        if exclude:
+            return [n for n in up if not any(n.startswith(p) for p in exclude.split(","))]
+        return default
+
+    mpi = pick(environ.get("OMPI_MCA_btl_tcp_if_include"), environ.get("OMPI_MCA_btl_tcp_if_exclude"),
+               routable or [n for n in up if n != "lo"])
+    nccl_env = environ.get("NCCL_SOCKET_IFNAME", "")
+    nccl = pick(nccl_env if nccl_env and not nccl_env.startswith("^") else None,
+                nccl_env[1:] if nccl_env.startswith("^") else None, routable[:1] or list(up)[:1])
+    return {"up": up, "mpi": mpi, "nccl": nccl}
+
+
+def _manifest_digest(data_dir: str) -> str:
+    try:
+        return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+
+
+def _checkpoint_bytes(run_dir: Path, params: int, optimizer: str) -> int:
+    """The newest checkpoint's size where one exists, else the model's variables and the
+    optimizer's slots in float32 (Adam keeps two per weight, SGD with momentum one)."""
+    from .checkpoint import latest
+
+    with contextlib.suppress(Exception):
+        ref = latest(run_dir / "checkpoints")
+        if ref is not None:
+            return sum(p.stat().st_size for p in Path(ref.path).rglob("*") if p.is_file())
+    return params * 4 * (3 if optimizer == "adam" else 2)
+
+
+def _writable(run_dir: Path) -> tuple[bool, str, Path]:
+    """Creates and removes a file where the run directory is (or would be made)."""
+    where = run_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    probe = where / f".doctor-{socket.gethostname()}-{os.getpid()}"
+    try:
+        with open(probe, "w") as f:
+            f.write("x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        return True, "", where
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        return False, e.strerror or str(e), where
+
+
+def _versions() -> dict:
+    import tensorflow as tf
+
+    v = {"python": platform.python_version(), "tensorflow": tf.__version__}
+    try:
+        import horovod
+        import horovod.tensorflow as hvd
+
+        v["horovod"] = horovod.__version__
+        v["horovod_ops"] = ",".join(n for n in ("mpi", "gloo", "nccl", "ccl", "ddl", "cuda", "rocm")
+                                    if getattr(hvd, f"{n}_built")()) or "none"
+        nccl = hvd.nccl_built()
+        v["nccl"] = str(nccl) if nccl else "-"
+    except ImportError:
+        v["horovod"], v["horovod_ops"], v["nccl"] = "-", "-", "-"
+    try:
+        from mpi4py import MPI
+
+        v["mpi"] = MPI.Get_library_version().splitlines()[0].strip()[:40]
+    except Exception:  # noqa: BLE001 - no mpi4py or no MPI library: say so in the table
+        v["mpi"] = "-"
+    return v
+
+
+def _timed_allreduce(d, nbytes: int, repeats: int = 3) -> float | None:
+    """Seconds for one allreduce of nbytes (the best of a few, after a warm-up); None alone."""
+    if d._hvd is None or d.size == 1:
+        return None
+    import tensorflow as tf
+
+    x = tf.ones([nbytes // 4], tf.float32)
+    best = None
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        d._hvd.allreduce(x, op=d._hvd.Sum, name=f"doctor_{nbytes}").numpy()
+        if i:
+            best = min(best or 1e9, time.perf_counter() - t0)
+    return best
+
+
+def run(cfg, run_dir: str | None, out=sys.stdout, err=sys.stderr) -> int:
+    d = dist_mod.init(cfg.train.threads)
+    try:
+        return _run(cfg, d, Path(run_dir) if run_dir else None, out, err)
+    finally:
+        d.shutdown()
+
+
+def _run(cfg, d, run_dir: Path | None, out, err) -> int:
+    import tensorflow as tf
+
+    me = {"rank": d.rank, "host": socket.gethostname(), "local_rank": d.local_rank, "local_size": d.local_size,
+          **_versions(), "manifest": _manifest_digest(cfg.data.dir),
+          "gpus": len(tf.config.list_physical_devices("GPU")), "net": interfaces()}
+    # The model's size for the free-space check, from rank 0 (building it on every rank
+    # costs every rank the time).
+    params = 0
+    if d.is_root:
+        with contextlib.suppress(Exception):
+            from . import models
+            from .data import shards
+
+            m = shards.load_manifest(cfg.data.dir, cfg.data.root or None)
+            params = models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape,
+                                  args=cfg.model.args).count_params()
+    params = d.broadcast_object(params, name="doctor_params")
+    if run_dir is not None:
+        ok, why, where = _writable(run_dir)
+        need = (cfg.checkpoint.keep + 1) * _checkpoint_bytes(run_dir, params, cfg.train.optimizer)
+        free = shutil.disk_usage(where).free if where.exists() else 0
+        me.update(run_dir_writable=ok, run_dir_error=why, free_bytes=free, need_bytes=need)
+    reports = d.allgather_object(me, name="doctor_reports")
+    t1 = _timed_allreduce(d, 1 << 20)
+    t64 = _timed_allreduce(d, 64 << 20)
+    fatal, warn = _verdict(reports, cfg, run_dir)
+    if d.is_root:
+        out.write(_table(reports, t1, t64, d.size, run_dir) + "\n")
+        for w in warn:
+            out.write(f"doctor: warning: {w}\n")
+        for f in fatal:
+            err.write(f"doctor: {f}\n")
+        out.write(f"doctor: {'FAILED: ' + str(len(fatal)) + ' fatal problem(s)' if fatal else 'ok'}\n")
+        out.flush()
+        err.flush()
+    return EXIT_USER_ERROR if fatal else 0
+
+
+def _verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], list[str]]:
+    fatal, warn = [], []
+    r0 = reports[0]
+    for r in reports:
+        who = f"rank {r['rank']} on {r['host']}"
+        if r["manifest"] != r0["manifest"]:
+            fatal.append(f"{who}: {cfg.data.dir}/manifest.json digest {r['manifest']} differs from rank 0's "
+                         f"{r0['manifest']} (another dataset, or a different copy of it, at that path there)")
+        elif r["manifest"].startswith("unreadable"):
+            fatal.append(f"{who}: {cfg.data.dir}/manifest.json {r['manifest']}")
+        for k in ("python", "tensorflow", "horovod"):
+            if r[k] != r0[k]:
+                fatal.append(f"{who}: {k} {r[k]} but rank 0 runs {r0[k]} (different environments across hosts)")
+        if run_dir is not None:
+            if not r["run_dir_writable"]:
+                fatal.append(f"{who}: run directory {run_dir} is not writable ({r['run_dir_error']})")
+            elif r["rank"] == 0 and r["free_bytes"] < r["need_bytes"]:
+                fatal.append(f"{who}: {_mib(r['free_bytes'])} free where {run_dir} is, but checkpoint.keep + 1 = "
+                             f"{cfg.checkpoint.keep + 1} checkpoints need {_mib(r['need_bytes'])}")
+        if r["gpus"] and r["local_size"] > r["gpus"]:
+            fatal.append(f"{who}: {r['local_size']} ranks on this host but {r['gpus']} GPU(s); start one rank per GPU")
+        net = r["net"]
+        bridges = [n for n in net["mpi"] + net["nccl"] if n.startswith(_LOCAL_ONLY[1:])]
+        if bridges:
+            warn.append(f"{who}: MPI/NCCL would use {', '.join(sorted(set(bridges)))}, a container or VM bridge; "
+                        f"set OMPI_MCA_btl_tcp_if_include and NCCL_SOCKET_IFNAME to the cluster network")
+        if len({x['host'] for x in reports}) > 1 and (not net["mpi"] or set(net["mpi"]) <= {"lo"}):
+            warn.append(f"{who}: no interface but loopback for MPI, and the job spans hosts")
+    return fatal, warn
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _table(reports: list[dict], t1, t64, size: int, run_dir: Path | None) -> str:
+    lines = ["rank  host              python   tensorflow  horovod  ops            nccl  mpi"
+             "                                       manifest          gpus/local  mpi if      nccl if"
+             + ("  run dir" if run_dir else "")]
+    for r in reports:
+        net = r["net"]
+        line = (f"{r['rank']:>4}  {r['host'][:16]:<16}  {r['python']:<7}  {r['tensorflow']:<10}  {r['horovod']:<7}  "
+                f"{r['horovod_ops'][:13]:<13}  {r['nccl']:<4}  {r['mpi'][:40]:<40}  {r['manifest'][:16]:<16}  "
+                f"{r['gpus']}/{r['local_size']:<9}  {','.join(net['mpi'])[:10] or '-':<10}  "
+                f"{','.join(net['nccl'])[:10] or '-':<10}")
+        if run_dir is not None:
+            line += ("  writable, " + _mib(r["free_bytes"]) + " free" if r["run_dir_writable"]
+                     else "  NOT writable")
+        lines.append(line)
+
+    def rate(t, n):
+        if t is None:
+            return "- (one rank)"
+        bus = 2 * (size - 1) / size * n / t / 1e9  # bytes each rank sends and receives in a ring
+        return f"{t * 1e3:.2f} ms ({bus:.2f} GB/s bus)"
+
+    lines.append(f"allreduce over {size} rank(s): 1 MiB {rate(t1, 1 << 20)}; 64 MiB {rate(t64, 64 << 20)}")
+    return "\n".join(lines)

@@ -1,0 +1,295 @@
+"""Every rank's flight recorder, and its post-mortem.
+
+The recorder keeps a rank's recent events (phase changes at start-up, each call of the
+compiled steps, evaluation, checkpoints, signals, exceptions) in a ring of fixed-size
+records in a memory-mapped file, `ranks/rank-R.events`. Recording one is a `struct.pack_into`
+into shared memory, no system call, and the file outlives the process however it ends
+(SIGKILL included): `pipeline postmortem` reads where a rank was even when it left nothing
+else.
+
+A post-mortem (`postmortem/rank-R.txt` and `.json`) is written when the watchdog fires, when
+the rank raises, and when a stop signal arrives (the launcher terminating ranks after one
+died sends SIGTERM, and SIGKILL soon after): the txt holds every thread's Python stack from
+the standard library's faulthandler, into a file opened at start-up, so a fatal signal
+(SIGSEGV, SIGABRT) or a GIL held in C code for too long still leaves stacks there. Writing
+it is bounded in time: a hung file system delays the exit by seconds, never forever.
+
+Each event says whether the rank was waiting in a collective (hvd.init, a broadcast, a call
+of the compiled steps and its allreduces): a rank stuck outside one while its peers wait
+inside is the one that stopped first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import json
+import mmap
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+POSTMORTEM = "postmortem"
+
+# Where a rank is, in the order a run goes through them. `allreduce` is only entered by a
+# `debug.fault` that stops a rank just before the call holding its step.
+PHASES = ("startup", "init", "setup", "data", "allreduce", "step", "eval", "checkpoint", "stop", "done")
+KINDS = ("phase", "wait", "call", "done", "signal", "exception", "stall", "fault")
+
+_MAGIC = b"PLFLTR01"
+# magic, capacity, record size, rank, pid, start time, next record number, host
+_HEADER = struct.Struct("<8sIIiidQ64s")
+_HEADER_SIZE = 128
+_NEXT_AT = struct.calcsize("<8sIIiid")  # offset of the record counter inside the header
+# time, step, phase, kind, waiting in a collective (0/1), label (utf-8, NUL-padded)
+_RECORD = struct.Struct("<dqBBB45s")
+CAPACITY = 512
+
+
+def launch_rank(environ=os.environ) -> int:
+    """This process's rank as its launcher set it, before Horovod joins the job."""
+    for v in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK",
+              "SLURM_PROCID"):
+        if environ.get(v, "").isdigit():
+            return int(environ[v])
+    return 0
+
+
+def events_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "ranks" / f"rank-{rank}.events"
+
+
+def postmortem_paths(run_dir: Path, rank: int) -> tuple[Path, Path]:
+    d = Path(run_dir) / POSTMORTEM
+    return d / f"rank-{rank}.txt", d / f"rank-{rank}.json"
+
+
+class Recorder:
+    """The ring of one rank's events, and what it is doing now (phase, step, waiting)."""
+
+    def __init__(self, run_dir: Path, rank: int, capacity: int = CAPACITY):
+        self.run_dir, self.rank = Path(run_dir), rank
+        self.host, self.pid, self.start = socket.gethostname(), os.getpid(), time.time()
+        self.capacity = capacity
+        self.phase, self.step, self.waiting, self.since = "startup", 0, "", self.start
+        self.count = 0
+        self.cost_s = 0.0
+        self._lock = threading.Lock()
+        size = _HEADER_SIZE + capacity * _RECORD.size
+        self.path: Path | None = events_path(self.run_dir, rank)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, size)
+                self._mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            self.path = None  # kept in memory only, for this process's own post-mortem
+            self._mm = mmap.mmap(-1, size)
+        _HEADER.pack_into(self._mm, 0, _MAGIC, capacity, _RECORD.size, rank, self.pid, self.start, 0,
+                          self.host.encode()[:64])
+        self.event("phase", "startup", 0)
+
+    def event(self, kind: str, phase: str | None = None, step: int | None = None, label: str = "",
+              waiting: str | None = None) -> None:
+        """Records one event; `phase`, `step` and `waiting` also change what the rank is doing."""
+        t0 = time.perf_counter()
+        now = time.time()
+        with self._lock:
+            if phase is not None and phase != self.phase:
+                self.phase, self.since = phase, now
+            if step is not None:
+                self.step = step
+            if waiting is not None:
+                self.waiting = waiting
+            label = label or self.waiting
+            _RECORD.pack_into(self._mm, _HEADER_SIZE + (self.count % self.capacity) * _RECORD.size, now,
+                              self.step, PHASES.index(self.phase), KINDS.index(kind), bool(self.waiting),
+                              label.encode("utf-8", "replace")[:45])
+            self.count += 1
+            struct.pack_into("<Q", self._mm, _NEXT_AT, self.count)
+        self.cost_s += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def wait(self, what: str):
+        """Marks a collective: the rank waits for its peers until it returns."""
+        before = self.waiting
+        self.event("wait", waiting=what)
+        try:
+            yield
+        finally:
+            self.event("done", waiting=before)
+
+    def state(self) -> dict:
+        return {"rank": self.rank, "host": self.host, "pid": self.pid, "phase": self.phase, "step": self.step,
+                "waiting": self.waiting or None, "phase_since": self.since}
+
+    def events(self) -> list[dict]:
+        return _records(self._mm)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._mm.flush()
+
+
+def read_events(path: Path) -> tuple[dict, list[dict]] | None:
+    """(header, events oldest first) of a ring file, or None when there is none or it is not one."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    if len(data) < _HEADER_SIZE or data[:8] != _MAGIC:
+        return None
+    _, _cap, _rsize, rank, pid, start, count, host = _HEADER.unpack_from(data, 0)
+    header = {"rank": rank, "pid": pid, "start": start, "count": count,
+              "host": host.rstrip(b"\0").decode("utf-8", "replace")}
+    return header, _records(data)
+
+
+def _records(buf) -> list[dict]:
+    _, cap, rsize, _rank, _pid, _start, count, _host = _HEADER.unpack_from(buf, 0)
+    out = []
+    for n in range(max(0, count - cap), count):
+        t, step, phase, kind, waiting, label = _RECORD.unpack_from(buf, _HEADER_SIZE + (n % cap) * rsize)
+        out.append({"time": t, "step": step, "phase": PHASES[phase] if phase < len(PHASES) else "?",
+                    "kind": KINDS[kind] if kind < len(KINDS) else "?", "waiting": bool(waiting),
+                    "label": label.rstrip(b"\0").decode("utf-8", "replace")})
+    return out
+
+
+# --- the process's recorder and post-mortem ---
+
+_current: "FlightRecorder | None" = None
+
+
+class FlightRecorder:
+    """One rank's recorder, post-mortem files and fatal-signal stacks. `start()` makes it the
+    process's own, so deep code (the collectives in pipeline/dist.py) records through
+    `waiting()` without being handed it."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.run_dir, self.rank = Path(run_dir), rank
+        self.txt, self.json = postmortem_paths(self.run_dir, rank)
+        # A post-mortem of an earlier attempt of this run is not about this one.
+        for p in (self.txt, self.json):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        self.recorder = Recorder(self.run_dir, rank)
+        self.written: str | None = None  # the reason of the post-mortem written, if any
+        self._pending: threading.Event | None = None
+        self._stacks = None
+        self._fault_was_enabled = faulthandler.is_enabled()
+        try:
+            self.txt.parent.mkdir(parents=True, exist_ok=True)
+            self._stacks = open(self.txt, "w")
+            faulthandler.enable(file=self._stacks, all_threads=True)
+        except OSError:
+            self._stacks = None
+
+    def event(self, kind: str, phase: str | None = None, step: int | None = None, label: str = "",
+              waiting: str | None = None) -> None:
+        self.recorder.event(kind, phase, step, label, waiting)
+
+    def state(self) -> dict:
+        return self.recorder.state()
+
+    def postmortem(self, reason: str, exc: BaseException | None = None, exit_code: int | None = None,
+                   bound_s: float = 10.0) -> bool:
+        """Writes postmortem/rank-R.txt (every thread's stack, appended) and .json; returns
+        whether both were written within `bound_s` (a hung file system must not keep the
+        rank alive: the writing thread is left behind)."""
+        if exc is not None:
+            self.event("exception", label=type(exc).__name__)
+        now = time.time()
+        record = {**self.state(), "reason": reason, "time": now, "exit_code": exit_code,
+                  "phase_s": round(now - self.recorder.since, 3), "stacks": str(self.txt),
+                  "last_events": self.recorder.events()[-32:],
+                  "exception": None if exc is None else {
+                      "type": type(exc).__name__, "message": str(exc),
+                      "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}}
+        done = self._pending = threading.Event()
+        stacks = self._stacks
+
+        def write():
+            try:
+                if stacks is not None:
+                    stacks.write(f"# rank {self.rank} on {record['host']} pid {record['pid']}: {reason}\n")
+                    stacks.flush()
+                    faulthandler.dump_traceback(file=stacks, all_threads=True)
+                    stacks.flush()
+                self.json.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.json.with_name(f".{self.json.name}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+                os.replace(tmp, self.json)
+            except Exception as e:  # noqa: BLE001 - best effort: say so, the exit goes on
+                print(f"rank {self.rank}: could not write its post-mortem: {e}", file=sys.stderr, flush=True)
+            finally:
+                done.set()
+
+        threading.Thread(target=write, name="postmortem", daemon=True).start()
+        self.written = reason
+        return done.wait(bound_s)
+
+    def discard(self) -> None:
+        """A clean end after all (a stop signal completed): the provisional post-mortem goes."""
+        if self._pending is not None:
+            self._pending.wait(5.0)
+        with contextlib.suppress(OSError):
+            self.json.unlink()
+        if self._stacks is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._stacks.seek(0)
+                self._stacks.truncate()
+        self.written = None
+
+    def arm_backstop(self, seconds: float) -> None:
+        """If this process cannot run Python for `seconds` (the GIL held in C code), faulthandler's
+        own thread dumps every stack into the txt and exits 1; re-armed while Python runs."""
+        if self._stacks is not None and seconds > 0:
+            faulthandler.dump_traceback_later(seconds, exit=True, file=self._stacks)
+
+    def close(self) -> None:
+        global _current
+        if _current is self:
+            _current = None
+        faulthandler.cancel_dump_traceback_later()
+        if self._stacks is not None:
+            with contextlib.suppress(OSError, ValueError):
+                faulthandler.disable()
+                if self._fault_was_enabled:
+                    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+                empty = self._stacks.tell() == 0
+                self._stacks.close()
+                if empty and self.written is None:
+                    self.txt.unlink()
+                    with contextlib.suppress(OSError):
+                        self.txt.parent.rmdir()  # only when no rank left anything there
+            self._stacks = None
+        self.recorder.close()
+
+
+def start(run_dir: Path, rank: int) -> FlightRecorder:
+    global _current
+    _current = FlightRecorder(run_dir, rank)
+    return _current
+
+
+def current() -> FlightRecorder | None:
+    return _current
+
+
+@contextlib.contextmanager
+def waiting(what: str):
+    """Marks a collective in the process's recorder (nothing when there is none)."""
+    if _current is None:
+        yield
+    else:
+        with _current.recorder.wait(what):
+            yield
