@@ -149,7 +149,7 @@ def _run(cfg, d, run_dir: Path | None, out, err) -> int:
     import tensorflow as tf
 
     me = {"rank": d.rank, "host": socket.gethostname(), "local_rank": d.local_rank, "local_size": d.local_size,
-          **_versions(), "manifest": _manifest_digest(cfg.data.dir),
+          **_versions(), "data_dir": cfg.data.dir, "manifest": _manifest_digest(cfg.data.dir),
           "gpus": len(tf.config.list_physical_devices("GPU")), "net": interfaces()}
     # The model's size for the free-space check, from rank 0 (building it on every rank
     # costs every rank the time).
@@ -190,10 +190,10 @@ def _verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str],
     for r in reports:
         who = f"rank {r['rank']} on {r['host']}"
         if r["manifest"] != r0["manifest"]:
-            fatal.append(f"{who}: {cfg.data.dir}/manifest.json digest {r['manifest']} differs from rank 0's "
-                         f"{r0['manifest']} (another dataset, or a different copy of it, at that path there)")
+            fatal.append(f"{who}: {r['data_dir']}/manifest.json digest {r['manifest']} differs from rank 0's "
+                         f"{r0['manifest']} ({r0['data_dir']}): another dataset, or another copy of it")
         elif r["manifest"].startswith("unreadable"):
-            fatal.append(f"{who}: {cfg.data.dir}/manifest.json {r['manifest']}")
+            fatal.append(f"{who}: {r['data_dir']}/manifest.json {r['manifest']}")
         for k in ("python", "tensorflow", "horovod"):
             if r[k] != r0[k]:
                 fatal.append(f"{who}: {k} {r[k]} but rank 0 runs {r0[k]} (different environments across hosts)")

@@ -55,6 +55,7 @@ def test_sbatch_trains_with_two_ranks(slurm, tmp_path, small_dataset, launcher):
     text = log.read_text()
     assert r.returncode == 0, r.stderr + text
     assert "site hook: module load would go here" in text
+    assert "doctor: ok" in text and text.index("doctor: ok") < text.index("pipeline: 2 rank(s)")
     assert ("srun --mpi=pmix" if launcher == "srun" else "mpirun -np 2") in text
     for rank in (0, 1):
         assert [x["step"] for x in read_steps(run / "steps" / f"rank-{rank}.jsonl")] == list(range(1, 31))
@@ -107,6 +108,21 @@ def test_invalid_config_fails_once_and_is_not_requeued(slurm, tmp_path, small_da
     text = log.read_text()
     assert r.returncode == 2, r.stderr + text
     assert "pipeline: error: --set train.bogus: unknown key" in text and "Traceback" not in text
+    info = job(slurm, jid)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0"
+
+
+def test_a_hung_job_fails_with_its_postmortem_in_the_job_log(slurm, tmp_path, small_dataset):
+    """A rank hung in its data (debug.fault) stops the job on the step timeout, exit 76, not
+    requeued, and the job log says which rank, host, phase and step (pipeline postmortem)."""
+    log = tmp_path / "job.out"
+    r = sbatch(slurm, ["--run-dir", tmp_path / "run", "--set", f"data.dir={small_dataset}",
+                       "--set", "train.step_timeout_s=10", "--set", "debug.fault=rank=1,step=20,phase=data,kind=hang"],
+               output=log)
+    jid = r.stdout.strip().split(";")[0]
+    text = log.read_text()
+    assert r.returncode == 76, r.stderr + text
+    assert f"first: rank 1 on {os.uname().nodename}, in data at step 20" in text
     info = job(slurm, jid)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0"
 

@@ -1,0 +1,69 @@
+"""`pipeline doctor` under mpirun with 2 real ranks: a clean set-up passes; a rank that sees
+another manifest, a read-only run directory and a file system too small for the checkpoints
+each fail with exit 2 and one line naming the rank and host. The read-only and the small
+file system are real tmpfs mounts in a private mount namespace (root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, env, mpirun, require_root, require_tool
+
+HOST = os.uname().nodename
+
+
+def _doctor(data, run_dir):
+    return [sys.executable, "-m", "pipeline", "doctor", "--set", f"data.dir={data}", "--run-dir", str(run_dir)]
+
+
+def _fatal(r) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith("doctor: rank")]
+
+
+@pytest.mark.mpi
+def test_a_clean_setup_passes_with_one_row_per_rank(tmp_path, small_dataset):
+    r = mpirun(2, "doctor", "--set", f"data.dir={small_dataset}", "--run-dir", tmp_path / "run", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert len(rows) == 2 and all(HOST in row and "writable" in row for row in rows)
+    assert "allreduce over 2 rank(s): 1 MiB" in r.stdout and "doctor: ok" in r.stdout
+    assert not (tmp_path / "run").exists()  # it probes where the run would go, and leaves nothing
+
+
+@pytest.mark.mpi
+def test_a_rank_that_sees_another_manifest_fails(tmp_path, small_dataset):
+    other = tmp_path / "other"
+    other.mkdir()
+    m = json.loads((small_dataset / "manifest.json").read_text())
+    del m["splits"]["val"]  # another dataset under its own path on that rank
+    (other / "manifest.json").write_text(json.dumps(m))
+    mpi = require_tool("mpirun")
+    r = subprocess.run([mpi, "-np", "1", *_doctor(small_dataset, tmp_path / "run"), ":",
+                        "-np", "1", *_doctor(other, tmp_path / "run")], capture_output=True, text=True, env=env(),
+                       cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(_fatal(r)) == 1 and _fatal(r)[0].startswith(f"doctor: rank 1 on {HOST}: {other}/manifest.json")
+
+
+@pytest.mark.mpi
+@pytest.mark.root
+@pytest.mark.parametrize("mount,expect", [
+    ("ro,size=1m", [f"doctor: rank 0 on {HOST}: run directory", f"doctor: rank 1 on {HOST}: run directory"]),
+    ("size=64k", [f"doctor: rank 0 on {HOST}: 0.1 MiB free"]),
+], ids=["read-only", "too-small"])
+def test_an_unusable_run_directory_fails(tmp_path, small_dataset, mount, expect):
+    require_root("mounting a tmpfs in a private mount namespace", "root")
+    unshare, mpi = require_tool("unshare"), require_tool("mpirun")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    argv = " ".join(map(str, [mpi, "-np", "2", *_doctor(small_dataset, fs / "run")]))
+    r = subprocess.run([unshare, "-m", "sh", "-c", f"mount -t tmpfs -o {mount} tmpfs {fs} && exec {argv}"],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert [line[:len(e)] for line, e in zip(_fatal(r), expect)] == expect and len(_fatal(r)) == len(expect)
