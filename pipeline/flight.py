@@ -72,7 +72,7 @@ def postmortem_paths(run_dir: Path, rank: int) -> tuple[Path, Path]:
 class Recorder:
     """The ring of one rank's events, and what it is doing now (phase, step, waiting)."""
 
-    def __init__(self, run_dir: Path, rank: int, capacity: int = CAPACITY):
+    def __init__(self, run_dir: Path, rank: int, capacity: int = CAPACITY, on_disk: bool = True):
         self.run_dir, self.rank = Path(run_dir), rank
         self.host, self.pid, self.start = socket.gethostname(), os.getpid(), time.time()
         self.capacity = capacity
@@ -80,22 +80,35 @@ class Recorder:
         self.count = 0
         self.cost_s = 0.0
         self._lock = threading.Lock()
-        size = _HEADER_SIZE + capacity * _RECORD.size
-        self.path: Path | None = events_path(self.run_dir, rank)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.ftruncate(fd, size)
-                self._mm = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-        except (OSError, ValueError):
-            self.path = None  # kept in memory only, for this process's own post-mortem
-            self._mm = mmap.mmap(-1, size)
+        self.size = _HEADER_SIZE + capacity * _RECORD.size
+        self.path: Path | None = None  # None: in memory only
+        self._mm = mmap.mmap(-1, self.size)
         _HEADER.pack_into(self._mm, 0, _MAGIC, capacity, _RECORD.size, rank, self.pid, self.start, 0,
                           self.host.encode()[:64])
         self.event("phase", "startup", 0)
+        if on_disk:
+            self.to_disk()
+
+    def to_disk(self) -> bool:
+        """Moves the ring into its file (ranks/rank-R.events), replacing an earlier attempt's;
+        the events so far go with it. False where the file system refuses (it stays in memory)."""
+        if self.path is not None:
+            return True
+        path = events_path(self.run_dir, self.rank)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, self.size)
+                mm = mmap.mmap(fd, self.size)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            return False
+        with self._lock:
+            mm[:] = self._mm[:]
+            self._mm, self.path = mm, path
+        return True
 
     def event(self, kind: str, phase: str | None = None, step: int | None = None, label: str = "",
               waiting: str | None = None) -> None:
@@ -172,26 +185,41 @@ _current: "FlightRecorder | None" = None
 class FlightRecorder:
     """One rank's recorder, post-mortem files and fatal-signal stacks. `start()` makes it the
     process's own, so deep code (the collectives in pipeline/dist.py) records through
-    `waiting()` without being handed it."""
+    `waiting()` without being handed it.
+
+    Until `attach()` (once the run is past every check a user can fail: a user error must
+    leave an earlier attempt's files as they were) the ring is in memory and fatal-signal
+    stacks go to stderr, the job log; a post-mortem before then attaches first."""
 
     def __init__(self, run_dir: Path, rank: int):
         self.run_dir, self.rank = Path(run_dir), rank
         self.txt, self.json = postmortem_paths(self.run_dir, rank)
-        # A post-mortem of an earlier attempt of this run is not about this one.
-        for p in (self.txt, self.json):
-            with contextlib.suppress(OSError):
-                p.unlink()
-        self.recorder = Recorder(self.run_dir, rank)
+        self.recorder = Recorder(self.run_dir, rank, on_disk=False)
         self.written: str | None = None  # the reason of the post-mortem written, if any
         self._pending: threading.Event | None = None
         self._stacks = None
+        self._attached = False
+        self._attach_lock = threading.Lock()
         self._fault_was_enabled = faulthandler.is_enabled()
-        try:
-            self.txt.parent.mkdir(parents=True, exist_ok=True)
-            self._stacks = open(self.txt, "w")
-            faulthandler.enable(file=self._stacks, all_threads=True)
-        except OSError:
-            self._stacks = None
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+
+    def attach(self) -> None:
+        """Into the run directory: the ring file, and the stacks file opened now (so a fatal
+        signal later still has a file); an earlier attempt's post-mortem of this rank goes."""
+        with self._attach_lock:
+            if self._attached:
+                return
+            self._attached = True
+            for p in (self.txt, self.json):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            self.recorder.to_disk()
+            try:
+                self.txt.parent.mkdir(parents=True, exist_ok=True)
+                self._stacks = open(self.txt, "w")
+                faulthandler.enable(file=self._stacks, all_threads=True)
+            except OSError:
+                self._stacks = None
 
     def event(self, kind: str, phase: str | None = None, step: int | None = None, label: str = "",
               waiting: str | None = None) -> None:
@@ -215,10 +243,11 @@ class FlightRecorder:
                       "type": type(exc).__name__, "message": str(exc),
                       "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}}
         done = self._pending = threading.Event()
-        stacks = self._stacks
 
         def write():
             try:
+                self.attach()
+                stacks = self._stacks
                 if stacks is not None:
                     stacks.write(f"# rank {self.rank} on {record['host']} pid {record['pid']}: {reason}\n")
                     stacks.flush()
@@ -252,19 +281,20 @@ class FlightRecorder:
     def arm_backstop(self, seconds: float) -> None:
         """If this process cannot run Python for `seconds` (the GIL held in C code), faulthandler's
         own thread dumps every stack into the txt and exits 1; re-armed while Python runs."""
-        if self._stacks is not None and seconds > 0:
-            faulthandler.dump_traceback_later(seconds, exit=True, file=self._stacks)
+        if seconds > 0:
+            faulthandler.dump_traceback_later(seconds, exit=True, file=self._stacks or sys.__stderr__)
 
     def close(self) -> None:
         global _current
         if _current is self:
             _current = None
         faulthandler.cancel_dump_traceback_later()
+        with contextlib.suppress(OSError, ValueError):
+            faulthandler.disable()
+            if self._fault_was_enabled:
+                faulthandler.enable(file=sys.__stderr__, all_threads=True)
         if self._stacks is not None:
             with contextlib.suppress(OSError, ValueError):
-                faulthandler.disable()
-                if self._fault_was_enabled:
-                    faulthandler.enable(file=sys.__stderr__, all_threads=True)
                 empty = self._stacks.tell() == 0
                 self._stacks.close()
                 if empty and self.written is None:

@@ -71,6 +71,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         plan = make_plan(cfg, manifest, dist)
         with contextlib.ExitStack() as resources:
             trainer = build(cfg, rd, dist, plan, out, resources)
+            rec.attach()  # past every check a user can fail: now into the run directory
             early.close()
             state = loop(trainer, resources, watchdog)
         summary = summarize(trainer, state, t_start)

@@ -29,6 +29,7 @@ def test_the_ring_outlives_sigkill(tmp_path):
     r = _child("import os, signal, sys\n"
                "from pipeline import flight\n"
                "f = flight.start(sys.argv[1], 3)\n"
+               "f.attach()\n"
                "f.event('phase', 'data', 41)\n"
                "with flight.waiting('broadcast x'):\n"
                "    os.kill(os.getpid(), signal.SIGKILL)\n", tmp_path)
@@ -53,6 +54,7 @@ def test_a_blocked_file_system_cannot_hold_up_the_postmortem(tmp_path):
     """The json's temporary file is a FIFO nobody reads: opening it for writing blocks, as a
     hung NFS mount would. postmortem() still returns within its bound."""
     f = flight.start(tmp_path, 0)
+    f.attach()
     try:
         os.mkfifo(f.json.with_name(f".{f.json.name}.tmp-{os.getpid()}"))
         t0 = time.monotonic()
@@ -70,6 +72,7 @@ def test_stacks_are_written_while_the_gil_is_held(tmp_path):
     r = _child("import re, sys\n"
                "from pipeline import flight\n"
                "f = flight.start(sys.argv[1], 0)\n"
+               "f.attach()\n"
                "f.arm_backstop(1)\n"
                "re.match(r'(a+)+$', 'a' * 40 + 'b')\n", tmp_path)
     assert r.returncode == 1

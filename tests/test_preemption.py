@@ -115,6 +115,9 @@ def test_sigusr1_to_rank_1_stops_both_ranks_at_the_same_step(tmp_path, small_dat
     assert ref.step == last[0] and ref.meta["stopped_by_signal"]
     assert err.count("SIGUSR1 received") == 1
     assert pipeline("checkpoint", "digest", run).returncode == 0
+    # The post-mortem each rank wrote when the signal came is gone: the stop completed.
+    assert not (run / "postmortem").exists()
+    assert "every rank finished or stopped as asked" in pipeline("postmortem", run).stdout
     summary = json.loads((run / "ranks" / "rank-0.json").read_text())
     # Consistency, not speed: the rank's own figure lies within the interval seen from outside
     # (signal sent .. checkpoint stamped), with 1 s for the two clocks; both grow on a slow machine.
