@@ -51,6 +51,7 @@ METRIC_FIELDS = ("epoch", "step", "time", "val_loss", "val_accuracy", "eval_s")
 # ranks/rank-R.json at the end of a run.
 SUMMARY_FIELDS = ("rank", "size", "host", "threads", "pid", "status", "start_step", "end_step", "steps_run",
                   "loop_s", "train_s", "warmup_steps", "samples_per_s", "step_log_s", "step_log_overhead",
+                  "flight_recorder_s",
                   "rss_mb_peak", "last_eval_step", "weights_sha256", "wall_s", "stopped_by",
                   "signal_to_checkpoint_s")
 # Facts config.json records beside the config sections. The config loader ignores exactly

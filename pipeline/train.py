@@ -306,6 +306,7 @@ class LoopState:
     signal_to_checkpoint: float | None = None
     loop_s: float = 0.0
     step_log_s: float = 0.0
+    flight_s: float = 0.0  # the flight recorder's part of step_log_s
 
 
 def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None = None) -> LoopState:
@@ -392,7 +393,8 @@ def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None 
             last_end = step_mod.now_us()
     s.loop_s = time.perf_counter() - t_loop
     # The flight recorder's events are part of what logging costs.
-    s.step_log_s = steplog.cost_s + (rec.recorder.cost_s - rec_cost0 if rec else 0.0)
+    s.flight_s = rec.recorder.cost_s - rec_cost0 if rec else 0.0
+    s.step_log_s = steplog.cost_s + s.flight_s
     s.stopped_by = _signal_name(signals.signum)
     return s
 
@@ -532,6 +534,7 @@ def summarize(t: Trainer, s: LoopState, t_start: float) -> dict:
         "samples_per_s": round(len(steady) * t.plan.update_batch / sum(steady), 2) if steady else 0.0,
         "step_log_s": round(s.step_log_s, 4),
         "step_log_overhead": s.step_log_s / train_s if train_s else 0.0,
+        "flight_recorder_s": round(s.flight_s, 5),
         "rss_mb_peak": round(s.rss_peak, 1), "last_eval_step": s.last_eval_step,
         "weights_sha256": checkpoint.variables_digest(t.model.variables + t.optimizer.variables),
         "wall_s": round(time.time() - t_start, 3),
