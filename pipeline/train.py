@@ -75,9 +75,9 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
             early.close()
             state = loop(trainer, resources, watchdog)
         summary = summarize(trainer, state, t_start)
-        finish(trainer, state, summary)
-        dist.stop_timeline()
         rec.event("phase", "done")
+        finish(trainer, state, summary, watchdog)
+        dist.stop_timeline()
         return summary
     except UserError:
         raise
@@ -544,8 +544,9 @@ def summarize(t: Trainer, s: LoopState, t_start: float) -> dict:
     return summary
 
 
-def finish(t: Trainer, s: LoopState, summary: dict) -> None:
-    """The job's closing line on rank 0, and the finished model."""
+def finish(t: Trainer, s: LoopState, summary: dict, watchdog: Watchdog | None = None) -> None:
+    """The job's closing line on rank 0, and the finished model. The watchdog (if given) ends
+    before the export: rank 0 alone writes the model, however long a large one takes."""
     console, steps_run = t.writers.console, summary["steps_run"]
     t.writers.progress.maybe_print(summary["end_step"], s.loss, force=steps_run > 0 and s.stopped_at is None)
     summaries = t.dist.allgather_object(summary, name="summaries")
@@ -557,6 +558,8 @@ def finish(t: Trainer, s: LoopState, summary: dict) -> None:
                       f"step-log cost {overhead:.3%} of step time")
     else:
         console.print(f"done: {t.run_dir.path} was already trained to step {t.plan.total}; nothing to do")
+    if watchdog is not None:
+        watchdog.close()
     if s.stopped_at is None and steps_run:
         t.writers.export.save(t.model)  # the finished model, ready for serving or `pipeline export`
 

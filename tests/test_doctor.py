@@ -67,3 +67,30 @@ def test_an_unusable_run_directory_fails(tmp_path, small_dataset, mount, expect)
                        capture_output=True, text=True, env=env(), cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     assert [line[:len(e)] for line, e in zip(_fatal(r), expect)] == expect and len(_fatal(r)) == len(expect)
+
+
+def _report(rank, host, **kw):
+    r = {"rank": rank, "host": host, "local_rank": rank, "local_size": 2, "python": "3.11.7", "tensorflow": "2.15.1",
+         "horovod": "0.28.1", "data_dir": "d", "manifest": "abc", "gpus": 0,
+         "net": {"up": {"eth0": "10.0.0.1"}, "mpi": ["eth0"], "nccl": ["eth0"]},
+         "run_dir_writable": True, "run_dir_error": "", "free_bytes": 1 << 30, "need_bytes": 1 << 20}
+    r.update(kw)
+    return r
+
+
+def test_verdict_rules_on_reports():
+    """The rules rank 0 applies to every rank's report: what is fatal (exit 2) and what only warns."""
+    from pipeline import config
+    from pipeline.doctor import _verdict
+
+    cfg = config.load(None)
+    fatal, warn = _verdict([_report(0, "a"), _report(1, "b")], cfg, None)
+    assert fatal == [] and warn == []
+    fatal, warn = _verdict([_report(0, "a"), _report(1, "b", tensorflow="2.16.1", gpus=1,
+                                                     net={"up": {}, "mpi": ["docker0"], "nccl": ["docker0"]})], cfg, None)
+    assert [f.split(":")[0] for f in fatal] == ["rank 1 on b", "rank 1 on b"]
+    assert "tensorflow 2.16.1 but rank 0 runs 2.15.1" in fatal[0] and "2 ranks on this host but 1 GPU" in fatal[1]
+    assert len(warn) == 1 and "docker0" in warn[0] and "NCCL_SOCKET_IFNAME" in warn[0]
+    fatal, warn = _verdict([_report(0, "a", net={"up": {"lo": "127.0.0.1"}, "mpi": ["lo"], "nccl": ["lo"]}),
+                            _report(1, "b")], cfg, None)
+    assert fatal == [] and warn == ["rank 0 on a: no interface but loopback for MPI, and the job spans hosts"]

@@ -74,7 +74,7 @@ def _rank_state(rd: RunDir, rank: int, hosts: list) -> dict:
           "last_event_time": last["time"] if last else None,
           "last_event": f"{last['kind']} {last['label']}".strip() if last else None,
           "left": "post-mortem" if pm else ("events" if ring else "nothing"),
-          "postmortem": pm.get("reason") if pm else None,
+          "postmortem": (pm.get("reason") or "").split("\n")[0] if pm else None,
           "exit_code": pm.get("exit_code") if pm else None,
           "last_logged_step": logged.get("step") if logged else None,
           "stacks": str(txt) if txt.exists() and txt.stat().st_size else None}
@@ -115,7 +115,7 @@ def analyze(run_dir: str | Path) -> dict:
     if exceptions:
         first = exceptions[0]
         e = first["exception"]
-        reason = f"raised {e['type']}: {e['message']}"
+        reason = f"raised {e['type']}: {e['message'].splitlines()[0] if e['message'] else ''}"
     elif all(r["left"] != "nothing" and r["phase"] in _ENDED and not r["postmortem"] for r in ranks) and ranks:
         reason = "no rank stopped early: every rank finished or stopped as asked"
     else:
@@ -133,7 +133,7 @@ def analyze(run_dir: str | Path) -> dict:
                 if why is None and first["left"] == "events" and reported:
                     reason = "left no post-mortem (killed, exited or stopped), " + reason
                 if first["postmortem"]:
-                    reason += f" ({first['postmortem']})"
+                    reason += f"; its post-mortem: {first['postmortem']}"
                 break
         if first is None and ranks:
             steps = sorted({r["step"] for r in ranks})
