@@ -98,6 +98,10 @@ def test_a_fault_ends_every_rank_in_bounded_time_and_postmortem_names_it(tmp_pat
     if "kind=hang" in fault:
         # The hung rank's own post-mortem: every thread's stack, the main one stuck in the fault.
         assert "in fire" in (run / "postmortem" / f"rank-{rank}.txt").read_text()
+    if phase == "data" and "kind=hang" in fault:
+        a = pipeline("analyze", run, "--json", timeout=120)
+        assert a.returncode == 0, a.stderr
+        assert json.loads(a.stdout)["runs"][0]["postmortem"]["first"] == pm["first"]
 
 
 @pytest.mark.mpi
