@@ -89,11 +89,16 @@ def cmd_analyze(a) -> int:
 
     result = report.analyze(a.run_dirs, target=a.target, plots_dir=a.plots, report=a.report, compare=a.compare,
                             link_gbps=a.link_gbps, comm_file=a.comm, compute_ms=a.compute_ms)
-    if a.json:
+    return _emit(result, a.json, report.text)
+
+
+def _emit(result: dict, as_json: bool, text) -> int:
+    """One JSON object on stdout (--json), or the command's text form of it."""
+    if as_json:
         json.dump(result, sys.stdout, default=str)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(report.text(result))
+        sys.stdout.write(text(result))
     return 0
 
 
@@ -109,13 +114,7 @@ def cmd_postmortem(a) -> int:
 
     if not Path(a.run_dir).is_dir():
         raise UserError(f"{a.run_dir}: no such run directory")
-    result = postmortem.analyze(a.run_dir)
-    if a.json:
-        json.dump(result, sys.stdout, default=str)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(postmortem.text(result))
-    return 0
+    return _emit(postmortem.analyze(a.run_dir), a.json, postmortem.text)
 
 
 def cmd_export_tflite(a) -> int:

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import platform
 import shutil
 import socket
 import struct
@@ -98,20 +97,18 @@ def _writable(run_dir: Path) -> tuple[bool, str, Path]:
 
 
 def _versions() -> dict:
-    import tensorflow as tf
+    """The run's versions (as config.json records them), Horovod's built operations, NCCL, MPI."""
+    from .train import versions
 
-    v = {"python": platform.python_version(), "tensorflow": tf.__version__}
+    v = {"horovod": "-", "horovod_ops": "-", "nccl": "-", **versions()}
     try:
-        import horovod
         import horovod.tensorflow as hvd
 
-        v["horovod"] = horovod.__version__
         v["horovod_ops"] = ",".join(n for n in ("mpi", "gloo", "nccl", "ccl", "ddl", "cuda", "rocm")
                                     if getattr(hvd, f"{n}_built")()) or "none"
-        nccl = hvd.nccl_built()
-        v["nccl"] = str(nccl) if nccl else "-"
+        v["nccl"] = str(hvd.nccl_built() or "-")
     except ImportError:
-        v["horovod"], v["horovod_ops"], v["nccl"] = "-", "-", "-"
+        pass
     try:
         from mpi4py import MPI
 

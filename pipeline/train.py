@@ -265,7 +265,7 @@ def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers) -> None:
         # What one step's allreduce moves: trainable parameters x bytes per element sent.
         gradient_bytes=sum(int(v.shape.num_elements()) for v in model.trainable_variables)
         * (2 if cfg.horovod.compression == "fp16" else 4),
-        dataset=str(plan.manifest.dir.resolve()), versions=_versions())
+        dataset=str(plan.manifest.dir.resolve()), versions=versions())
     dist.barrier()
 
 
@@ -566,7 +566,8 @@ def finish(t: Trainer, s: LoopState, summary: dict, watchdog: Watchdog | None = 
 
 # --- helpers ---
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Package versions of this process (config.json; `pipeline doctor` compares them across ranks)."""
     import h5py
     import numpy
     import tensorflow as tf
