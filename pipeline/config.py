@@ -215,6 +215,41 @@ class DebugConfig:
 
 
 @dataclass
+class MLPerfConfig:
+    """MLPerf HPC logging (pipeline/mlperf.py, docs/mlperf.md): rank 0 writes RUN/mlperf.log."""
+    enabled: bool = False
+    benchmark: str = ""          # submission_benchmark: cosmoflow | deepcam | oc20 | openfold
+    division: str = "open"       # closed | open
+    org: str = ""                # submission_org: who ran it
+    platform: str = ""           # submission_platform; "": the host's processor (and GPUs)
+    status: str = "research"     # submission_status: onprem | cloud | preview | research
+    # The quality target, METRIC<=X or METRIC>=X over a val_<name> of metrics.jsonl; logged
+    # as eval_error (<=) or eval_accuracy (>=), and what run_stop's status success means.
+    target: str = ""
+    stop_at_target: bool = False  # end the run at the first evaluation that reaches the target
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        _require(self.benchmark in MLPERF_BENCHMARKS,
+                 f"mlperf.benchmark must be one of {', '.join(MLPERF_BENCHMARKS)}, got {self.benchmark!r}")
+        _require(self.division in ("closed", "open"), f"mlperf.division must be 'closed' or 'open', got {self.division!r}")
+        _require(self.status in ("onprem", "cloud", "preview", "research"),
+                 f"mlperf.status must be one of onprem, cloud, preview, research, got {self.status!r}")
+        _require(self.org.strip() != "", "mlperf.org must name who ran it (submission_org), e.g. my-lab")
+        _require(self.target != "", "mlperf.target must be set, e.g. val_mae<=0.124")
+        from .mlperf import target
+
+        try:
+            target(self.target)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
+
+
+MLPERF_BENCHMARKS = ("cosmoflow", "deepcam", "oc20", "openfold")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,6 +258,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     horovod: HorovodConfig = field(default_factory=HorovodConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    mlperf: MLPerfConfig = field(default_factory=MLPerfConfig)
 
     def validate(self) -> "Config":
         for f in fields(self):
@@ -231,6 +267,12 @@ class Config:
         _require(self.checkpoint.keep_best in known | {""},
                  f"checkpoint.keep_best {self.checkpoint.keep_best!r} is not written by this run "
                  f"(it writes {', '.join(sorted(known))}; add the metric to train.metrics)")
+        if self.mlperf.enabled:
+            from .mlperf import target
+
+            metric = target(self.mlperf.target)[0]
+            _require(metric in known, f"mlperf.target's {metric} is not written by this run "
+                                      f"(it writes {', '.join(sorted(known))}; add the metric to train.metrics)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from . import dist as dist_mod
+from .fsutil import atomic_write_text
 from .errors import EXIT_USER_ERROR
 
 # Interfaces that carry no traffic between hosts: loopback, and container or VM bridges.
@@ -134,16 +136,18 @@ def _timed_allreduce(d, nbytes: int, repeats: int = 3) -> float | None:
     return best
 
 
-def run(cfg, run_dir: str | None, out=sys.stdout, err=sys.stderr) -> int:
+def run(cfg, run_dir: str | None, out=sys.stdout, err=sys.stderr, system_json: str | None = None) -> int:
     d = dist_mod.init(cfg.train.threads)
     try:
-        return _run(cfg, d, Path(run_dir) if run_dir else None, out, err)
+        return _run(cfg, d, Path(run_dir) if run_dir else None, out, err, system_json)
     finally:
         d.shutdown()
 
 
-def _run(cfg, d, run_dir: Path | None, out, err) -> int:
+def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None) -> int:
     import tensorflow as tf
+
+    from . import mlperf
 
     me = {"rank": d.rank, "host": socket.gethostname(), "local_rank": d.local_rank, "local_size": d.local_size,
           **_versions(), "data_dir": cfg.data.dir, "manifest": _manifest_digest(cfg.data.dir),
@@ -165,6 +169,8 @@ def _run(cfg, d, run_dir: Path | None, out, err) -> int:
         need = (cfg.checkpoint.keep + 1) * _checkpoint_bytes(run_dir, params, cfg.train.optimizer)
         free = shutil.disk_usage(where).free if where.exists() else 0
         me.update(run_dir_writable=ok, run_dir_error=why, free_bytes=free, need_bytes=need)
+    if system_json:
+        me["hw"] = mlperf.hardware([cfg.data.dir] + ([str(run_dir)] if run_dir else []))
     reports = d.allgather_object(me, name="doctor_reports")
     t1 = _timed_allreduce(d, 1 << 20)
     t64 = _timed_allreduce(d, 64 << 20)
@@ -175,6 +181,12 @@ def _run(cfg, d, run_dir: Path | None, out, err) -> int:
             out.write(f"doctor: warning: {w}\n")
         for f in fatal:
             err.write(f"doctor: {f}\n")
+        if system_json:
+            hosts = list({r["host"]: r["hw"] for r in reports}.values())  # one per host
+            desc = mlperf.system_description(cfg.mlperf, hosts, reports[0], d.size)
+            atomic_write_text(Path(system_json), json.dumps(desc, indent=2) + "\n")
+            out.write(f"doctor: system description of {len(hosts)} host(s) in {system_json} (check it: python -m "
+                      f"mlperf_logging.system_desc_checker {system_json} hpc 3.0.0)\n")
         out.write(f"doctor: {'FAILED: ' + str(len(fatal)) + ' fatal problem(s)' if fatal else 'ok'}\n")
         out.flush()
         err.flush()

@@ -53,7 +53,7 @@ SUMMARY_FIELDS = ("rank", "size", "host", "threads", "pid", "status", "start_ste
                   "loop_s", "train_s", "warmup_steps", "samples_per_s", "step_log_s", "step_log_overhead",
                   "flight_recorder_s",
                   "rss_mb_peak", "last_eval_step", "weights_sha256", "wall_s", "stopped_by",
-                  "signal_to_checkpoint_s")
+                  "signal_to_checkpoint_s", "target_reached_at_step")
 # Facts config.json records beside the config sections. The config loader ignores exactly
 # these, so a run's config.json (older runs' included) is a valid --config to run it again.
 RUN_FACTS = ("ranks", "hosts", "threads_per_rank", "backend", "global_batch", "steps_per_epoch", "total_steps",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint, config as config_mod, dist as dist_mod, fault as fault_mod, flight, measure, models
+from . import mlperf as mlperf_mod
 from . import step as step_mod
 from . import writers as writers_mod
 from .data import reader, sharding, shards
@@ -55,6 +56,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     fault = fault_mod.parse(cfg.debug.fault)
     rank = flight.launch_rank()
     rec = flight.start(rd.path, rank)
+    ml = mlperf_mod.MLPerfLog(cfg.mlperf, rank, t_start)  # init_start: the process's start
     watchdog = Watchdog(cfg.train.startup_timeout_s, rank, what="startup", flight=rec)
     holder: list = []
     early = StopSignals(rank, signals=(signal.SIGTERM, signal.SIGUSR1),
@@ -69,11 +71,15 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         rec.event("phase", "setup")
         check_data(manifest, dist)
         plan = make_plan(cfg, manifest, dist)
+        if cfg.mlperf.enabled:
+            clear_cache(plan, dist, ml)
         with contextlib.ExitStack() as resources:
-            trainer = build(cfg, rd, dist, plan, out, resources)
+            trainer = build(cfg, rd, dist, plan, out, resources, ml)
             rec.attach()  # past every check a user can fail: now into the run directory
+            ml.attach(rd.path)
             early.close()
             state = loop(trainer, resources, watchdog)
+        ml.run_stop(*_mlperf_status(state, ml))
         summary = summarize(trainer, state, t_start)
         rec.event("phase", "done")
         finish(trainer, state, summary, watchdog)
@@ -84,15 +90,36 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     except BaseException as e:
         # The first real exception, before Horovod's shutdown makes every peer raise its own.
         rec.postmortem(f"raised {type(e).__name__}: {e}", exc=e, exit_code=1)
+        ml.run_stop(mlperf_mod.ABORTED, f"raised {type(e).__name__}")
         raise
     finally:
         early.close()
         watchdog.close()
+        ml.close()
         # On any way out: a failing rank leaves the job, so its peers' collectives fail with
         # an error instead of waiting for it until the watchdog or the job's time limit.
         if dist is not None:
             dist.shutdown()
         rec.close()
+
+
+def _mlperf_status(s, ml) -> tuple[str, str]:
+    """run_stop's status: success once an evaluation met mlperf.target, else aborted."""
+    if s.stopped_at is not None:
+        return mlperf_mod.ABORTED, f"stopped by {s.first_signal or 'a signal'} at step {s.stopped_at}"
+    if ml.reached_at is not None:
+        return mlperf_mod.SUCCESS, ""
+    return mlperf_mod.ABORTED, "the target was not reached"
+
+
+def clear_cache(plan: "RunPlan", dist: dist_mod.Dist, ml) -> None:
+    """MLPerf's cache_clear: the first rank on each host drops the dataset's pages from the
+    page cache before any rank reads a sample, so the run starts cold."""
+    m = plan.manifest
+    paths = sorted({str(m.path(x)) for x in m.shards("train") + m.shards("val")})
+    files, ok = mlperf_mod.drop_page_cache(paths) if dist.local_rank == 0 else (0, True)
+    results = dist.allgather_object((files, ok), name="cache_clear")
+    ml.cache_cleared(sum(f for f, _ in results), all(o for _, o in results))
 
 
 def _signal_at_startup(rec, signum: int | None) -> None:
@@ -200,13 +227,18 @@ class Trainer:
     evaluate: Evaluator
     start: int                       # the step resumed after (0: a fresh run)
     fault: fault_mod.Fault | None = None  # debug.fault
+    mlperf: mlperf_mod.MLPerfLog | None = None
+    staging_t0: float = 0.0          # when reading the share began (MLPerf's staging_start)
 
 
 def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan, out,
-          resources: contextlib.ExitStack) -> Trainer:
+          resources: contextlib.ExitStack, ml: mlperf_mod.MLPerfLog | None = None) -> Trainer:
     """Model, optimizer, writers, resume point and input. Whatever must be closed is entered
-    into `resources`."""
+    into `resources`. `ml`: run()'s MLPerf log (none: one that logs nothing)."""
     import tensorflow as tf
+
+    if ml is None:
+        ml = mlperf_mod.MLPerfLog(config_mod.MLPerfConfig(), dist.rank, time.time())
 
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -220,7 +252,8 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
         task = Task(cfg.train, cfg.data, m)
         model = models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape, args=cfg.model.args,
                              output_dtype="float32" if precision != "float32" else None)
-    _write_config(cfg, rd, dist, plan, model, writers)
+    hosts = _write_config(cfg, rd, dist, plan, model, writers)
+    ml.hyperparameters(cfg, plan, hosts, dist.size)
 
     lr = LR.from_config(cfg.train, dist.size, plan.total)
     opt = tf.keras.optimizers.Adam(lr.keras()) if cfg.train.optimizer == "adam" else \
@@ -235,13 +268,15 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
     start = _resume(ckpts, state, model, opt, dist, rd, cfg, plan, writers.console)
 
     # This rank's share, opened after the process started (h5py is not fork-safe).
+    staging_t0 = time.time()
     inp = reader.Input(plan.manifest, plan.train, plan.val, cfg.data)
     writers.console.print(f"pipeline: input {inp.mode}")
     train_step = step_mod.make_train_step(model, opt, task.loss, dist, passes=plan.passes,
                                           compression=cfg.horovod.compression, jit_compile=cfg.train.jit_compile,
                                           loss_scale=precision == "mixed_float16", prepare_x=task.prepare_x)
     return Trainer(cfg, rd, dist, plan, precision, model, opt, state, lr, ckpts, writers, inp, train_step,
-                   Evaluator(model, inp, cfg.train.batch_size, dist, task), start, fault_mod.parse(cfg.debug.fault))
+                   Evaluator(model, inp, cfg.train.batch_size, dist, task), start, fault_mod.parse(cfg.debug.fault),
+                   ml, staging_t0)
 
 
 @contextlib.contextmanager
@@ -267,6 +302,7 @@ def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers) -> None:
         * (2 if cfg.horovod.compression == "fp16" else 4),
         dataset=str(plan.manifest.dir.resolve()), versions=versions())
     dist.barrier()
+    return hosts
 
 
 def _resume(ckpts, state, model, opt, dist, rd: RunDir, cfg, plan: RunPlan, console) -> int:
@@ -302,8 +338,10 @@ class LoopState:
     step_times: list = field(default_factory=list)
     rss_peak: float = 0.0
     stopped_at: int | None = None      # the step a stop signal ended the run at
+    target_reached_at: int | None = None  # the step mlperf.stop_at_target ended the run at
     stopped_by: str | None = None
     signal_to_checkpoint: float | None = None
+    first_signal: str | None = None    # "SIGUSR1 to rank 1": the stop signal every rank heard of first
     loop_s: float = 0.0
     step_log_s: float = 0.0
     flight_s: float = 0.0  # the flight recorder's part of step_log_s
@@ -342,6 +380,12 @@ def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None 
     holder.append(signals)
     feed = t.input.feed(plan.update_batch, t.cfg.train.seed, t.start, plan.total)
     resources.callback(feed.close)
+    ml = t.mlperf or mlperf_mod.MLPerfLog(config_mod.MLPerfConfig(), dist.rank, time.time())
+    if t.cfg.mlperf.enabled:
+        if t.input.mode.startswith("in memory"):
+            ml.staged(t.staging_t0, time.time(), t.input.mode)
+        dist.barrier()  # the run's clock starts when every rank is ready to step
+    ml.run_start()
     calls = step_mod.compile_calls(t.train_step, stop_flag, feed.batch_at, feed.signature,
                                    step_mod.graph_clock(t.cfg.train.deterministic))
     s = LoopState(step=t.start, last_eval_step=t.start)
@@ -355,6 +399,7 @@ def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None 
         n = call_size(s.step, limit, lambda k: _call_ends_at(t, k))
         t_call = step_mod.now_us()
         _phase(rec, fault, dist.rank, "data", s.step + 1)
+        ml.epoch_start(plan.epoch_of(s.step + 1))
         first, n, inputs = feed.prepare(s.step, n)
         waited = step_mod.now_us() - t_call  # the host's part of the first step's data wait
         _phase(rec, fault, dist.rank, "allreduce", s.step + 1)
@@ -372,6 +417,8 @@ def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None 
         limit = steps_in_a_call(t.cfg.train.steps_per_call, s.step_times[-len(losses):])
         writers.progress.maybe_print(s.step, s.loss)
         epoch = plan.epoch_of(s.step)
+        if s.step % plan.steps_per_epoch == 0 or s.step == plan.total:
+            ml.epoch_stop()
         if bool(stopped):
             watchdog.stopped()  # every rank ended its call here: the rest is the save
             _phase(rec, None, dist.rank, "stop", s.step)
@@ -379,15 +426,25 @@ def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None 
             if rec:
                 rec.discard()  # stopped as asked: the post-mortem written at the signal is moot
             break
-        evaluated = {}
+        evaluated, at_target = {}, False
         if plan.evaluates_after(s.step):
             _phase(rec, fault, dist.rank, "eval", s.step)
+            ml.eval_start(epoch)
             evaluated = _evaluate(t, s, s.step, epoch)
-        if t.checkpoints.due(s.step, plan.total, plan.evaluates_after(s.step)):
+            # Every rank has the same figures (averaged over all), so all end here together.
+            at_target = ml.eval_stop(epoch, evaluated) and t.cfg.mlperf.stop_at_target
+        if t.checkpoints.due(s.step, plan.total, plan.evaluates_after(s.step)) or at_target:
             _phase(rec, fault, dist.rank, "checkpoint", s.step)
         ref = t.checkpoints.save_if_due(t.state, s.step, epoch, plan.total, evaluated)
-        if ref is not None and s.step == plan.total:
+        if at_target and ref is None:
+            ref = t.checkpoints.save(t.state, s.step, epoch, evaluated)
+        if ref is not None and (s.step == plan.total or at_target):
             writers.console.print(f"checkpoint: {ref.path}")
+        if at_target:
+            s.target_reached_at = s.step
+            writers.console.print(f"mlperf: {t.cfg.mlperf.target} reached at step {s.step} (epoch {epoch}); "
+                                  f"the run ends here (mlperf.stop_at_target)")
+            break
         if evaluated or ref is not None:
             # An evaluation or a save is not part of the next step's time.
             last_end = step_mod.now_us()
@@ -497,8 +554,10 @@ def _stop_on_signal(t: Trainer, s: LoopState, step: int, epoch: int, signals: St
     """Every rank saw the same sum in this step: all stop here, rank 0 saves."""
     ref = t.checkpoints.save(t.state, step, epoch, {"stopped_by_signal": True})
     t.dist.barrier()  # no rank exits (and gets the job torn down) before the save is complete
-    first_signal = min(x for x in t.dist.allgather_object(signals.time, name="signal_times") if x)
+    got = t.dist.allgather_object((signals.time, _signal_name(signals.signum)), name="signal_times")
+    first_signal, name, rank = min((when, name, rank) for rank, (when, name) in enumerate(got) if when)
     s.signal_to_checkpoint = time.time() - first_signal
+    s.first_signal = f"{name} to rank {rank}"
     s.stopped_at = step
     if ref is not None:
         t.writers.console.print(f"stopped at step {step}: checkpoint {ref.path} complete "
@@ -521,7 +580,7 @@ def _evaluate(t: Trainer, s: LoopState, step: int, epoch: int) -> dict:
 def summarize(t: Trainer, s: LoopState, t_start: float) -> dict:
     """ranks/rank-R.json: speed, logging cost, and a digest proving the replicas agree."""
     dist = t.dist
-    end = s.stopped_at or t.plan.total
+    end = s.stopped_at or s.target_reached_at or t.plan.total
     steps_run = end - t.start
     train_s = sum(s.step_times)
     warmup = measure.warmup_count(steps_run)  # graph tracing, allocator and input warm-up
@@ -539,6 +598,7 @@ def summarize(t: Trainer, s: LoopState, t_start: float) -> dict:
         "weights_sha256": checkpoint.variables_digest(t.model.variables + t.optimizer.variables),
         "wall_s": round(time.time() - t_start, 3),
         "stopped_by": s.stopped_by, "signal_to_checkpoint_s": s.signal_to_checkpoint,
+        "target_reached_at_step": s.target_reached_at,
     }
     atomic_write_text(t.run_dir.rank_file(dist.rank), json.dumps(summary, indent=2) + "\n")
     return summary

@@ -53,8 +53,11 @@ else
     HOROVOD_GPU_ENV="HOROVOD_GPU_OPERATIONS="
 fi
 log "installing $TF_REQ and the Python dependencies"
-# numpy<2: TensorFlow 2.15 is built against the NumPy 1 ABI.
-$PIP install -q "$TF_REQ" 'numpy>=1.23.5,<2' h5py PyYAML matplotlib pytest mpi4py psutil cloudpickle packaging
+# numpy<2: TensorFlow 2.15 is built against the NumPy 1 ABI (in the same command, so that
+# mlperf-logging's pandas and scipy are picked to fit it). mlperf-logging: MLCommons' mllog
+# and compliance checker (docs/mlperf.md), pinned so the checked rules do not move.
+$PIP install -q "$TF_REQ" 'numpy>=1.23.5,<2' h5py PyYAML matplotlib pytest mpi4py psutil cloudpickle packaging \
+    'mlperf-logging==4.1.68'
 
 # --- Horovod from source against this TensorFlow ---
 if ! "$VENV/bin/python" - <<'PY' 2>/dev/null

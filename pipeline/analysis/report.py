@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .. import commmodel
 from ..errors import UserError
-from . import logs, plots, postmortem, summary as summary_mod
+from . import logs, mlperf_log, plots, postmortem, summary as summary_mod
+from ..mlperf import logs as mlperf_logs
 
 
 def _ms(v) -> str:
@@ -142,6 +143,8 @@ def analyze(run_dirs: list[str], *, target=0.9, plots_dir: str | None = None,
     for d, s in zip(run_dirs, sums):
         if postmortem.present(d):  # a run that stalled, raised or was killed: say who and where
             s["postmortem"] = {k: v for k, v in postmortem.analyze(d).items() if k != "run_dir"}
+        if mlperf_logs(d):  # one per attempt: time to train and its split
+            s["mlperf"] = [mlperf_log.read(p) for p in mlperf_logs(d)]
     summary_mod.communication_estimates(sums)
     if link_gbps is not None or comm_file:
         summary_mod.comm_model(sums, commmodel.load_network(link_gbps, comm_file),
@@ -195,6 +198,8 @@ def text(result: dict) -> str:
     lines = []
     for s in result["runs"]:
         lines += text_summary(s) + model_lines(s)
+        for m in s.get("mlperf", []):
+            lines += mlperf_log.lines(m)
         if s.get("postmortem"):
             lines += ["== post-mortem (pipeline postmortem RUN_DIR)"] + s["postmortem"]["lines"]
         lines.append("")
