@@ -87,6 +87,17 @@ def cmd_train(a) -> int:
 def cmd_analyze(a) -> int:
     from .analysis import report
 
+    if a.leaderboard:
+        from .analysis import leaderboard
+
+        if a.run_dirs:
+            raise UserError("--leaderboard DIR takes the sweep directory alone, not run directories besides it")
+        board = leaderboard.build(a.leaderboard, a.target if a.target_given else None)
+        if a.report:
+            board["report"] = str(leaderboard.write_report(a.report, board))
+        return _emit(board, a.json, leaderboard.text)
+    if not a.run_dirs:
+        raise UserError("pipeline analyze: give one or more run directories, or --leaderboard DIR")
     result = report.analyze(a.run_dirs, target=a.target, plots_dir=a.plots, report=a.report, compare=a.compare,
                             link_gbps=a.link_gbps, comm_file=a.comm, compute_ms=a.compute_ms)
     return _emit(result, a.json, report.text)
@@ -100,6 +111,22 @@ def _emit(result: dict, as_json: bool, text) -> int:
     else:
         sys.stdout.write(text(result))
     return 0
+
+
+def cmd_sweep(a) -> int:
+    from . import sweep
+
+    if a.status:
+        return sweep.status(a.status)
+    if not a.out:
+        raise UserError("pipeline sweep: give --out DIR (or --status DIR)")
+    try:
+        ranks = [int(x) for x in a.ranks.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--ranks {a.ranks!r}: expected rank counts such as 1,2,4") from None
+    return sweep.run(a.config, a.out, a.grid or [], a.grid_file, ranks, a.set or [], repeats=a.repeats,
+                     sbatch_args=a.sbatch_args, max_parallel=a.max_parallel, target=a.target, local=a.local,
+                     retry_failed=a.retry_failed)
 
 
 def cmd_doctor(a) -> int:
@@ -324,11 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = verbs.add_parser("analyze", help="throughput, step-time percentiles, data wait, stragglers, scaling and "
                                           "time to accuracy from run directories")
-    an.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    an.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
+    an.add_argument("--leaderboard", metavar="DIR", help="a sweep directory (pipeline sweep --out): one row per "
+                                                         "point, ranked by time to --target, the Pareto front marked")
     an.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the text summary")
     an.add_argument("--plots", metavar="DIR", help="write PNG plots here")
     an.add_argument("--report", metavar="FILE", help="one page with summary, tables and plots (.html or .md)")
-    an.add_argument("--target", default="0.9", help="the quality for time to target: METRIC>=X or METRIC<=X with "
+    an.add_argument("--target", default=_TargetDefault("0.9"), help="the quality for time to target: METRIC>=X or METRIC<=X with "
                                                     "any val_<name> of metrics.jsonl (val_mae<=0.2); a number X "
                                                     "means val_accuracy>=X (default 0.9)")
     an.add_argument("--compare", action="store_true", help="two run directories A B: the differences, figure by figure")
@@ -338,6 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--compute-ms", type=float, help="compute time per step without communication (default: a "
                                                      "1-rank run among the run directories)")
     an.set_defaults(func=cmd_analyze)
+
+    sw = verbs.add_parser("sweep", help="a grid of runs: one SLURM job array per rank count (or in turn with "
+                                        "--local), then a leaderboard; running it again runs only what is missing")
+    sw.add_argument("--config", help="YAML config every point starts from")
+    sw.add_argument("--out", help="the sweep directory: one run directory per point, sweep.json, the leaderboard")
+    sw.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a knob and its values (repeatable)")
+    sw.add_argument("--grid-file", metavar="FILE", help="YAML: KEY: [V1, V2] per knob (values may contain commas)")
+    sw.add_argument("--ranks", default="1", help="rank counts, e.g. 1,2,4: one job array each (default 1)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting for every point")
+    sw.add_argument("--repeats", type=int, default=1, help="runs of each point (the leaderboard shows the median)")
+    sw.add_argument("--sbatch-args", default="", help="more sbatch options, e.g. \"--partition=gpu --time=02:00:00\"")
+    sw.add_argument("--max-parallel", type=int, default=0, help="array tasks running at once (%%K; default: all)")
+    sw.add_argument("--target", help="the leaderboard's quality target, METRIC>=X or METRIC<=X (default: the "
+                                     "config's mlperf.target, else val_accuracy>=0.9)")
+    sw.add_argument("--local", action="store_true", help="run the points here in turn under mpirun, not as jobs")
+    sw.add_argument("--retry-failed", action="store_true", help="run failed points again (default: leave them)")
+    sw.add_argument("--status", metavar="DIR", help="say what is pending, queued, running, finished and failed")
+    sw.set_defaults(func=cmd_sweep)
 
     dr = verbs.add_parser("doctor", help="pre-flight checks on every rank, under the same launcher and arguments as "
                                          "train: versions, dataset, run directory, network, GPUs, allreduce")
@@ -461,10 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _TargetDefault(str):
+    """analyze --target's default, told apart from the same value given on purpose."""
+
+
 def main(argv: list[str] | None = None) -> int:
     # TensorFlow's start-up chatter hides the progress lines; users can turn it back on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    if hasattr(args, "target"):
+        args.target_given = not isinstance(args.target, _TargetDefault)
     try:
         return args.func(args)
     except UserError as e:

@@ -139,3 +139,71 @@ def test_bench_sbatch_scales_and_collects_for_analyze(slurm, tmp_path, small_dat
     assert all(run["steps"] == 30 for run in result["runs"])
     assert (out / "report.html").stat().st_size > 10_000
     assert "== scaling" in log.read_text()
+
+
+def _wait_for_jobs(env, job_ids: list[str], timeout: float = 600.0) -> None:
+    """Polls squeue until none of the jobs (arrays included) is queued or running. The deadline
+    is a hang guard, not a speed check: these jobs take seconds here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        q = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i"], capture_output=True,
+                           text=True, env=env)
+        if q.returncode == 0 and not q.stdout.strip():
+            return
+        assert time.monotonic() < deadline, f"jobs {job_ids} still queued or running: {q.stdout}"
+        time.sleep(0.5)  # polling SLURM's queue, an observable condition
+
+
+def test_sweep_submits_one_array_per_rank_count_and_ranks_the_points(slurm, tmp_path, small_dataset):
+    """pipeline sweep on the real cluster: one knob x two values x ranks 1,2 -> two job arrays
+    through train.sbatch, then the leaderboard job after them, with sacct's figures; the same
+    command again submits nothing; a point made to fail (debug.fault) shows as failed with its
+    reason while the others are ranked."""
+    out = tmp_path / "sweep"
+    env = dict(slurm, DOCTOR="0")  # the pre-flight check has its own test above
+    base = [PIPELINE, "sweep", "--config", str(ROOT / "configs/default.yaml"), "--out", str(out),
+            "--set", f"data.dir={small_dataset}", "--set", "train.max_steps=60", "--set", "log.progress_every_s=3600",
+            "--target", "val_accuracy>=0.3"]
+    cmd = base + ["--grid", "train.batch_size=32,64", "--ranks", "1,2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    manifest = json.loads((out / "sweep.json").read_text())
+    arrays = manifest["submissions"]
+    assert sorted(s["ranks"] for s in arrays) == [1, 2] and all(len(s["points"]) == 2 for s in arrays)
+    assert r.stdout.count("--array=0-1 ") == 2 and "leaderboard job" in r.stdout
+    _wait_for_jobs(env, [s["job_id"] for s in arrays] + [manifest["leaderboard_job"]])
+
+    board = json.loads((out / "leaderboard.json").read_text())  # written by the analysis job
+    assert len(board["rows"]) == 4 and {row["state"] for row in board["rows"]} == {"finished"}
+    assert board["accounting"].startswith("sacct")
+    for row in board["rows"]:
+        a = row["sacct"]
+        assert a["state"] == "COMPLETED" and a["exit_code"] == "0:0" and a["elapsed_s"] > 0 and a["nodes"]
+        assert row["throughput_samples_per_s"] > 0 and row["time_to_target_s"] is not None
+    times = [row["time_to_target_s"] for row in board["rows"]]
+    assert times == sorted(times) and any(row["pareto"] for row in board["rows"])
+    assert {row["ranks"] for row in board["rows"] if row["scaling_efficiency"] == 1.0} == {1}
+    assert "Pareto front" in (out / "leaderboard.txt").read_text() and (out / "leaderboard.html").exists()
+    steps_before = {p: p.stat().st_mtime_ns for p in out.glob("*/steps/rank-*.jsonl")}
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert again.returncode == 0 and "4 finished); 0 to run" in again.stdout and "nothing to submit" in again.stdout
+    assert len(json.loads((out / "sweep.json").read_text())["submissions"]) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/steps/rank-*.jsonl")} == steps_before
+
+    # A value with commas comes from a grid file; this point exits on purpose at step 5.
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("train.batch_size: [32]\ndebug.fault: ['rank=0,step=5,phase=data,kind=exit']\n")
+    f = subprocess.run(base + ["--grid-file", str(grid), "--ranks", "1"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    assert f.returncode == 0, f.stdout + f.stderr
+    manifest = json.loads((out / "sweep.json").read_text())
+    _wait_for_jobs(env, [manifest["submissions"][-1]["job_id"], manifest["leaderboard_job"]])
+    board = json.loads((out / "leaderboard.json").read_text())
+    failed = [row for row in board["rows"] if row["state"] == "failed"]
+    assert len(board["rows"]) == 5 and len(failed) == 1 and "debug.fault" in board["knobs_that_differ"]
+    assert failed[0]["knobs"]["debug.fault"] == "rank=0,step=5,phase=data,kind=exit"
+    assert "exit 70:0" in failed[0]["why"] and "in data at step 5" in failed[0]["why"], failed[0]
+    assert failed[0]["time_to_target_s"] is None and board["rows"][-1] is failed[0]
+    st = subprocess.run([PIPELINE, "sweep", "--status", str(out)], capture_output=True, text=True, env=env)
+    assert "4 finished, 1 failed" in st.stdout and "failed    train.batch_size=32,debug.fault=" in st.stdout

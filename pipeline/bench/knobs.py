@@ -3,7 +3,8 @@ steps, each an ordinary run directory; samples/s over the steady steps (`pipelin
 definition) and final validation accuracy. Knobs are interleaved round by round and the
 default runs first and last in every round, so its spread shows the machine's noise; each
 figure is the median of the rounds with min and max, and `vs_default` the median of the
-per-round ratios to that round's mean default."""
+per-round ratios to that round's mean default. Each run goes through the sweep's point runner
+(`pipeline.sweep.run_point`), the one that `pipeline sweep --local` uses."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from ..errors import UserError
 from ..measure import median_range
+from ..sweep import run_point
 from .suite import Bench
 
 KNOBS = [
@@ -41,12 +44,11 @@ def run(out: str = "runs/knobs", ranks: int = 2, epochs: int = 2, repeats: int =
         for i, (label, sets) in enumerate(KNOBS):
             run_dir = b.out / "runs" / f"{i:02d}-r{rep}"
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
-            args = [b.py, "-m", "pipeline", "train", "--run-dir", str(run_dir), "--set", f"data.dir={b.data}",
-                    "--set", f"train.epochs={epochs}", "--set", "checkpoint.every_steps=0",
-                    "--set", "log.progress_every_s=3600"]
-            for s in sets:
-                args += ["--set", s]
-            b.mpirun(ranks, args)
+            code, _ = run_point(ranks, None, run_dir, [f"data.dir={b.data}", f"train.epochs={epochs}",
+                                                        "checkpoint.every_steps=0", "log.progress_every_s=3600",
+                                                        *sets], env=b.env, timeout=900)
+            if code != 0:
+                raise UserError(f"bench knobs: {label} failed (exit {code}); see {run_dir / 'sweep-train.out'}")
             run = logs.load(run_dir)
             s, metrics = summary.summarize(run), run.metrics
             runs[i].append({"run_dir": str(run_dir), "samples_per_s": s["throughput_samples_per_s"],

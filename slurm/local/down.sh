@@ -13,6 +13,8 @@ stop() {  # pid file, name: TERM, then KILL if it lingers
 [ -f "$DIR/slurm.conf" ] && SLURM_CONF="$DIR/slurm.conf" scancel --full --quiet --user="$(id -un)" 2>/dev/null
 stop "$DIR/slurmd.pid"
 stop "$DIR/slurmctld.pid"
+stop "$DIR/slurmdbd.pid"
+stop "$DIR/mysql/mariadbd.pid"
 stop "$DIR/munge/munged.pid"
 # The default-path link that up.sh made with LINK_DEFAULT=1, only if it is ours.
 [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$DIR/slurm.conf" ] && rm -f /etc/slurm/slurm.conf
