@@ -322,7 +322,7 @@ def _submit(out_dir: Path, manifest: dict, todo: list[Point], sbatch_args: str, 
         print(f"sweep: submitted job array {jid} ({len(names)} point(s) x {r} rank(s)): {' '.join(cmd)}", file=log)
     analysis = ["sbatch", "--parsable", f"--dependency=afterany:{':'.join(job_ids)}", "--ntasks=1",
                 f"--job-name=sweep-{out_dir.name}-leaderboard", f"--output={(out_dir / 'leaderboard.out').resolve()}",
-                *[a for a in extra if a.startswith(("--partition", "-p", "--account", "-A", "--qos"))],
+                *_where_to_run(extra),
                 "--wrap", leaderboard_command(out_dir, target, env["PIPELINE"])]
     res = _slurm(analysis, env)
     if res.returncode != 0:
@@ -332,6 +332,19 @@ def _submit(out_dir: Path, manifest: dict, todo: list[Point], sbatch_args: str, 
     _save(out_dir, manifest)
     print(f"sweep: leaderboard job {jid} after {', '.join(job_ids)} -> {out_dir}/leaderboard.txt", file=log)
     return 0
+
+
+def _where_to_run(args: list[str]) -> list[str]:
+    """The partition, account and QOS options among --sbatch-args (the analysis job runs
+    where the arrays may), with their values whether joined (--partition=x) or not (-p x)."""
+    keep, names = [], ("--partition", "-p", "--account", "-A", "--qos", "-q")
+    for i, a in enumerate(args):
+        if a in names and i + 1 < len(args):
+            keep += [a, args[i + 1]]
+        elif a.startswith(tuple(n + "=" for n in names if n.startswith("--"))) or \
+                (a[:2] in ("-p", "-A", "-q") and len(a) > 2 and not a.startswith("--")):
+            keep.append(a)
+    return keep
 
 
 def leaderboard_command(out_dir: Path, target: str, pipeline: str) -> str:

@@ -100,3 +100,8 @@ def test_local_sweep_runs_each_point_once_and_writes_the_leaderboard(tmp_path, s
                    "train.batch_size=32,-1", "--local")
     assert bad.returncode == 2 and "point train.batch_size=-1,ranks=1: train.batch_size must be > 0" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_analysis_job_gets_the_arrays_partition_account_and_qos():
+    assert sweep._where_to_run(["-p", "gpu", "--time=02:00:00", "--account=x", "-Aproj", "--qos", "high",
+                                "--mem=4G"]) == ["-p", "gpu", "--account=x", "-Aproj", "--qos", "high"]
