@@ -222,7 +222,8 @@ def cmd_predict(a) -> int:
     from . import commmodel
 
     net = commmodel.load_network(a.link_gbps, a.comm, alpha_s=a.alpha_ms / 1e3 if a.alpha_ms is not None else None,
-                   latency_s=a.latency_us / 1e6 if a.latency_us is not None else None, efficiency=a.efficiency)
+                   latency_s=a.latency_us / 1e6 if a.latency_us is not None else None, efficiency=a.efficiency,
+                   host_gbps=a.host_gbps)
     rows = commmodel.projection(a.gradient_bytes, a.compute_ms / 1e3, a.ranks_per_host, net)
     if a.json:
         json.dump({"network": commmodel.as_dict(net), "gradient_bytes": a.gradient_bytes,
@@ -232,7 +233,10 @@ def cmd_predict(a) -> int:
         print("\n".join(commmodel.table_lines(rows, f"{a.gradient_bytes:,} gradient bytes/step, compute "
                                                    f"{a.compute_ms:g} ms/step, {a.ranks_per_host} ranks/host, "
                                                    f"{net.link_gbps:g} Gbit/s x {net.efficiency:.3f}, alpha "
-                                                   f"{net.alpha_s * 1e3:.3f} ms, latency {net.latency_s * 1e6:.1f} us")))
+                                                   f"{net.alpha_s * 1e3:.3f} ms, latency {net.latency_s * 1e6:.1f} us"
+                                                   + (f", host rate {net.host_gbps:g} Gbit/s"
+                                                      + (" (bounds the transfer)" if net.host_bound else "")
+                                                      if net.host_gbps else ""))))
     return 0
 
 
@@ -426,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alpha-ms", type=float, help="fixed cost per step (overrides --comm)")
     pr.add_argument("--latency-us", type=float, help="per message per ring step (overrides --comm)")
     pr.add_argument("--efficiency", type=float, help="share of the link rate reached (overrides --comm)")
+    pr.add_argument("--host-gbps", type=float, help="what the hosts sustain while training (raw TCP between two "
+                                                    "of them under load, pipeline bench multinode): the bandwidth "
+                                                    "term uses min(link x efficiency, this)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
     sl = verbs.add_parser("slurm", help="helpers for slurm/*.sbatch").add_subparsers(

@@ -18,6 +18,12 @@ host. One step's communication is then
 - efficiency: the share of B that allreduce messages of S bytes reach on this MPI stack
   (headers, acknowledgements, and whether both directions of a link are used at once),
   measured once on a link of known rate with `pipeline bench comm --link-gbps`.
+- host rate H (optional): what the hosts themselves sustain, the TCP payload rate between
+  two of them while they train (the kernel's TCP/IP path runs on the cores that compute).
+  The bandwidth term uses min(B x efficiency, H): where the hosts move bytes slower than the
+  link, they bound the transfer, not the link. Measured unshaped under load by `pipeline
+  bench multinode`; RDMA NICs (InfiniBand, RoCE) move bytes without the host's cores, so on
+  such clusters H is far above B and the term is inactive.
 With no network between the ranks (one host) the bandwidth and latency terms are left out.
 
 Step time, weak scaling (fixed per-rank batch), communication not overlapped with compute
@@ -44,6 +50,7 @@ class Network:
     alpha_s: float = 0.0
     latency_s: float = 0.0
     efficiency: float = 1.0
+    host_gbps: float | None = None  # what the hosts sustain under load (None: not bounded)
 
     def __post_init__(self):
         if not self.link_gbps > 0:
@@ -52,6 +59,18 @@ class Network:
             raise UserError(f"link efficiency must be in (0, 1.5], got {self.efficiency}")
         if self.alpha_s < 0 or self.latency_s < 0:
             raise UserError("alpha and latency must be >= 0")
+        if self.host_gbps is not None and not self.host_gbps > 0:
+            raise UserError(f"host rate must be > 0 Gbit/s, got {self.host_gbps}")
+
+    @property
+    def rate_gbps(self) -> float:
+        """The rate the bandwidth term uses: the link's reach, or the hosts' where lower."""
+        reach = self.link_gbps * self.efficiency
+        return min(reach, self.host_gbps) if self.host_gbps else reach
+
+    @property
+    def host_bound(self) -> bool:
+        return bool(self.host_gbps) and self.host_gbps < self.link_gbps * self.efficiency
 
 
 def ring_bytes(grad_bytes: int, ranks: int) -> float:
@@ -66,7 +85,7 @@ def comm_s(grad_bytes: int, ranks: int, ranks_per_host: int, net: Network) -> di
     hosts = math.ceil(ranks / ranks_per_host)
     if ranks == 1:
         return {"hosts": 1, "alpha_s": 0.0, "latency_s": 0.0, "bandwidth_s": 0.0, "total_s": 0.0}
-    bw = ring_bytes(grad_bytes, ranks) * 8 / (net.link_gbps * 1e9 * net.efficiency) if hosts > 1 else 0.0
+    bw = ring_bytes(grad_bytes, ranks) * 8 / (net.rate_gbps * 1e9) if hosts > 1 else 0.0
     lat = 2 * (ranks - 1) * net.latency_s if hosts > 1 else 0.0
     return {"hosts": hosts, "alpha_s": net.alpha_s, "latency_s": lat, "bandwidth_s": bw,
             "total_s": net.alpha_s + lat + bw}
@@ -89,7 +108,8 @@ def network_from(link_gbps: float, calibration: dict | None = None, **overrides)
     comm` result when given; explicit overrides win."""
     kw = {}
     if calibration:
-        kw = {k: calibration[k] for k in ("alpha_s", "latency_s", "efficiency") if calibration.get(k) is not None}
+        kw = {k: calibration[k] for k in ("alpha_s", "latency_s", "efficiency", "host_gbps")
+              if calibration.get(k) is not None}
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return Network(link_gbps=link_gbps, **kw)
 

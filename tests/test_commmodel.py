@@ -45,6 +45,27 @@ def test_projection_efficiency_falls_with_ranks_and_faster_links_help():
     assert last["efficiency"] == pytest.approx(expect)
 
 
+def test_hosts_slower_than_the_link_bound_the_transfer():
+    link = commmodel.Network(link_gbps=10.0, alpha_s=1e-3, efficiency=0.8)
+    slow_hosts = commmodel.Network(link_gbps=10.0, alpha_s=1e-3, efficiency=0.8, host_gbps=2.0)
+    fast_hosts = commmodel.Network(link_gbps=10.0, alpha_s=1e-3, efficiency=0.8, host_gbps=50.0)
+    # 1 MB per link: 1 ms at 8 Gbit/s (10 x 0.8); 4 ms when the hosts move 2 Gbit/s.
+    assert commmodel.comm_s(1_000_000, 2, 1, link)["bandwidth_s"] == pytest.approx(1e-3)
+    assert commmodel.comm_s(1_000_000, 2, 1, slow_hosts)["bandwidth_s"] == pytest.approx(4e-3)
+    assert commmodel.comm_s(1_000_000, 2, 1, fast_hosts)["bandwidth_s"] == pytest.approx(1e-3)
+    assert slow_hosts.host_bound and not fast_hosts.host_bound and not link.host_bound
+    # The same term from a bench's calibration file, and from pipeline predict --host-gbps.
+    net = commmodel.network_from(10.0, {"alpha_s": 1e-3, "latency_s": 0, "efficiency": 0.8, "host_gbps": 2.0})
+    assert net.rate_gbps == 2.0
+    r = pipeline("predict", "--gradient-bytes", 1_000_000, "--compute-ms", 10, "--link-gbps", 10, "--alpha-ms", 1,
+                 "--latency-us", 0, "--efficiency", 0.8, "--host-gbps", 2, "--json")
+    assert r.returncode == 0, r.stderr
+    row2 = json.loads(r.stdout)["rows"][0]
+    assert row2["ranks"] == 2 and row2["bandwidth_s"] == pytest.approx(4e-3)
+    with pytest.raises(UserError, match="host rate"):
+        commmodel.Network(link_gbps=1, host_gbps=0)
+
+
 def test_bad_network_figures_are_user_errors():
     with pytest.raises(UserError, match="link bandwidth"):
         commmodel.Network(link_gbps=0)
@@ -58,7 +79,8 @@ def test_predict_command(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [row["ranks"] for row in out["rows"]] == list(commmodel.RANKS)
-    assert out["network"] == {"link_gbps": 25.0, "alpha_s": 0.001, "latency_s": 5e-6, "efficiency": 1.0}
+    assert out["network"] == {"link_gbps": 25.0, "alpha_s": 0.001, "latency_s": 5e-6, "efficiency": 1.0,
+                              "host_gbps": None}
     # A bench comm result supplies alpha, latency, efficiency and the link; flags override it.
     cal = tmp_path / "comm.json"
     cal.write_text(json.dumps({"alpha_s": 0.002, "latency_s": 1e-5, "efficiency": 0.8, "link_gbps": 1.0}))

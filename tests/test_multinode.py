@@ -119,5 +119,12 @@ def test_comm_model_on_shaped_links(tmp_path, small_dataset):
                     "comm_ratio", "step_ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
     assert "communication within 25% of the model" in r.stdout
+    # The host term: raw TCP between the hosts, idle and under load, went into the calibration.
+    h = res["host"]
+    assert h["idle_gbps"] > 0 and h["loaded_gbps"] > 0 and res["calibration"]["host_gbps"] == h["loaded_gbps"]
+    for row in res["rows"]:
+        assert row["phases_ms_per_step"]["MPI_ALLREDUCE"] > 0 and 0 <= row["softirq_share"] < 1
+        assert row["host_bound"] == (h["loaded_gbps"] < row["link_gbps"] * res["calibration"]["efficiency"])
+    assert not list(out.glob("load-*"))  # the load runs are gone
     hosts = [line.split() for line in (out / "hosts" / "hosts").read_text().splitlines()]
     assert leftovers(out / "hosts", hosts) == []

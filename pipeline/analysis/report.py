@@ -178,7 +178,11 @@ def model_lines(s: dict) -> list[str]:
         return []
     net, t = m["network"], m["predicted_terms_s"]
     out = [f"communication model ({m['hosts']} hosts x {m['ranks_per_host']} ranks, {net['link_gbps']:g} Gbit/s "
-           f"x efficiency {net['efficiency']:.3f}, {m['gradient_bytes']:,} gradient bytes/step): predicted "
+           f"x efficiency {net['efficiency']:.3f}"
+           + (f", hosts sustain {net['host_gbps']:.2f} Gbit/s" + (" (the bound)" if net["host_gbps"] <
+                                                                 net["link_gbps"] * net["efficiency"] else "")
+              if net.get("host_gbps") else "")
+           + f", {m['gradient_bytes']:,} gradient bytes/step): predicted "
            f"{_ms(m['predicted_comm_s'])} ms/step (alpha {_ms(t['alpha_s'])} + latency {_ms(t['latency_s'])} + "
            f"bandwidth {_ms(t['bandwidth_s'])})"]
     if m["measured_comm_s"] is not None:

@@ -3,11 +3,17 @@ against real training between two simulated hosts (slurm/local/hosts-up.sh) on l
 to known rates (slurm/local/hosts-shape.sh).
 
 1. compute: one rank on one host, no communication: the step time the model adds to.
-2. alpha and latency: `pipeline bench comm` on the unshaped link.
-3. efficiency: `pipeline bench comm` on a calibration link (400 Mbit/s by default), which is
+2. host rate: raw TCP payload from one host to the other on the unshaped link, idle and
+   while each host trains (a 1-rank run on each, its cores busy as in training): what the
+   hosts' own network path sustains under load, the model's host term (H); with the share
+   of CPU time the kernel spent in softirq (network processing) meanwhile.
+3. alpha and latency: `pipeline bench comm` on the unshaped link.
+4. efficiency: `pipeline bench comm` on a calibration link (400 Mbit/s by default), which is
    neither of the links validated on.
-4. each validation link: 2 hosts x 1 rank train with a Horovod timeline; `pipeline analyze
-   --comm` puts the prediction next to the measured allreduce time and step time.
+5. each validation link: 2 hosts x 1 rank train with a Horovod timeline; `pipeline analyze
+   --comm` puts the prediction next to the measured allreduce time and step time, with the
+   timeline's phases per step and the softirq share of CPU time during the run.
+No figure is calibrated at a rate it is validated at: H and alpha are measured unshaped.
 Every launch goes through the cluster path (`pipeline slurm command --hostfile`). The hosts
 are removed afterwards whatever happens; results in OUT/multinode.json.
 """
@@ -18,8 +24,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -28,6 +36,10 @@ from ..rundir import RunDir
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "slurm" / "local"
 TOLERANCE = 0.25
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
 
 
 def gbps(rate: str) -> float:
@@ -44,6 +56,75 @@ def _sh(args: list[str], env: dict | None = None, log: Path | None = None) -> st
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, args[:6]))}... exit {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
     return r.stdout
+
+
+def cpu_times() -> list[int]:
+    """This machine's CPU time so far, in jiffies (/proc/stat's first line): user, nice,
+    system, idle, iowait, irq, softirq, steal. The simulated hosts share these cores."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def softirq_share(before: list[int], after: list[int]) -> float | None:
+    d = [b - a for a, b in zip(before, after)]
+    return d[6] / sum(d) if sum(d) > 0 else None
+
+
+def host_rate(agent: Path, hosts: list[tuple[str, str]], out_dir: Path, env: dict, seconds: float = 2.0,
+              tag: str = "") -> float:
+    """Raw TCP payload rate (Gbit/s) from the first host to the second (pipeline.bench.tcprate)."""
+    (h1, _), (h2, ip2) = hosts[0], hosts[1]
+    port = 20000 + os.getpid() % 20000
+    result = out_dir / f"tcprate{tag}.json"
+    result.unlink(missing_ok=True)
+    py = sys.executable
+    recv = subprocess.Popen([str(agent), h2, py, "-m", "pipeline.bench.tcprate", "recv", str(port), str(result)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _sh([str(agent), h1, py, "-m", "pipeline.bench.tcprate", "send", ip2, str(port), str(seconds)], env=env)
+        recv.wait(timeout=60)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+    r = json.loads(result.read_text())
+    if not r.get("gbps"):
+        raise RuntimeError(f"tcprate measured nothing: {r}")
+    return r["gbps"]
+
+
+class Load:
+    """A 1-rank training on each simulated host, running until stopped: the hosts' cores busy
+    as in training, with no network traffic of its own."""
+
+    def __init__(self, agent: Path, hosts: list[tuple[str, str]], out_dir: Path, data, env: dict):
+        self.procs, self.dirs = [], []
+        for name, _ in hosts:
+            d = out_dir / f"load-{name}"
+            shutil.rmtree(d, ignore_errors=True)
+            self.dirs.append(d)
+            self.procs.append(subprocess.Popen(
+                [str(agent), name, str(Path(sys.executable).parent / "pipeline"), "train", "--run-dir", str(d),
+                 "--set", f"data.dir={data}", "--set", "train.max_steps=1000000", "--set", "checkpoint.every_steps=0",
+                 "--set", "log.progress_every_s=3600", "--set", "data.cache_mb=4096", "--set", "train.epochs=1000"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+
+    def wait_busy(self, steps: int = 100, timeout: float = 300.0) -> None:
+        """Until every host's run is past start-up (it has logged `steps` steps)."""
+        deadline = time.monotonic() + timeout
+        for p, d in zip(self.procs, self.dirs):
+            log = d / "steps" / "rank-0.jsonl"
+            while not (log.exists() and log.read_text().count("\n") > steps):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the load on {d.name} did not start (exit {p.poll()})")
+                time.sleep(0.1)  # polling its step log, an observable condition
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None) -> dict:
@@ -90,27 +171,45 @@ def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None
         grad = json.loads(RunDir(compute_run).config.read_text())["gradient_bytes"]
         compute_s = report.analyze([str(compute_run)])["runs"][0]["step_s"]["p50"]
 
+        shape("none")
+        agent = hosts / "agent"
+        names = [tuple(line.split()[:2]) for line in (hosts / "hosts").read_text().splitlines()]
+        print("bench multinode: host rate (raw TCP between the hosts, unshaped: idle, then while both train)",
+              flush=True)
+        idle_gbps = host_rate(agent, names, out_dir, env, tag="-idle")
+        load = Load(agent, names, out_dir, data, env)
+        try:
+            load.wait_busy()
+            t0 = cpu_times()
+            loaded_gbps = host_rate(agent, names, out_dir, env, tag="-loaded")
+            loaded_softirq = softirq_share(t0, cpu_times())
+        finally:
+            load.stop()
+        host = {"idle_gbps": idle_gbps, "loaded_gbps": loaded_gbps, "softirq_share_loaded": loaded_softirq}
+
         def bench_comm(rate: str | None) -> dict:
             f = out_dir / f"comm-{rate or 'unshaped'}.json"
             launch(2, [pipeline, "bench", "comm", "--bytes", str(grad), "--out", str(f)]
                    + (["--link-gbps", str(gbps(rate))] if rate else []), out_dir / f"comm-{rate or 'unshaped'}.log")
             return json.loads(f.read_text())
 
-        shape("none")
         print("bench multinode: alpha and latency (unshaped link)", flush=True)
         fixed = bench_comm(None)
         shape(calibrate)
         print(f"bench multinode: efficiency ({calibrate} link)", flush=True)
         cal = bench_comm(calibrate)
         calibration = {"alpha_s": fixed["alpha_s"], "latency_s": fixed["latency_s"],
-                       "efficiency": cal["efficiency"], "calibrated_on": calibrate}
+                       "efficiency": cal["efficiency"], "calibrated_on": calibrate,
+                       "host_gbps": loaded_gbps, "host_measured": "raw TCP between the hosts, unshaped, while both train"}
         (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=1))
 
         rows = []
         for rate in rates:
             shape(rate)
             print(f"bench multinode: training, 2 hosts x 1 rank, {rate} link", flush=True)
+            t0 = cpu_times()
             run_dir = train(f"train-{rate}", 2)
+            irq = softirq_share(t0, cpu_times())
             s = report.analyze([str(run_dir)], link_gbps=gbps(rate), comm_file=str(out_dir / "calibration.json"),
                                compute_ms=compute_s * 1e3)["runs"][0]
             m = s["comm_model"]
@@ -118,22 +217,33 @@ def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None
                          "predicted_comm_s": m["predicted_comm_s"], "measured_comm_s": m["measured_comm_s"],
                          "comm_ratio": m["comm_ratio"], "predicted_step_s": m["predicted_step_s"],
                          "measured_step_s": m["measured_step_s"], "step_ratio": m["step_ratio"],
-                         "ring_only_s": grad * 8 / (gbps(rate) * 1e9)})
+                         "ring_only_s": grad * 8 / (gbps(rate) * 1e9), "softirq_share": irq,
+                         "host_bound": m["network"]["host_gbps"] is not None
+                         and m["network"]["host_gbps"] < gbps(rate) * m["network"]["efficiency"],
+                         "phases_ms_per_step": {k: v["per_step_s"] * 1e3
+                                                for k, v in (s["communication"].get("phases") or {}).items()}})
     finally:
         subprocess.run(["bash", str(LOCAL / "hosts-shape.sh"), str(hosts), "none"], capture_output=True)
         subprocess.run(["bash", str(LOCAL / "hosts-down.sh"), str(hosts)], capture_output=True)
 
     met = all(r["comm_ratio"] is not None and abs(r["comm_ratio"] - 1) <= TOLERANCE for r in rows)
-    res = {"gradient_bytes": grad, "compute_s": compute_s, "calibration": calibration, "rows": rows,
+    res = {"gradient_bytes": grad, "compute_s": compute_s, "calibration": calibration, "host": host, "rows": rows,
            "tolerance": TOLERANCE, "met": met}
     (out_dir / "multinode.json").write_text(json.dumps(res, indent=1))
     print(f"gradient {grad:,} B/step; compute {compute_s * 1e3:.2f} ms/step; alpha {fixed['alpha_s'] * 1e3:.3f} ms, "
           f"latency {fixed['latency_s'] * 1e6:.1f} us (unshaped); efficiency {cal['efficiency']:.3f} ({calibrate})")
+    print(f"host rate (raw TCP, unshaped): idle {idle_gbps:.2f} Gbit/s, while both hosts train {loaded_gbps:.2f} Gbit/s"
+          f" (softirq {_pct(loaded_softirq)} of CPU time): the model's H; it bounds a link of B when "
+          f"H < B x efficiency")
     print("link       ring S/B ms  predicted ms  measured ms  pred/meas  step pred ms  step meas ms  pred/meas")
     for r in rows:
         print(f"{r['link']:<9}  {r['ring_only_s'] * 1e3:>11.2f}  {r['predicted_comm_s'] * 1e3:>12.2f}  "
               f"{(r['measured_comm_s'] or 0) * 1e3:>11.2f}  {r['comm_ratio'] or 0:>9.2f}  "
-              f"{r['predicted_step_s'] * 1e3:>12.2f}  {r['measured_step_s'] * 1e3:>12.2f}  {r['step_ratio']:>9.2f}")
+              f"{r['predicted_step_s'] * 1e3:>12.2f}  {r['measured_step_s'] * 1e3:>12.2f}  {r['step_ratio']:>9.2f}"
+              f"  {'host-bound' if r['host_bound'] else 'link-bound'}, softirq {_pct(r['softirq_share'])}")
+    for r in rows:
+        print(f"  {r['link']} timeline per step: " + ", ".join(f"{k} {v:.2f} ms" for k, v in
+                                                             sorted(r["phases_ms_per_step"].items())))
     print(f"communication within {TOLERANCE:.0%} of the model at every link: {'met' if met else 'MISSED'}"
           f" ({out_dir / 'multinode.json'})")
     return res
