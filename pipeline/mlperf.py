@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -65,20 +66,38 @@ def reached(value, op: str, goal: float) -> bool:
 
 class _Sink(logging.Handler):
     """The logger's only handler: lines held until the file is opened, then written and
-    flushed one by one (a killed rank's log holds every event before the kill)."""
+    flushed one by one (a killed rank's log holds every event before the kill). A failed
+    write (disk full) is said once and ends the log; training goes on."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.lines: list[str] = []
         self.file = None
+        self.broken = False
 
     def emit(self, record) -> None:
+        if self.broken:
+            return
         line = record.getMessage().lstrip("\n") + "\n"
         if self.file is None:
             self.lines.append(line)
-        else:
+            return
+        try:
             self.file.write(line)
             self.file.flush()
+        except OSError as e:
+            self.broken = True
+            print(f"pipeline: warning: {self.file.name}: write failed ({e.strerror}); the MLPerf log ends here",
+                  file=sys.stderr, flush=True)
+            self.close_file()
+
+    def close_file(self) -> None:
+        if self.file is not None:
+            f, self.file = self.file, None
+            try:
+                f.close()
+            except OSError:
+                pass  # what could not be written is lost; the warning said so
 
     def open(self, path: Path) -> None:
         self.file = open(path, "x")
@@ -87,9 +106,7 @@ class _Sink(logging.Handler):
         self.lines = []
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        self.close_file()
         super().close()
 
 
@@ -119,7 +136,7 @@ class MLPerfLog:
         self._logger = logger
         # stack offset 2: the call site recorded in each line is the training code, not this file.
         self._ml = MLLogger(logger=logger, default_stack_offset=2,
-                                  root_dir=str(Path(__file__).resolve().parent.parent))
+                            root_dir=str(Path(__file__).resolve().parent.parent))
         s = settings
         self.event("submission_benchmark", s.benchmark)
         self.event("submission_org", s.org)

@@ -179,3 +179,23 @@ def test_bench_ttt_scores_seeded_runs_and_reruns_nothing(tmp_path, cosmoflow):
     again = pipeline(*args)  # every seed already ran: nothing trains again
     assert again.returncode == 0 and again.stdout.count("(from an earlier bench)") == 3
     assert json.loads((out / "ttt.json").read_text())["score_s"] == res["score_s"]
+
+
+def test_a_full_disk_ends_the_log_with_one_warning_not_the_run(capsys):
+    import logging
+
+    from pipeline.mlperf import _Sink
+
+    sink = _Sink()
+    log = logging.getLogger("test.mlperf.full")
+    log.propagate = False
+    log.addHandler(sink)
+    log.setLevel(logging.INFO)
+    log.info(":::MLLOG held until the file opens")
+    sink.file = open("/dev/full", "w")  # every write fails with ENOSPC
+    log.info(":::MLLOG one")
+    log.info(":::MLLOG two")  # no second warning, no exception
+    log.removeHandler(sink)
+    sink.close()
+    err = capsys.readouterr().err
+    assert sink.broken and sink.file is None and err.count("write failed (No space left on device)") == 1
