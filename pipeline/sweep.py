@@ -250,9 +250,17 @@ def run(config: str | None, out: str, grid_specs: list[str], grid_file: str | No
     for p in pts:
         d = out_dir / p.name
         d.mkdir(exist_ok=True)
-        atomic_write_text(d / POINT_CONFIG, config_mod.dumps(resolved[p.name]))
-        atomic_write_text(d / POINT_FILE, json.dumps({"knobs": dict(p.knobs), "ranks": p.ranks, "repeat": p.repeat,
-                                                      "sets": list(sets) + p.sets()}, default=str) + "\n")
+        text = config_mod.dumps(resolved[p.name])
+        old = (d / POINT_CONFIG).read_text() if (d / POINT_CONFIG).exists() else None
+        if old is None or point_state(d)[0] == "pending":
+            atomic_write_text(d / POINT_CONFIG, text)
+            atomic_write_text(d / POINT_FILE, json.dumps({"knobs": dict(p.knobs), "ranks": p.ranks,
+                                                          "repeat": p.repeat, "sets": list(sets) + p.sets()},
+                                                         default=str) + "\n")
+        elif old != text:
+            # A point that ran keeps the config it ran with (its run directory says what that was).
+            print(f"sweep: {p.name} already ran with another config (the config or --set changed); kept as it "
+                  f"was: use another --out to compare settings", file=log)
         manifest["points"][p.name] = {"knobs": dict(p.knobs), "ranks": p.ranks, "repeat": p.repeat}
     _save(out_dir, manifest)
 

@@ -105,3 +105,27 @@ def test_local_sweep_runs_each_point_once_and_writes_the_leaderboard(tmp_path, s
 def test_the_analysis_job_gets_the_arrays_partition_account_and_qos():
     assert sweep._where_to_run(["-p", "gpu", "--time=02:00:00", "--account=x", "-Aproj", "--qos", "high",
                                 "--mem=4G"]) == ["-p", "gpu", "--account=x", "-Aproj", "--qos", "high"]
+
+
+def test_a_point_that_ran_keeps_its_config_when_the_settings_change(tmp_path, monkeypatch):
+    """Only the files are checked: no training runs (a point is made to look finished), and
+    SLURM is made to look absent so that nothing is submitted."""
+    import io
+
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: None)
+    out = tmp_path / "sw"
+    args = dict(config=str(ROOT / "configs" / "default.yaml"), out=str(out), grid_specs=["train.batch_size=32,64"],
+                grid_file=None, ranks=[1], local=False)
+    first = io.StringIO()
+    with pytest.raises(UserError, match="sbatch not found"):
+        sweep.run(sets=["train.max_steps=10"], log=first, **args)  # writes the points, then wants SLURM
+    done = out / "train.batch_size=32,ranks=1"
+    _rank_files(done, "finished")
+    before = (done / sweep.POINT_CONFIG).read_text()
+    second = io.StringIO()
+    with pytest.raises(UserError, match="sbatch not found"):
+        sweep.run(sets=["train.max_steps=20"], log=second, **args)
+    assert (done / sweep.POINT_CONFIG).read_text() == before  # ran with max_steps 10: kept
+    pending = json.loads((out / "train.batch_size=64,ranks=1" / sweep.POINT_CONFIG).read_text())
+    assert pending["train"]["max_steps"] == 20  # not run yet: the new settings
+    assert "train.batch_size=32,ranks=1 already ran with another config" in second.getvalue()
