@@ -189,7 +189,7 @@ class MLPerfLog:
                 ("train_samples", plan.train_samples),
                 ("eval_samples", sum(x.num_samples for x in plan.manifest.shards("val"))),
                 ("number_of_nodes", len(set(hosts))),
-                ("accelerators_per_node", _accelerators_per_node())):
+                ("accelerators_per_node", len(_gpu_names()))):
             self.event(key, value)
 
     def staged(self, t0: float, t1: float, what: str) -> None:
@@ -278,10 +278,6 @@ def _gpu_names() -> list[str]:
                 for g in tf.config.list_physical_devices("GPU")]
     except Exception:  # noqa: BLE001 - a description, never a reason to fail
         return []
-
-
-def _accelerators_per_node() -> int:
-    return len(_gpu_names())
 
 
 def drop_page_cache(paths) -> tuple[int, bool]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from .. import config as config_mod
 from ..analysis import mlperf_log
 from ..errors import UserError
 from ..mlperf import logs as mlperf_logs
+from ..sweep import LOG_FILE, run_point
 
 RULESET = "3.0.0"
 
@@ -36,30 +36,6 @@ def check(log: Path) -> tuple[bool, str]:
     text = (r.stdout + r.stderr).strip().splitlines()
     verdict = next((x for x in reversed(text) if "SUCCESS" in x or "FAILED" in x), text[-1] if text else "")
     return r.returncode == 0, verdict
-
-
-def _launch(ranks: int, args: list[str], env: dict, limit_s: float, log_file: Path) -> tuple[int | None, float]:
-    """Runs one training under mpirun in its own process group; kills the group at the limit.
-    Returns (exit code or None when killed at the limit, seconds)."""
-    mpirun = shutil.which("mpirun")
-    if not mpirun:
-        raise UserError("mpirun not found on PATH (make env installs MPI)")
-    cores = os.cpu_count() or 1
-    cmd = [mpirun, "-np", str(ranks), "--map-by", f"slot:PE={max(1, cores // ranks)}", "--bind-to", "core", *args] \
-        if ranks > 1 else args
-    t0 = time.perf_counter()
-    with open(log_file, "w") as out:
-        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return p.wait(timeout=limit_s), time.perf_counter() - t0
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGTERM)  # the ranks checkpoint and log run_stop aborted
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            return None, time.perf_counter() - t0
 
 
 def run(config: str, out: str, runs: int = 10, ranks: int = 2, limit_s: float = 1800.0, sets: list[str] = (),
@@ -86,14 +62,15 @@ def run(config: str, out: str, runs: int = 10, ranks: int = 2, limit_s: float = 
         else:
             shutil.rmtree(run_dir, ignore_errors=True)  # a half-done attempt is not resumed: it would not be one run
             run_dir.mkdir(parents=True)
-            args = [sys.executable, "-m", "pipeline", "train", "--config", config, "--run-dir", str(run_dir),
-                    "--set", f"train.seed={seed}", "--set", "mlperf.stop_at_target=true", *sum((["--set", s] for s in sets), [])]
-            code, wall = _launch(ranks, args, env, limit_s, run_dir / "train.out")
+            # The sweep's point runner: mpirun with binding, SIGTERM at the limit (the ranks checkpoint
+            # and log run_stop aborted), output in RUN/sweep-train.out.
+            code, wall = run_point(ranks, config, run_dir, [f"train.seed={seed}", "mlperf.stop_at_target=true", *sets],
+                                   env=env, timeout=limit_s)
             logs = mlperf_logs(run_dir)
             result = mlperf_log.read(logs[-1]) if logs else {"status": None, "time_to_train_s": None, "last_eval": None,
                                                               "split": {}, "epochs": 0, "reason": None}
             if code not in (0, None):
-                result["reason"] = f"exit {code}; see {run_dir / 'train.out'}"
+                result["reason"] = f"exit {code}; see {run_dir / LOG_FILE}"
             if code is None:
                 result["reason"] = f"killed at --time-limit {limit_s:g}s"
             row = _row(seed, run_dir, result, wall, "limit" if code is None else "ran")
