@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EXIT_USER_ERROR, UserError
+from pipeline.errors import EXIT_USER_ERROR, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,11 +26,11 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def cmd_data_synth(a) -> int:
     if a.kind != "images":
-        from .data.synth_layouts import synth_layout
+        from pipeline.data.synth_layouts import synth_layout
 
         synth_layout(a.kind, a.out, a.samples, a.shape, a.seed)
         return 0
-    from .data.synth import synth
+    from pipeline.data.synth import synth
 
     synth(a.out, a.samples or 20000, a.val_samples, a.shards, a.val_shards, a.shape or (28, 28, 1), a.classes,
           a.seed, a.chunk_samples, a.compression, a.dtype)
@@ -38,7 +38,7 @@ def cmd_data_synth(a) -> int:
 
 
 def cmd_data_index(a) -> int:
-    from .data.index import index
+    from pipeline.data.index import index
 
     index(a.src, a.out, a.x, a.y, a.per_file, a.subvolume, a.val_fraction, a.val, a.num_classes, a.checksums,
           a.seed)
@@ -46,14 +46,14 @@ def cmd_data_index(a) -> int:
 
 
 def cmd_data_stats(a) -> int:
-    from .data.stats import stats
+    from pipeline.data.stats import stats
 
     stats(a.dir, a.root)
     return 0
 
 
 def cmd_data_convert(a) -> int:
-    from .data.convert import convert
+    from pipeline.data.convert import convert
 
     convert(a.format, a.src, a.out, a.shards, a.val_shards, a.val_fraction, a.seed, a.chunk_samples,
             a.compression, a.dtype)
@@ -61,7 +61,7 @@ def cmd_data_convert(a) -> int:
 
 
 def cmd_data_verify(a) -> int:
-    from .data import shards
+    from pipeline.data import shards
 
     m = shards.load_manifest(a.dir, a.root)
     problems = list(shards.verify(m, checksums=not a.fast))
@@ -75,9 +75,10 @@ def cmd_data_verify(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from . import config, train
+    from pipeline import config
+    from pipeline.train import trainer as train
 
-    from .preempt import EXIT_OK, EXIT_REQUEUE
+    from pipeline.runtime.preempt import EXIT_OK, EXIT_REQUEUE
 
     cfg = config.load(a.config, a.set or [])
     summary = train.run(cfg, a.run_dir)
@@ -85,10 +86,10 @@ def cmd_train(a) -> int:
 
 
 def cmd_analyze(a) -> int:
-    from .analysis import report
+    from pipeline.analysis import report
 
     if a.leaderboard:
-        from .analysis import leaderboard
+        from pipeline.cluster import leaderboard
 
         if a.run_dirs:
             raise UserError("--leaderboard DIR takes the sweep directory alone, not run directories besides it")
@@ -114,7 +115,7 @@ def _emit(result: dict, as_json: bool, text) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from . import sweep
+    from pipeline.cluster import sweep
 
     if a.status:
         return sweep.status(a.status)
@@ -130,14 +131,15 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_doctor(a) -> int:
-    from . import config, doctor
+    from pipeline import config
+    from pipeline.cluster import doctor
 
     cfg = config.load(a.config, a.set or [])
     return doctor.run(cfg, a.run_dir, system_json=a.system_json)
 
 
 def cmd_postmortem(a) -> int:
-    from .analysis import postmortem
+    from pipeline.analysis import postmortem
 
     if not Path(a.run_dir).is_dir():
         raise UserError(f"{a.run_dir}: no such run directory")
@@ -145,7 +147,7 @@ def cmd_postmortem(a) -> int:
 
 
 def cmd_export_tflite(a) -> int:
-    from .export import tflite_int8
+    from pipeline.train.export import tflite_int8
 
     r = tflite_int8(a.run_dir, samples=a.samples)
     print(f"{r['tflite']}: {r['tflite_bytes'] / 1024:.0f} KiB (Keras {r['keras_bytes'] / 1024:.0f} KiB); "
@@ -155,7 +157,7 @@ def cmd_export_tflite(a) -> int:
 
 
 def cmd_checkpoint_digest(a) -> int:
-    from .checkpoint import digest
+    from pipeline.train.checkpoint import digest
 
     step, sha = digest(a.run_dir)
     print(f"step {step} sha256 {sha}")
@@ -163,8 +165,8 @@ def cmd_checkpoint_digest(a) -> int:
 
 
 def cmd_checkpoint_list(a) -> int:
-    from .checkpoint import list_complete
-    from .rundir import RunDir
+    from pipeline.train.checkpoint import list_complete
+    from pipeline.rundir import RunDir
 
     directory = RunDir(a.run_dir).checkpoints
     refs = list_complete(directory)
@@ -182,7 +184,7 @@ def _writer_options(p) -> None:
 
 
 def cmd_bench_data(a) -> int:
-    from .bench import data
+    from pipeline.bench import data
 
     if a.layouts:
         rows = data.layouts(a.work, a.repeats)
@@ -194,32 +196,32 @@ def cmd_bench_data(a) -> int:
 
 
 def cmd_bench_convert(a) -> int:
-    from .bench import convert
+    from pipeline.bench import convert
 
     return 0 if convert.run(a.gib, a.work, a.keep)["bounded"] else 1
 
 
 def cmd_bench_analyze(a) -> int:
-    from .bench import analyze
+    from pipeline.bench import analyze
 
     return 0 if analyze.run(a.ranks, a.steps, a.work)["met"] else 1
 
 
 def cmd_bench_comm(a) -> int:
-    from .bench import comm
+    from pipeline.bench import comm
 
     return comm.run(a.bytes, a.link_gbps, a.repeats, out=a.out)
 
 
 def cmd_bench_multinode(a) -> int:
-    from .bench import multinode
+    from pipeline.bench import multinode
 
     rates = [r for r in a.rates.split(",") if r]
     return 0 if multinode.run(a.out, rates, a.calibrate, a.steps, a.data)["met"] else 1
 
 
 def cmd_predict(a) -> int:
-    from . import commmodel
+    from pipeline.analysis import commmodel
 
     net = commmodel.load_network(a.link_gbps, a.comm, alpha_s=a.alpha_ms / 1e3 if a.alpha_ms is not None else None,
                    latency_s=a.latency_us / 1e6 if a.latency_us is not None else None, efficiency=a.efficiency,
@@ -241,7 +243,7 @@ def cmd_predict(a) -> int:
 
 
 def cmd_bench_run(a) -> int:
-    from .bench import suite
+    from pipeline.bench import suite
 
     ranks = [int(x) for x in a.ranks.split(",")] if a.ranks else None
     suite.run(a.out, quick=a.quick, ranks=ranks, repeats=a.repeats, steps=a.steps, batch=a.batch_size)
@@ -249,28 +251,28 @@ def cmd_bench_run(a) -> int:
 
 
 def cmd_bench_knobs(a) -> int:
-    from .bench import knobs
+    from pipeline.bench import knobs
 
     knobs.run(a.out, a.ranks, a.epochs, a.repeats)
     return 0
 
 
 def cmd_bench_ttt(a) -> int:
-    from .bench import ttt
+    from pipeline.bench import ttt
 
     r = ttt.run(a.config, a.out, runs=a.runs, ranks=a.ranks, limit_s=a.time_limit, sets=a.set or [])
     return 0 if r["score_s"] is not None else 1
 
 
 def cmd_bench_layout(a) -> int:
-    from .bench import layout
+    from pipeline.bench import layout
 
     layout.run(a.samples, repeats=a.repeats, work=a.work)
     return 0
 
 
 def cmd_slurm_command(a) -> int:
-    from . import launch
+    from pipeline.cluster import launch
 
     env = dict(os.environ)
     program = a.program[1:] if a.program[:1] == ["--"] else a.program
@@ -402,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     pm = verbs.add_parser("postmortem", help="what stopped a run: which rank stopped first, on which host, in "
                                              "which phase and step, what the others waited for, the first exception")
     pm.add_argument("run_dir", metavar="RUN_DIR")
-    pm.add_argument("--json", action="store_true", help="one JSON object on stdout (keys: CONTRACT.md)")
+    pm.add_argument("--json", action="store_true", help="one JSON object on stdout (keys: docs/troubleshooting.md)")
     pm.set_defaults(func=cmd_postmortem)
 
     ex = verbs.add_parser("export", help="serve-ready exports of a finished run's model").add_subparsers(
@@ -532,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pipeline: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:
-        from .checkpoint import CheckpointWriteError
+        from pipeline.train.checkpoint import CheckpointWriteError
 
         if not isinstance(e, CheckpointWriteError):
             raise

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .rundir import RUN_FACTS
+from pipeline.errors import UserError
+from pipeline.rundir import RUN_FACTS
 
 
 class ConfigError(UserError):
@@ -61,7 +61,7 @@ class ModelConfig:
     args: dict = field(default_factory=dict)  # keyword arguments for the builder
 
     def validate(self) -> None:
-        from .models import APPLICATIONS_PREFIX, MODELS, known
+        from pipeline.train.models import APPLICATIONS_PREFIX, MODELS, known
 
         _require(known(self.name), f"model.name must be one of {sorted(MODELS)}, {APPLICATIONS_PREFIX}NAME "
                                    f"(e.g. {APPLICATIONS_PREFIX}MobileNetV2) or path/to/file.py:function or "
@@ -201,12 +201,12 @@ class LogConfig:
 
 @dataclass
 class DebugConfig:
-    # A fault on purpose, e.g. rank=1,step=20,phase=data,kind=hang (pipeline/fault.py,
+    # A fault on purpose, e.g. rank=1,step=20,phase=data,kind=hang (pipeline/runtime/fault.py,
     # docs/troubleshooting.md); "" (the default): none.
     fault: str = ""
 
     def validate(self) -> None:
-        from .fault import parse
+        from pipeline.runtime.fault import parse
 
         try:
             parse(self.fault)
@@ -216,7 +216,7 @@ class DebugConfig:
 
 @dataclass
 class MLPerfConfig:
-    """MLPerf HPC logging (pipeline/mlperf.py, docs/mlperf.md): rank 0 writes RUN/mlperf.log."""
+    """MLPerf HPC logging (pipeline/mlperf/log.py, docs/mlperf.md): rank 0 writes RUN/mlperf.log."""
     enabled: bool = False
     benchmark: str = ""          # submission_benchmark: cosmoflow | deepcam | oc20 | openfold
     division: str = "open"       # closed | open
@@ -238,7 +238,7 @@ class MLPerfConfig:
                  f"mlperf.status must be one of onprem, cloud, preview, research, got {self.status!r}")
         _require(self.org.strip() != "", "mlperf.org must name who ran it (submission_org), e.g. my-lab")
         _require(self.target != "", "mlperf.target must be set, e.g. val_mae<=0.124")
-        from .mlperf import target
+        from pipeline.mlperf.log import target
 
         try:
             target(self.target)
@@ -268,7 +268,7 @@ class Config:
                  f"checkpoint.keep_best {self.checkpoint.keep_best!r} is not written by this run "
                  f"(it writes {', '.join(sorted(known))}; add the metric to train.metrics)")
         if self.mlperf.enabled:
-            from .mlperf import target
+            from pipeline.mlperf.log import target
 
             metric = target(self.mlperf.target)[0]
             _require(metric in known, f"mlperf.target's {metric} is not written by this run "

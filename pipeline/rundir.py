@@ -2,15 +2,15 @@
 
 Training writes it, `pipeline analyze`, the benchmarks, `pipeline export` and
 `pipeline checkpoint` read it; all of them take the paths and field names from here
-(docs/run-directory.md describes it for users; CONTRACT.md names what must not change).
+(docs/run-directory.md describes it for users, and which names never change).
 
     RUN/config.json            rank 0: the resolved config + the run's facts (RUN_FACTS)
     RUN/steps/rank-R.jsonl     every rank: header records, then one step record per step
     RUN/ranks/rank-R.json      every rank: "running" at the start, its summary at the end
-    RUN/ranks/rank-R.events    every rank: its flight recorder's ring (pipeline/flight.py)
+    RUN/ranks/rank-R.events    every rank: its flight recorder's ring (pipeline/runtime/flight.py)
     RUN/postmortem/rank-R.*    a rank that stalled, raised or was stopped: stacks (.txt), state (.json)
     RUN/metrics.jsonl          rank 0: one record per evaluation
-    RUN/checkpoints/step-N/    rank 0: complete checkpoints (pipeline/checkpoint.py)
+    RUN/checkpoints/step-N/    rank 0: complete checkpoints (pipeline/train/checkpoint.py)
     RUN/tensorboard/           rank 0: TensorBoard event files
     RUN/timeline*.json         rank 0: Horovod timelines (log.timeline)
     RUN/autotune.csv           Horovod's autotuner log (horovod.autotune)
@@ -35,7 +35,7 @@ MODEL_INT8 = "model-int8.tflite"
 EXPORT_RECORD = "export.json"
 _STEP_LOG = re.compile(r"^rank-(\d+)\.jsonl$")
 
-# A step record (CONTRACT.md: the first ten at least; lr and rss_mb besides).
+# A step record (docs/run-directory.md: the first ten at least; lr and rss_mb besides).
 STEP_FIELDS = ("step", "epoch", "rank", "size", "time", "step_s", "data_s", "compute_s", "samples", "loss",
                "lr", "rss_mb")
 # What analysis needs from a step record, and what it uses when present.

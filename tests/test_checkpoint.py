@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointWriter, latest, list_complete, should_save
+from pipeline.train import checkpoint
+from pipeline.train.checkpoint import CheckpointWriter, latest, list_complete, should_save
 from pipeline.config import CheckpointConfig
 
 

@@ -1,4 +1,4 @@
-"""The communication model (pipeline/commmodel.py) against hand calculations, `pipeline
+"""The communication model (pipeline/analysis/commmodel.py) against hand calculations, `pipeline
 predict`, and the gradient-only split of a Horovod timeline it is compared with."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import pipeline
-from pipeline import commmodel
+from pipeline.analysis import commmodel
 from pipeline.analysis import timeline
 from pipeline.errors import UserError
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pipeline.dist import Dist, rank_threads
+from pipeline.runtime.dist import Dist, rank_threads
 
 
 def test_threads_follow_request_then_slurm_then_binding(monkeypatch):
@@ -31,7 +31,7 @@ def test_single_process_context_needs_no_mpi():
 
 
 def test_launcher_detection():
-    from pipeline.dist import under_launcher
+    from pipeline.runtime.dist import under_launcher
 
     assert not under_launcher({"PATH": "/bin", "SLURM_JOB_ID": "5"})
     for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK"):
@@ -39,7 +39,7 @@ def test_launcher_detection():
 
 
 def test_launcher_size():
-    from pipeline.dist import launcher_size
+    from pipeline.runtime.dist import launcher_size
 
     assert launcher_size({"PATH": "/bin"}) is None
     assert launcher_size({"OMPI_COMM_WORLD_SIZE": "1"}) == 1

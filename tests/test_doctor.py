@@ -80,7 +80,7 @@ def _report(rank, host, **kw):
 def test_verdict_rules_on_reports():
     """The rules rank 0 applies to every rank's report: what is fatal (exit 2) and what only warns."""
     from pipeline import config
-    from pipeline.doctor import _verdict
+    from pipeline.cluster.doctor import _verdict
 
     cfg = config.load(None)
     fatal, warn = _verdict([_report(0, "a"), _report(1, "b")], cfg, None)

@@ -1,5 +1,5 @@
 """What the compiled steps read, and how a call of several steps runs and stops
-(pipeline/feed.py, pipeline/step.py `compile_calls`, pipeline/train.py `call_size`).
+(pipeline/data/feed.py, pipeline/train/step.py `compile_calls`, pipeline/train/trainer.py `call_size`).
 
 One process, no launcher: a Horovod sum over one rank is the value itself, so the stop flag's
 path through the step is the one two ranks take (tests/test_preemption.py runs that under
@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import feed
+from pipeline.data import feed
 from pipeline.data import reader, shards
 from pipeline.data.sharding import assign
-from pipeline.train import call_size
+from pipeline.train.trainer import call_size
 
 
 def _share(small_dataset, rank=1, size=2, batch=32, block=256):
@@ -95,8 +95,8 @@ def test_call_size_stops_at_the_first_step_where_something_else_happens():
 def _toy_step():
     import tensorflow as tf
 
-    from pipeline.dist import Dist
-    from pipeline.step import make_train_step
+    from pipeline.runtime.dist import Dist
+    from pipeline.train.step import make_train_step
 
     tf.keras.utils.set_random_seed(0)
     model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3)])
@@ -113,7 +113,7 @@ def _batches(steps=12):
 def test_a_call_of_several_steps_equals_the_same_steps_one_by_one():
     import tensorflow as tf
 
-    from pipeline.step import compile_calls
+    from pipeline.train.step import compile_calls
 
     xs, ys = _batches()
     weights = []
@@ -145,8 +145,8 @@ def test_a_signal_during_a_call_stops_it_after_the_step_that_sees_it():
     raises the flag, step 5 passes it to its allreduce and the call ends after step 5."""
     import tensorflow as tf
 
-    from pipeline.preempt import StopSignals
-    from pipeline.step import compile_calls
+    from pipeline.runtime.preempt import StopSignals
+    from pipeline.train.step import compile_calls
 
     xs, ys = _batches()
     model, step = _toy_step()
@@ -173,7 +173,7 @@ def test_a_signal_during_a_call_stops_it_after_the_step_that_sees_it():
 
 
 def test_slow_steps_run_fewer_per_call():
-    from pipeline.train import steps_in_a_call
+    from pipeline.train.trainer import steps_in_a_call
 
     assert steps_in_a_call(32, []) == 32
     assert steps_in_a_call(32, [0.005] * 10) == 32

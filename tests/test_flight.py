@@ -14,9 +14,9 @@ import time
 
 
 from conftest import ROOT, env, pipeline
-from pipeline import flight
+from pipeline.runtime import flight
 from pipeline.analysis import postmortem
-from pipeline.preempt import Watchdog
+from pipeline.runtime.preempt import Watchdog
 
 
 def _child(code: str, run_dir) -> subprocess.CompletedProcess:

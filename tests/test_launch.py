@@ -4,7 +4,7 @@ environment (a second node cannot be started here)."""
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.launch import command, tasks_per_node
+from pipeline.cluster.launch import command, tasks_per_node
 
 TWO_NODES = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4",
              "SLURM_CPUS_PER_TASK": "8", "PATH": "/opt/venv/bin:/usr/bin", "NCCL_IB_DISABLE": "0",
@@ -60,7 +60,7 @@ def test_inconsistent_allocation_and_unknown_launcher():
 
 
 def test_hostfile_two_hosts_two_slots(tmp_path):
-    from pipeline.launch import hostfile
+    from pipeline.cluster.launch import hostfile
 
     hf = tmp_path / "hostfile"
     hf.write_text("# two hosts\nnode-a slots=2\nnode-b slots=2 max_slots=4\n")

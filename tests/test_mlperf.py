@@ -16,8 +16,8 @@ from conftest import ROOT, env, mpirun, pipeline, read_jsonl
 from test_preemption import rank_pid, start, steps_done, wait_for
 from pipeline import config as config_mod
 from pipeline.analysis import mlperf_log
-from pipeline.mlperf import log_path, logs
-from pipeline.preempt import EXIT_REQUEUE
+from pipeline.mlperf.log import log_path, logs
+from pipeline.runtime.preempt import EXIT_REQUEUE
 
 COSMOFLOW = ROOT / "configs" / "cosmoflow.yaml"
 
@@ -184,7 +184,7 @@ def test_bench_ttt_scores_seeded_runs_and_reruns_nothing(tmp_path, cosmoflow):
 def test_a_full_disk_ends_the_log_with_one_warning_not_the_run(capsys):
     import logging
 
-    from pipeline.mlperf import _Sink
+    from pipeline.mlperf.log import _Sink
 
     sink = _Sink()
     log = logging.getLogger("test.mlperf.full")

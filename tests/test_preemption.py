@@ -17,8 +17,8 @@ import time
 import pytest
 
 from conftest import ROOT, env, pipeline, read_jsonl, read_steps, require_tool
-from pipeline.checkpoint import latest
-from pipeline.preempt import EXIT_REQUEUE
+from pipeline.train.checkpoint import latest
+from pipeline.runtime.preempt import EXIT_REQUEUE
 
 # Promise (docs/checkpointing.md, "When a rank dies"): under mpirun a dead rank ends the whole job
 # within 30 s instead of leaving its peers hanging in an allreduce. Measured here: about 2 s (15x).
@@ -196,7 +196,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, small_dataset)
 def test_watchdog_fires_when_steps_stop():
     import threading
 
-    from pipeline.preempt import Watchdog
+    from pipeline.runtime.preempt import Watchdog
 
     fired = threading.Event()
     idle = []

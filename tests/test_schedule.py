@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.schedule import keras_schedule, lr_at
+from pipeline.train.schedule import keras_schedule, lr_at
 
 
 def test_linear_scaling_with_warmup():
@@ -41,7 +41,7 @@ def test_step_decay():
 
 def test_the_runs_rule_comes_from_the_train_section():
     from pipeline.config import TrainConfig
-    from pipeline.schedule import LR
+    from pipeline.train.schedule import LR
 
     train = TrainConfig(lr=0.01, warmup_steps=5, lr_schedule="step", lr_step_every=20, lr_step_factor=0.5)
     lr = LR.from_config(train, size=2, total_steps=100)

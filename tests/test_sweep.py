@@ -8,8 +8,8 @@ import json
 import pytest
 
 from conftest import ROOT, pipeline
-from pipeline import sweep
-from pipeline.analysis import leaderboard
+from pipeline.cluster import sweep
+from pipeline.cluster import leaderboard
 from pipeline.errors import UserError
 
 

@@ -113,7 +113,7 @@ def test_corrupt_shard_stops_every_rank_with_one_line(tmp_path, small_dataset):
 
 
 def test_keep_best_retains_the_best_evaluated_checkpoint(tmp_path, small_dataset):
-    from pipeline.checkpoint import list_complete
+    from pipeline.train.checkpoint import list_complete
 
     run = tmp_path / "best"
     r = pipeline("train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "model.name=mlp",

@@ -31,7 +31,7 @@ def _stages(data_dir: str, run_dir: str) -> dict:
     import contextlib
     import io
 
-    from pipeline import train
+    from pipeline.train import trainer as train
     from pipeline.rundir import RunDir
 
     cfg = _config(data_dir, "train.max_steps=6", "checkpoint.every_steps=3")
@@ -77,7 +77,8 @@ def _raise_inside_the_loop(data_dir: str, run_dir: str) -> dict:
     import signal
     import threading
 
-    from pipeline import feed, train, writers
+    from pipeline.data import feed
+    from pipeline.train import trainer as train, writers
 
     handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     before = {s: signal.getsignal(s) for s in handled}
@@ -125,7 +126,8 @@ def test_an_exception_in_the_loop_closes_everything(tmp_path, small_dataset):
 def _train(config_file: str | None, data_dir: str, run_dir: str) -> str:
     import io
 
-    from pipeline import checkpoint, config, train
+    from pipeline.train import checkpoint, trainer as train
+    from pipeline import config
 
     cfg = config.load(config_file) if config_file else \
         _config(data_dir, "train.deterministic=true", "train.max_steps=8", "checkpoint.every_steps=0")
@@ -143,7 +145,7 @@ def _two_inputs(data_dir: str, run_dir: str) -> dict:
     """The same deterministic run with the share in memory and streamed, 4 steps per call."""
     import io
 
-    from pipeline import train
+    from pipeline.train import trainer as train
 
     out = {}
     for name, cache in (("memory", "4096"), ("streamed", "0")):

@@ -49,7 +49,7 @@ def test_unknown_application_model_is_a_user_error(tmp_path, datasets):
 def _model_and_batch(seed=0):
     import tensorflow as tf
 
-    from pipeline import models
+    from pipeline.train import models
 
     tf.keras.utils.set_random_seed(seed)
     model = models.build("cnn", (28, 28, 1), 10)
@@ -62,8 +62,8 @@ def _model_and_batch(seed=0):
 def test_accumulating_k_passes_equals_one_pass_at_k_times_the_batch():
     import tensorflow as tf
 
-    from pipeline.dist import Dist
-    from pipeline.step import make_train_step
+    from pipeline.runtime.dist import Dist
+    from pipeline.train.step import make_train_step
 
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     results = []
@@ -83,8 +83,8 @@ def test_accumulating_k_passes_equals_one_pass_at_k_times_the_batch():
 def test_xla_step_matches_the_plain_step():
     import tensorflow as tf
 
-    from pipeline.dist import Dist
-    from pipeline.step import make_train_step
+    from pipeline.runtime.dist import Dist
+    from pipeline.train.step import make_train_step
 
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     out = []

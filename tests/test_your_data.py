@@ -295,7 +295,7 @@ def test_read_only_sources_staged_copies_and_changed_files(raw, tmp_path):
 
 
 def test_layout_and_target_rules():
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
     from pipeline.analysis.summary import parse_target
     from pipeline.data.layout import Layout
 

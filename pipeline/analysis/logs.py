@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..rundir import STEP_NEEDED, STEP_OPTIONAL, RunDir, is_header
+from pipeline.errors import UserError
+from pipeline.rundir import STEP_NEEDED, STEP_OPTIONAL, RunDir, is_header
 
-# The step record fields analysis needs (CONTRACT.md); the optional ones are used when present.
+# The step record fields analysis needs (docs/run-directory.md); the optional ones are used when present.
 NEEDED = STEP_NEEDED
 OPTIONAL = STEP_OPTIONAL
 

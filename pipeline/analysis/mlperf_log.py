@@ -1,4 +1,4 @@
-"""Reading an MLPerf log (`:::MLLOG` lines, pipeline/mlperf.py): time to train and where the
+"""Reading an MLPerf log (`:::MLLOG` lines, pipeline/mlperf/log.py): time to train and where the
 time went, for `pipeline analyze` and `pipeline bench ttt`.
 
 Time to train is run_stop - run_start, MLPerf HPC's definition (since HPC v3.0 data staging

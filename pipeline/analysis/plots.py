@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .logs import Run
-from .summary import matrix, steady_mask
+from pipeline.analysis.logs import Run
+from pipeline.analysis.summary import matrix, steady_mask
 
 MAX_POINTS = 2000
 

@@ -1,6 +1,6 @@
 """`pipeline postmortem RUN`: which rank stopped first, on which host, doing what.
 
-It reads what every rank left (pipeline/flight.py): the flight recorder's ring
+It reads what every rank left (pipeline/runtime/flight.py): the flight recorder's ring
 (`ranks/rank-R.events`, there however the rank ended), the post-mortem written when the
 rank stalled, raised or was told to stop (`postmortem/rank-R.json`, stacks in `.txt`), and
 the step log's last record. The rules, in order:
@@ -21,8 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from .. import flight
-from ..rundir import RunDir, is_header
+from pipeline.runtime import flight
+from pipeline.rundir import RunDir, is_header
 
 _ENDED = ("done", "stop")
 
@@ -90,7 +90,7 @@ def _behind(st: dict) -> tuple:
 
 
 def analyze(run_dir: str | Path) -> dict:
-    """{"run_dir", "first", "ranks", "first_exception", "lines"} (CONTRACT.md keys)."""
+    """{"run_dir", "first", "ranks", "first_exception", "lines"} (docs/troubleshooting.md)."""
     rd = RunDir(run_dir)
     try:
         cfg = json.loads(rd.config.read_text())

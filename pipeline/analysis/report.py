@@ -8,10 +8,10 @@ import json
 import re
 from pathlib import Path
 
-from .. import commmodel
-from ..errors import UserError
-from . import logs, mlperf_log, plots, postmortem, summary as summary_mod
-from ..mlperf import logs as mlperf_logs
+from pipeline.analysis import commmodel
+from pipeline.errors import UserError
+from pipeline.analysis import logs, mlperf_log, plots, postmortem, summary as summary_mod
+from pipeline.mlperf.log import logs as mlperf_logs
 
 
 def _ms(v) -> str:

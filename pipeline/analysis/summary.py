@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import measure
-from . import timeline as timeline_mod
-from .logs import Run
+from pipeline import measure
+from pipeline.analysis import timeline as timeline_mod
+from pipeline.analysis.logs import Run
 
 RESTART_GAP_S = 30.0     # idle time between two steps that means the job was restarted
 # The straggler rule (docs/analysis.md): a rank is flagged for a figure when it is above the
@@ -103,7 +103,7 @@ def stragglers(values: np.ndarray, step_s_p50: float, ranks: list[int]) -> list[
 
 def parse_target(spec) -> tuple[str, str, float]:
     """`0.9` (val_accuracy >= 0.9), `val_mae<=0.2`, `mean_iou>=0.5` -> (metric, op, value)."""
-    from ..errors import UserError
+    from pipeline.errors import UserError
 
     if isinstance(spec, (int, float)):
         return "val_accuracy", ">=", float(spec)
@@ -405,12 +405,12 @@ COMM_PHASES = ("MPI_ALLREDUCE", "NCCL_ALLREDUCE", "ALLREDUCE")
 
 
 def comm_model(summaries: list[dict], net, compute_s: float | None = None) -> None:
-    """Predicted next to measured communication per step (pipeline/commmodel.py) for every
+    """Predicted next to measured communication per step (pipeline/analysis/commmodel.py) for every
     multi-rank run: measured is the timeline's wall time per step of the gradient tensors'
     allreduce (MPI_ALLREDUCE on CPUs, NCCL_ALLREDUCE on GPUs). Step time is predicted from
     compute_s, else from a 1-rank run of the same per-rank batch, threads per rank, model and
     precision among the analysed runs (else not predicted, and compute_note says why)."""
-    from .. import commmodel
+    from pipeline.analysis import commmodel
 
     for s in summaries:
         if s["ranks"] < 2 or not s.get("gradient_bytes_per_step") or not s.get("steps"):

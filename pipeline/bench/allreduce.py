@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from ..fsutil import atomic_write_text
+from pipeline.fsutil import atomic_write_text
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 

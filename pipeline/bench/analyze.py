@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rundir import RunDir
+from pipeline.rundir import RunDir
 
 TARGET_S = 20.0
 TARGET_MIB = 1024

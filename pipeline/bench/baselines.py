@@ -27,7 +27,7 @@ def load_arrays(data_dir: str):
     import h5py
     import numpy as np
 
-    from ..data import shards
+    from pipeline.data import shards
 
     m = shards.load_manifest(data_dir)
     xs, ys = [], []
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
         rank, size = hvd.rank(), hvd.size()
     import tensorflow as tf
 
-    from .. import models
-    from ..dist import rank_threads
+    from pipeline.train import models
+    from pipeline.runtime.dist import rank_threads
 
     threads = rank_threads(a.threads, hvd.local_size() if hvd else 1)
     tf.config.threading.set_intra_op_parallelism_threads(threads)

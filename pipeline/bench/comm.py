@@ -1,4 +1,4 @@
-"""`pipeline bench comm`: the network figures of the communication model (pipeline/commmodel.py),
+"""`pipeline bench comm`: the network figures of the communication model (pipeline/analysis/commmodel.py),
 measured on the ranks' own network. Run it under the launcher of the job it should describe:
 
     mpirun ... pipeline bench comm --bytes 373288 --link-gbps 1 --out comm.json
@@ -27,11 +27,11 @@ SMALL = 4 << 10
 def run(nbytes: int, link_gbps: float | None = None, repeats: int = 5, seconds: float = 0.3,
         out: str | None = None) -> int:
     """One rank of the measurement (every rank calls it); rank 0 prints and writes `out`."""
-    from ..commmodel import ring_bytes
-    from ..fsutil import atomic_write_text
+    from pipeline.analysis.commmodel import ring_bytes
+    from pipeline.fsutil import atomic_write_text
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # as in training (pipeline/dist.py)
+    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # as in training (pipeline/runtime/dist.py)
     from mpi4py import MPI  # MPI first, so Horovod joins the same world
 
     comm, n = MPI.COMM_WORLD, MPI.COMM_WORLD.Get_size()

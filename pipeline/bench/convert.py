@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.convert import CIFAR_RECORD, CIFAR_TEST, CIFAR_TRAIN
-from ..errors import UserError
+from pipeline.data.convert import CIFAR_RECORD, CIFAR_TEST, CIFAR_TRAIN
+from pipeline.errors import UserError
 
 LIMIT_MIB = 1024
 

@@ -24,12 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import UserError
-from ..measure import fmt, median_range
+from pipeline.errors import UserError
+from pipeline.measure import fmt, median_range
 
 
 def _time_raw(m, plan) -> float:
-    from ..data import reader
+    from pipeline.data import reader
 
     t0 = time.perf_counter()
     reader.read_share(m, "train", plan)
@@ -49,7 +49,7 @@ def evict_page_cache(m) -> None:
 
 
 def _time_reader(source, blocks, plan, batch_size: int, window: int) -> float:
-    from ..data import reader
+    from pipeline.data import reader
 
     ds = reader.train_dataset(source, blocks, plan, batch_size, seed=0, start_step=0,
                               end_step=plan.steps_per_epoch, window=window)
@@ -70,8 +70,8 @@ def _consumption(m, dist, batch_size: int, steps: int = 30, warmup: int = 5) -> 
     import numpy as np
     import tensorflow as tf
 
-    from .. import models
-    from ..data import reader
+    from pipeline.train import models
+    from pipeline.data import reader
 
     model = models.build("cnn", m.shape, m.num_classes)
     opt = tf.keras.optimizers.Adam(1e-3)
@@ -99,8 +99,8 @@ def _consumption(m, dist, batch_size: int, steps: int = 30, warmup: int = 5) -> 
 
 def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int = 4096,
         shuffle_buffer: int = 65536, threads: int = 0, json_out: str | None = None, out=sys.stdout) -> dict:
-    from .. import dist as dist_mod
-    from ..data import reader, sharding, shards
+    from pipeline.runtime import dist as dist_mod
+    from pipeline.data import reader, sharding, shards
 
     m = shards.load_manifest(data_dir)
     shards.check_exist(m, ["train"])

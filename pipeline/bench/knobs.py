@@ -14,10 +14,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from ..errors import UserError
-from ..measure import median_range
-from ..sweep import run_point
-from .suite import Bench
+from pipeline.errors import UserError
+from pipeline.measure import median_range
+from pipeline.cluster.sweep import run_point
+from pipeline.bench.suite import Bench
 
 KNOBS = [
     ("default (float32)", []),
@@ -34,7 +34,7 @@ KNOBS = [
 
 
 def run(out: str = "runs/knobs", ranks: int = 2, epochs: int = 2, repeats: int = 1, log=sys.stdout) -> list[dict]:
-    from ..analysis import logs, summary
+    from pipeline.analysis import logs, summary
 
     b = Bench(Path(out), quick=False, ranks=[ranks], repeats=repeats, steps=0, batch=64, log=log)
     b.out.mkdir(parents=True, exist_ok=True)

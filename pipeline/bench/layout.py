@@ -13,14 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import evict_page_cache
-from ..measure import fmt, median_range
+from pipeline.bench.data import evict_page_cache
+from pipeline.measure import fmt, median_range
 
 
 def run(samples: int = 100000, chunks=(64, 256, 1024, 4096), compressions=("none", "lzf", "gzip:1", "gzip:6"),
         repeats: int = 3, work: str | None = None, out=sys.stdout) -> list[dict]:
-    from ..data import reader, sharding, shards
-    from ..data.synth import synth
+    from pipeline.data import reader, sharding, shards
+    from pipeline.data.synth import synth
 
     base = Path(work) if work else Path(tempfile.mkdtemp(prefix="bench-layout-"))
     rows = []

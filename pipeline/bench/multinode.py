@@ -1,4 +1,4 @@
-"""`pipeline bench multinode` (root): the communication model (pipeline/commmodel.py) checked
+"""`pipeline bench multinode` (root): the communication model (pipeline/analysis/commmodel.py) checked
 against real training between two simulated hosts (slurm/local/hosts-up.sh) on links shaped
 to known rates (slurm/local/hosts-shape.sh).
 
@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import UserError
-from ..rundir import RunDir
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "slurm" / "local"
@@ -132,7 +132,7 @@ def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None
         raise UserError("bench multinode needs root (network namespaces for the simulated hosts)")
     for r in rates + [calibrate]:
         gbps(r)
-    from ..analysis import report
+    from pipeline.analysis import report
 
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None
     pipeline = str(bindir / "pipeline")
     env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2")
     if not data:
-        from ..data.synth import synth
+        from pipeline.data.synth import synth
 
         data = out_dir / "data"
         if not (data / "manifest.json").exists():

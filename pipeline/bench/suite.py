@@ -29,11 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import measure
-from ..analysis import logs
-from ..errors import UserError
-from ..measure import median_range
-from ..rundir import RunDir
+from pipeline import measure
+from pipeline.analysis import logs
+from pipeline.errors import UserError
+from pipeline.measure import median_range
+from pipeline.rundir import RunDir
 
 TARGETS = {"pipeline_vs_keras": 1.02, "pipeline_vs_horovod_loop": 1.05, "model_rows": 1.0, "efficiency_2": 0.85,
            "allreduce_ratio_16mib": 0.9}
@@ -52,7 +52,7 @@ class ModelRow:
 # Steps sized so the full bench stays under 15 minutes on 2 cores.
 MODEL_ROWS = (ModelRow("resnet20", None, 64, 30, 0),
               ModelRow("keras.applications.MobileNetV2", "96,96,3", 16, 20, 800))
-# Settings the pipeline applies to training (pipeline/dist.py); the baselines get the same
+# Settings the pipeline applies to training (pipeline/runtime/dist.py); the baselines get the same
 # MPI environment so the comparison is about the code, not the launcher's defaults.
 MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
@@ -69,7 +69,7 @@ class Bench:
         self.env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         self.data = out / "data"
         self.t0 = time.perf_counter()
-        from ..config import TrainConfig
+        from pipeline.config import TrainConfig
 
         self.steps_per_call = TrainConfig().steps_per_call  # the pipeline's default
 
@@ -190,7 +190,7 @@ def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = 
     res.update(data_figures(b))
     res["settings"] = settings(b)
     (b.out / "bench.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    from . import bench_report
+    from pipeline.bench import bench_report
 
     bench_report.write(b.out, res, runs.weak, runs.keras, runs.hvdloop)
     print(bench_report.table(res), file=log)

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from .. import config as config_mod
-from ..analysis import mlperf_log
-from ..errors import UserError
-from ..mlperf import logs as mlperf_logs
-from ..sweep import LOG_FILE, run_point
+from pipeline import config as config_mod
+from pipeline.analysis import mlperf_log
+from pipeline.errors import UserError
+from pipeline.mlperf.log import logs as mlperf_logs
+from pipeline.cluster.sweep import LOG_FILE, run_point
 
 RULESET = "3.0.0"
 

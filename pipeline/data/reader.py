@@ -23,8 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .sharding import Plan
-from .shards import Manifest, open_shard
+from pipeline.data.sharding import Plan
+from pipeline.data.shards import Manifest, open_shard
 
 # About this much input is handed to tf.data per element (a stack of batches). Measured: 1 MiB
 # stacks ran 4x faster than 4 MiB ones, whose fresh allocations fault in every page.
@@ -562,10 +562,10 @@ class Input:
                              self.data.shuffle_buffer, self.data.shuffle, self.data.prefetch)
 
     def feed(self, batch_size: int, seed: int, start_step: int, end_step: int):
-        """What the compiled steps read (pipeline/feed.py): a share in memory moves into
+        """What the compiled steps read (pipeline/data/feed.py): a share in memory moves into
         variables the graph gathers from (the numpy copy is let go); a streamed one comes as
         the reader's stacks."""
-        from .. import feed
+        from pipeline.data import feed
 
         if isinstance(self.train, MemorySource):
             f = feed.MemoryFeed(self.train, self.blocks, self.plan, batch_size, seed, self.data.shuffle_buffer,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from .shards import SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, shard_name, write_manifest
+from pipeline.errors import UserError
+from pipeline.data.shards import SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, shard_name, write_manifest
 
 MAX_SHIFT = 3
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import UserError
-from ..fsutil import temp_name
+from pipeline.errors import UserError
+from pipeline.fsutil import temp_name
 
 KINDS = ("cosmoflow", "segmentation")
 

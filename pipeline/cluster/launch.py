@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 # Variables mpirun must carry to ranks on other nodes (it copies the whole environment only
 # to local ones). Prefixes: every variable starting with one of these is passed.

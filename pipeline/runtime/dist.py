@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import flight
+from pipeline.runtime import flight
 
 
 def rank_threads(requested: int, local_size: int) -> int:
@@ -199,7 +199,7 @@ def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False, hor
     if gpus:
         if d.local_size > len(gpus):
             # Sharing a GPU between ranks runs out of memory or serializes them; say so now.
-            from .errors import UserError
+            from pipeline.errors import UserError
 
             raise UserError(f"rank {d.rank}: {d.local_size} ranks on host {socket.gethostname()} but "
                             f"{len(gpus)} GPU(s) visible; start one rank per GPU", quiet=d.local_rank != 0)

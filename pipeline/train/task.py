@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 STATS = "stats.json"
 

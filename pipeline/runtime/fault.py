@@ -17,7 +17,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 PHASES = ("startup", "data", "allreduce", "eval", "checkpoint")
 KINDS = ("hang", "exit", "raise")
@@ -50,7 +50,7 @@ class Fault:
         if self.kind == "hang":
             threading.Event().wait()
         if self.kind == "exit":
-            from .preempt import EXIT_FAULT
+            from pipeline.runtime.preempt import EXIT_FAULT
 
             os._exit(EXIT_FAULT)
         raise RuntimeError(f"debug.fault: rank {rank} raised on purpose in {self.phase} at step {step}")

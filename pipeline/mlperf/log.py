@@ -26,7 +26,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 LOG_NAME = "mlperf.log"
 SUCCESS, ABORTED = "success", "aborted"
@@ -52,7 +52,7 @@ def logs(run_dir: Path) -> list[Path]:
 
 def target(spec: str) -> tuple[str, str, float]:
     """mlperf.target (`val_mae<=0.124`) -> (metric, op, value)."""
-    from .analysis.summary import parse_target
+    from pipeline.analysis.summary import parse_target
 
     try:
         return parse_target(spec)

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import atomic_write_text, fsync_path
-from .rundir import RunDir
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_write_text, fsync_path
+from pipeline.rundir import RunDir
 
 STATE = "state"
 META = "meta.json"

@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from .rundir import HEADER_KIND, RunDir
+from pipeline.rundir import HEADER_KIND, RunDir
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

@@ -184,7 +184,7 @@ _current: "FlightRecorder | None" = None
 
 class FlightRecorder:
     """One rank's recorder, post-mortem files and fatal-signal stacks. `start()` makes it the
-    process's own, so deep code (the collectives in pipeline/dist.py) records through
+    process's own, so deep code (the collectives in pipeline/runtime/dist.py) records through
     `waiting()` without being handed it.
 
     Until `attach()` (once the run is past every check a user can fail: a user error must

@@ -1,4 +1,4 @@
-"""What each call of the compiled training steps reads (pipeline/step.py `compile_calls`).
+"""What each call of the compiled training steps reads (pipeline/train/step.py `compile_calls`).
 
 - MemoryFeed: the rank's share held in memory as TensorFlow variables; each epoch's order of
   samples (rank-local indices, exactly the order the streaming reader gives: the same
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import reader
+from pipeline.data import reader
 
 # Largest piece copied at once into a share variable: bounds the temporary copy on top of
 # the share itself.

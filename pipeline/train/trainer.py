@@ -29,25 +29,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint, config as config_mod, dist as dist_mod, fault as fault_mod, flight, measure, models
-from . import mlperf as mlperf_mod
-from . import step as step_mod
-from . import writers as writers_mod
-from .data import reader, sharding, shards
-from .errors import UserError
-from .evaluate import Evaluator
-from .fsutil import atomic_write_text
-from .preempt import StopSignals, Watchdog
-from .rundir import RunDir
-from .schedule import LR
-from .task import Task
-from .steplog import StepLog, rss_mb
+from pipeline.train import checkpoint, models
+from pipeline import config as config_mod, measure
+from pipeline.runtime import dist as dist_mod, fault as fault_mod, flight
+from pipeline.mlperf import log as mlperf_mod
+from pipeline.train import step as step_mod
+from pipeline.train import writers as writers_mod
+from pipeline.data import reader, sharding, shards
+from pipeline.errors import UserError
+from pipeline.train.evaluate import Evaluator
+from pipeline.fsutil import atomic_write_text
+from pipeline.runtime.preempt import StopSignals, Watchdog
+from pipeline.rundir import RunDir
+from pipeline.train.schedule import LR
+from pipeline.train.task import Task
+from pipeline.train.steplog import StepLog, rss_mb
 
 
 def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     """One run, start to end (or to a stop signal); returns this rank's summary.
 
-    The flight recorder and the watchdog start first (pipeline/flight.py): a rank stuck
+    The flight recorder and the watchdog start first (pipeline/runtime/flight.py): a rank stuck
     joining the job or in its first broadcast is caught by train.startup_timeout_s, and any
     way a rank fails leaves its post-mortem."""
     t_start = time.time()
@@ -348,7 +350,7 @@ class LoopState:
 
 
 def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None = None) -> LoopState:
-    """Runs the steps in calls of up to train.steps_per_call steps (pipeline/step.py
+    """Runs the steps in calls of up to train.steps_per_call steps (pipeline/train/step.py
     `compile_calls`); after each call, writes one step-log record per step from the times the
     graph took, then evaluates and checkpoints where due (a call always ends there).
     `watchdog`: run()'s, on its start-up timeout until the first call is done; else one of

@@ -73,7 +73,7 @@ def keras_application(name: str, input_shape, num_classes):
     synthetic benchmark on the same model."""
     import tensorflow as tf
 
-    from .errors import UserError
+    from pipeline.errors import UserError
 
     cls_name = name.rsplit(".", 1)[-1]
     cls = getattr(tf.keras.applications, cls_name, None)
@@ -166,7 +166,7 @@ def _user_builder(name: str):
     import importlib
     import importlib.util
 
-    from .errors import UserError
+    from pipeline.errors import UserError
 
     where, _, func = name.rpartition(":")
     if where.endswith(".py"):
@@ -205,7 +205,7 @@ def build(name: str, input_shape, num_classes, output_dtype: str | None = None, 
     naming model.name and both shapes."""
     import tensorflow as tf
 
-    from .errors import UserError
+    from pipeline.errors import UserError
 
     args = dict(args or {})
     input_shape, target_shape = tuple(input_shape), tuple(target_shape)

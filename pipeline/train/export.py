@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .fsutil import atomic_write_text
-from .rundir import RunDir
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_write_text
+from pipeline.rundir import RunDir
 
 
 
@@ -30,7 +30,7 @@ def save_keras(model, run_dir: RunDir) -> Path:
 def _val_arrays(dataset_dir: str, limit: int):
     import h5py
 
-    from .data import shards
+    from pipeline.data import shards
 
     m = shards.load_manifest(dataset_dir)
     xs, ys, n = [], [], 0
@@ -60,7 +60,7 @@ def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, laten
         data_dir = cfg.get("dataset") or cfg["data"]["dir"]
     except (OSError, ValueError, KeyError):
         raise UserError(f"{run.config}: missing or unreadable; it names the dataset to calibrate on") from None
-    from .data import shards
+    from pipeline.data import shards
 
     m = shards.load_manifest(data_dir)
     if m.indexed or m.num_classes is None or m.y_shape:

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import dist as dist_mod
-from .fsutil import atomic_write_text
-from .errors import EXIT_USER_ERROR
+from pipeline.runtime import dist as dist_mod
+from pipeline.fsutil import atomic_write_text
+from pipeline.errors import EXIT_USER_ERROR
 
 # Interfaces that carry no traffic between hosts: loopback, and container or VM bridges.
 _LOCAL_ONLY = ("lo", "docker", "virbr", "br-", "veth", "cni", "flannel", "podman", "lxcbr")
@@ -70,7 +70,7 @@ def _manifest_digest(data_dir: str) -> str:
 def _checkpoint_bytes(run_dir: Path, params: int, optimizer: str) -> int:
     """The newest checkpoint's size where one exists, else the model's variables and the
     optimizer's slots in float32 (Adam keeps two per weight, SGD with momentum one)."""
-    from .checkpoint import latest
+    from pipeline.train.checkpoint import latest
 
     with contextlib.suppress(Exception):
         ref = latest(run_dir / "checkpoints")
@@ -100,7 +100,7 @@ def _writable(run_dir: Path) -> tuple[bool, str, Path]:
 
 def _versions() -> dict:
     """The run's versions (as config.json records them), Horovod's built operations, NCCL, MPI."""
-    from .train import versions
+    from pipeline.train.trainer import versions
 
     v = {"horovod": "-", "horovod_ops": "-", "nccl": "-", **versions()}
     try:
@@ -147,7 +147,7 @@ def run(cfg, run_dir: str | None, out=sys.stdout, err=sys.stderr, system_json: s
 def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None) -> int:
     import tensorflow as tf
 
-    from . import mlperf
+    from pipeline.mlperf import log as mlperf
 
     me = {"rank": d.rank, "host": socket.gethostname(), "local_rank": d.local_rank, "local_size": d.local_size,
           **_versions(), "data_dir": cfg.data.dir, "manifest": _manifest_digest(cfg.data.dir),
@@ -157,8 +157,8 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
     params = 0
     if d.is_root:
         with contextlib.suppress(Exception):
-            from . import models
-            from .data import shards
+            from pipeline.train import models
+            from pipeline.data import shards
 
             m = shards.load_manifest(cfg.data.dir, cfg.data.root or None)
             params = models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape,

@@ -20,9 +20,9 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from .. import sweep as sweep_mod
-from ..errors import UserError
-from . import logs, summary as summary_mod
+from pipeline.cluster import sweep as sweep_mod
+from pipeline.errors import UserError
+from pipeline.analysis import logs, summary as summary_mod
 
 
 def build(out_dir: str | Path, target: str | None = None) -> dict:

@@ -39,7 +39,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 RANKS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fsutil import atomic_write_text
-from .rundir import RunDir
+from pipeline.fsutil import atomic_write_text
+from pipeline.rundir import RunDir
 
 
 class Console:
@@ -167,7 +167,7 @@ class ConfigFile:
         self.path = path
 
     def write(self, cfg, **facts) -> None:
-        from . import config
+        from pipeline import config
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, config.dumps(cfg, **facts))
@@ -188,7 +188,7 @@ class ModelExport:
         self.run_dir = run_dir
 
     def save(self, model) -> Path | None:
-        from .export import save_keras
+        from pipeline.train.export import save_keras
 
         return save_keras(model, self.run_dir)
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import yaml
 
-from . import config as config_mod
-from .errors import UserError
-from .fsutil import atomic_write_text
+from pipeline import config as config_mod
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_write_text
 
 MANIFEST = "sweep.json"
 POINT_FILE = "sweep-point.json"
@@ -167,7 +167,7 @@ def active_state(d: Path, active: dict | set) -> str:
 def failure_reason(d: Path, exit_info: dict | None) -> str:
     """Why a point failed: its post-mortem's first line, else its exit code and the last
     error line of its output."""
-    from .analysis import postmortem
+    from pipeline.analysis import postmortem
 
     code = (exit_info or {}).get("exit_code")
     prefix = f"exit {code}: " if code is not None else ""
@@ -364,7 +364,7 @@ def leaderboard_command(out_dir: Path, target: str, pipeline: str) -> str:
 
 
 def _leaderboard_local(out_dir: Path, target: str, log) -> None:
-    from .analysis import leaderboard
+    from pipeline.cluster import leaderboard
 
     board = leaderboard.build(out_dir, target)
     atomic_write_text(out_dir / "leaderboard.json", json.dumps(board, indent=1, default=str) + "\n")

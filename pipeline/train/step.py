@@ -16,7 +16,7 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
     what the model sees (default: uint8 to [0, 1], other types to float32)."""
     import tensorflow as tf
 
-    from .data.reader import to_float
+    from pipeline.data.reader import to_float
 
     variables = model.trainable_variables
     prepare_x = prepare_x or to_float
