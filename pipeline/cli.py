@@ -78,7 +78,7 @@ def cmd_train(a) -> int:
     from pipeline import config
     from pipeline.train import trainer as train
 
-    from pipeline.runtime.preempt import EXIT_OK, EXIT_REQUEUE
+    from pipeline.errors import EXIT_OK, EXIT_REQUEUE
 
     cfg = config.load(a.config, a.set or [])
     summary = train.run(cfg, a.run_dir)

@@ -1,20 +1,25 @@
 """One run, one config: a YAML file with one section per component, typed and validated.
 
-Each section is a dataclass that owns its defaults and its checks; errors name the full
-key (``train.batch_size must be > 0``). ``--set a.b=c`` overrides reject unknown keys and
-values of the wrong type, as nanoGPT's configurator does, without executing anything.
+Each section is a dataclass whose fields carry their type (a `Literal` lists the choices, once),
+their default, their help and their bounds (`setting(...)`); one generic check writes every
+message with the full key (`train.batch_size must be > 0`), and what a section checks beyond
+that sits in its own `validate`. ``--set a.b=c`` overrides reject unknown keys and values of
+the wrong type, as nanoGPT's configurator does, without executing anything. The CLI's flags
+that mirror a key take their default and help from here (`flag_default`, `flag_help`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from pipeline import faultspec, target as target_mod
 from pipeline.errors import UserError
 from pipeline.rundir import RUN_FACTS
 
@@ -23,113 +28,114 @@ class ConfigError(UserError):
     pass
 
 
+def setting(default, help: str, *, gt: float | None = None, ge: float | None = None, le: float | None = None,
+            zero: str = "", factory=None):
+    """A config field: its default, one line of help, and its bounds (gt: >, ge: >=, le: <=).
+    `zero` says what 0 means where 0 is allowed below the other values (`0: off`)."""
+    meta = {"help": help, "gt": gt, "ge": ge, "le": le, "zero": zero}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Built-in model names (pipeline/train/models.py holds their builders and checks that the two
+# agree), and the other forms model.name takes.
+BUILTIN_MODELS = ("cnn", "mlp", "resnet20", "cosmoflow", "segnet")
+APPLICATIONS_PREFIX = "keras.applications."
+
+
+def is_user_builder(name: str) -> bool:
+    """path/to/file.py:function or package.module:function."""
+    path, sep, func = name.rpartition(":")
+    return bool(sep and path and func.isidentifier())
+
+
+def known_model(name: str) -> bool:
+    return name in BUILTIN_MODELS or is_user_builder(name) or \
+        (name.startswith(APPLICATIONS_PREFIX) and len(name) > len(APPLICATIONS_PREFIX))
+
+
 @dataclass
 class DataConfig:
-    dir: str = "data/synth"
-    shuffle: bool = True
-    # Stacks of batches (about 1 MiB each) tf.data keeps ready ahead of the step loop; -1 lets
-    # tf.data's autotuner pick (measured slower on few cores: 0.31-0.46 M vs 0.57 M samples/s).
-    prefetch: int = 2
-    # A rank whose share fits this budget reads it into memory once; larger shares stream.
-    cache_mb: int = 4096
-    # Samples per contiguous read (rounded down to whole HDF5 chunks).
-    read_block: int = 4096
-    # Samples shuffled together: a window of blocks read, then visited in random order.
-    shuffle_buffer: int = 65536
-    # What the model sees of x: none (uint8 scaled to [0, 1], others as stored) | log1p
-    # (counts, as CosmoFlow) | standardize (per channel, statistics from `pipeline data stats`).
-    transform: str = "none"
-    # Where an indexed dataset's files are now ("" = where they were indexed): a staged copy
-    # on node-local disk is used without indexing again.
-    root: str = ""
+    dir: str = setting("data/synth", "the dataset: a directory with manifest.json (shards or an index)")
+    shuffle: bool = setting(True, "shuffle the training order every epoch")
+    # -1 lets tf.data's autotuner pick (measured slower on few cores: 0.31-0.46 M vs 0.57 M samples/s).
+    prefetch: int = setting(2, "stacks of batches (about 1 MiB each) tf.data keeps ready ahead of the step "
+                               "loop; -1: tf.data's autotuner")
+    cache_mb: int = setting(4096, "a rank whose share fits this budget reads it into memory once; larger "
+                                  "shares stream", ge=0, zero="always stream from the shards")
+    read_block: int = setting(4096, "samples per contiguous read (rounded down to whole HDF5 chunks)", ge=1)
+    shuffle_buffer: int = setting(65536, "samples shuffled together: a window of blocks read, then visited in "
+                                         "random order", ge=1)
+    transform: Literal["none", "log1p", "standardize"] = setting(
+        "none", "what the model sees of x: none (uint8 scaled to [0, 1], others as stored), log1p (counts, as "
+                "CosmoFlow), standardize (per channel, statistics from pipeline data stats)")
+    root: str = setting("", "where an indexed dataset's files are now ('': where they were indexed): a staged "
+                            "copy on node-local disk is used without indexing again")
 
     def validate(self) -> None:
         _require(self.dir != "", "data.dir must not be empty")
-        _require(self.transform in TRANSFORMS,
-                 f"data.transform must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}")
         _require(self.prefetch == -1 or self.prefetch >= 1, "data.prefetch must be -1 (auto) or >= 1")
-        _require(self.cache_mb >= 0, "data.cache_mb must be >= 0 (0: always stream from the shards)")
-        _require(self.read_block >= 1, "data.read_block must be >= 1")
-        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
 
 
 @dataclass
 class ModelConfig:
-    # A built-in name, keras.applications.NAME, or your own builder as path/to/file.py:function
-    # or package.module:function, called as function(input_shape, target_shape, num_classes, **args).
-    name: str = "cnn"
-    args: dict = field(default_factory=dict)  # keyword arguments for the builder
+    name: str = setting("cnn", f"a built-in ({', '.join(BUILTIN_MODELS)}), {APPLICATIONS_PREFIX}NAME, or "
+                               "your own builder as path/to/file.py:function or package.module:function, called "
+                               "as function(input_shape, target_shape, num_classes, **args)")
+    args: dict = setting(None, "keyword arguments for the builder", factory=dict)
 
     def validate(self) -> None:
-        from pipeline.train.models import APPLICATIONS_PREFIX, MODELS, known
-
-        _require(known(self.name), f"model.name must be one of {sorted(MODELS)}, {APPLICATIONS_PREFIX}NAME "
-                                   f"(e.g. {APPLICATIONS_PREFIX}MobileNetV2) or path/to/file.py:function or "
-                                   f"package.module:function, got {self.name!r}")
+        _require(known_model(self.name), f"model.name must be one of {sorted(BUILTIN_MODELS)}, "
+                                         f"{APPLICATIONS_PREFIX}NAME (e.g. {APPLICATIONS_PREFIX}MobileNetV2) or "
+                                         f"path/to/file.py:function or package.module:function, got {self.name!r}")
         _require(all(isinstance(k, str) for k in self.args), "model.args keys must be strings")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # per rank
-    epochs: int = 2
-    max_steps: int = 0  # > 0: stop at this global step whatever the epochs
-    seed: int = 42
-    deterministic: bool = False
-    optimizer: str = "adam"
-    lr: float = 0.001  # per-rank base rate; scaled by the number of ranks
-    scale_lr: bool = True
-    warmup_steps: int = 100
-    lr_schedule: str = "constant"  # after warm-up: constant | cosine | step
-    lr_step_every: int = 0         # step schedule: multiply by lr_step_factor every this many steps
-    lr_step_factor: float = 0.1
-    # float32 | mixed_float16 (GPUs; loss scaling) | mixed_bfloat16 (CPUs with bf16 support)
-    precision: str = "float32"
-    jit_compile: bool = False      # XLA-compile the training step
-    # Threads per rank for TensorFlow's intra-op pool; 0 picks the CPUs this rank owns.
-    threads: int = 0
-    # A rank with no finished call of steps for this long exits (code 76) after writing its
-    # post-mortem: its peer probably died or hangs (docs/troubleshooting.md).
-    step_timeout_s: float = 300.0
-    # The same from the process's start until its first call of steps is done: imports,
-    # hvd.init, restore, the first broadcast and the first step's tracing (code 76).
-    startup_timeout_s: float = 900.0
-    # After a stop signal, the ranks must end their call at the same step within this long; a
-    # rank whose peer is gone writes its post-mortem and exits 77 instead of waiting. Below
-    # SLURM's default KillWait (30 s) so the post-mortem is written before SIGKILL.
-    stop_timeout_s: float = 20.0
-    # Training steps per call of the compiled step function at most (like Keras's
-    # steps_per_execution): the host's per-call cost is paid once for this many steps. Fewer
-    # where steps are slow (a call lasts about 1 s at most); a call never runs past an
-    # evaluation, a checkpoint, the end of an epoch or the last step (docs/training.md).
-    steps_per_call: int = 32
-    # Any Keras loss by name; cross-entropies take the model's output as logits unless
-    # from_logits is false (a model ending in softmax or sigmoid).
-    loss: str = "sparse_categorical_crossentropy"
-    from_logits: bool = True
-    # Validation metrics besides the loss (and accuracy, for class targets): Keras metric
-    # names, or mean_iou (per-pixel class ids). Each is written as val_<name>.
-    metrics: list = field(default_factory=list)
+    batch_size: int = setting(64, "samples per rank per micro-batch", gt=0)
+    epochs: int = setting(2, "passes over the training split", gt=0)
+    max_steps: int = setting(0, "> 0: stop at this global step whatever the epochs", ge=0,
+                             zero="run all epochs")
+    seed: int = setting(42, "seeds the weights and the batch order")
+    deterministic: bool = setting(False, "TensorFlow's op determinism")
+    optimizer: Literal["adam", "sgd"] = setting("adam", "adam, or sgd with momentum 0.9")
+    lr: float = setting(0.001, "per-rank base rate; scaled by the number of ranks (scale_lr)", gt=0)
+    scale_lr: bool = setting(True, "multiply lr by the number of ranks")
+    warmup_steps: int = setting(100, "steps of linear warm-up to the scaled rate", ge=0)
+    lr_schedule: Literal["constant", "cosine", "step"] = setting("constant", "after warm-up")
+    lr_step_every: int = setting(0, "step schedule: multiply by lr_step_factor every this many steps")
+    lr_step_factor: float = setting(0.1, "step schedule's factor", gt=0, le=1)
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = setting(
+        "float32", "float32, mixed_float16 (GPUs; loss scaling) or mixed_bfloat16 (CPUs with bf16 support)")
+    jit_compile: bool = setting(False, "XLA-compile the training step")
+    threads: int = setting(0, "threads per rank for TensorFlow's intra-op pool", ge=0,
+                           zero="the CPUs this rank owns")
+    step_timeout_s: float = setting(300.0, "a rank with no finished call of steps for this long writes its "
+                                           "post-mortem and exits 76: its peer probably died or hangs "
+                                           "(docs/troubleshooting.md)", ge=0, zero="no watchdog")
+    startup_timeout_s: float = setting(900.0, "the same from the process's start until its first call of steps "
+                                              "is done: imports, hvd.init, restore, the first broadcast and the "
+                                              "first step's tracing", ge=0, zero="no start-up watchdog")
+    # Below SLURM's default KillWait (30 s) so the post-mortem is written before SIGKILL.
+    stop_timeout_s: float = setting(20.0, "after a stop signal, the ranks must end their call at the same step "
+                                          "within this long; else the rank writes its post-mortem and exits 77",
+                                    ge=0, zero="wait for the stop")
+    steps_per_call: int = setting(32, "training steps per call of the compiled step at most (like Keras's "
+                                      "steps_per_execution); fewer where steps are slow (a call lasts about 1 s "
+                                      "at most), never past an evaluation, a checkpoint, an epoch's end or the "
+                                      "last step (docs/training.md)", ge=1)
+    loss: str = setting("sparse_categorical_crossentropy", "any Keras loss by name")
+    from_logits: bool = setting(True, "cross-entropies take the model's output as logits (false: a model "
+                                      "ending in softmax or sigmoid)")
+    metrics: list[str] = setting(None, "validation metrics besides the loss (and accuracy, for class targets): "
+                                       "Keras metric names, or mean_iou; each is written as val_<name>",
+                                 factory=list)
 
     def validate(self) -> None:
-        _require(self.batch_size > 0, "train.batch_size must be > 0")
-        _require(self.epochs > 0, "train.epochs must be > 0")
-        _require(self.max_steps >= 0, "train.max_steps must be >= 0 (0 means: run all epochs)")
-        _require(self.optimizer in ("adam", "sgd"), f"train.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        _require(self.lr > 0, "train.lr must be > 0")
-        _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
-        _require(self.lr_schedule in ("constant", "cosine", "step"),
-                 f"train.lr_schedule must be 'constant', 'cosine' or 'step', got {self.lr_schedule!r}")
         _require(self.lr_schedule != "step" or self.lr_step_every > 0,
                  "train.lr_step_every must be > 0 with train.lr_schedule: step")
-        _require(0 < self.lr_step_factor <= 1, "train.lr_step_factor must be in (0, 1]")
-        _require(self.precision in PRECISIONS,
-                 f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _require(self.threads >= 0, "train.threads must be >= 0 (0 means: the CPUs this rank owns)")
-        _require(self.step_timeout_s >= 0, "train.step_timeout_s must be >= 0 (0: no watchdog)")
-        _require(self.startup_timeout_s >= 0, "train.startup_timeout_s must be >= 0 (0: no start-up watchdog)")
-        _require(self.stop_timeout_s >= 0, "train.stop_timeout_s must be >= 0 (0: wait for the stop)")
-        _require(self.steps_per_call >= 1, "train.steps_per_call must be >= 1")
         _require(self.loss != "", "train.loss must name a Keras loss, e.g. mse")
         _require(all(isinstance(m, str) and m for m in self.metrics),
                  "train.metrics must be a list of metric names, e.g. [mae]")
@@ -138,43 +144,32 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 200
-    keep: int = 3
-    # "" or a val_<name> of metrics.jsonl: also checkpoint after each evaluation and keep the
-    # best one besides the last `keep`. Losses and errors are minimised, accuracy and IoU
-    # maximised; keep_best_mode (min | max) says otherwise.
-    keep_best: str = ""
-    keep_best_mode: str = ""
+    every_steps: int = setting(200, "rank 0 saves every this many steps (and at the last)", ge=0,
+                               zero="only at the end")
+    keep: int = setting(3, "complete checkpoints kept", ge=1)
+    keep_best: str = setting("", "'' or a val_<name> of metrics.jsonl: also checkpoint after each evaluation and "
+                                 "keep the best one besides the last keep")
+    keep_best_mode: Literal["", "min", "max"] = setting(
+        "", "losses and errors are minimised, accuracy and IoU maximised ('': by the name); min or max says "
+            "otherwise")
 
     def validate(self) -> None:
-        _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: only at the end)")
-        _require(self.keep >= 1, "checkpoint.keep must be >= 1")
         _require(self.keep_best == "" or self.keep_best.startswith("val_"),
                  f"checkpoint.keep_best must be '' or a val_<name> of metrics.jsonl, got {self.keep_best!r}")
-        _require(self.keep_best_mode in ("", "min", "max"),
-                 f"checkpoint.keep_best_mode must be '', 'min' or 'max', got {self.keep_best_mode!r}")
-
-
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-TRANSFORMS = ("none", "log1p", "standardize")
 
 
 @dataclass
 class HorovodConfig:
     """Horovod's knobs, set as its environment before hvd.init (a value already in the
     environment wins, so a cluster's site settings are not overridden silently)."""
-    compression: str = "none"          # none | fp16: gradients cast to float16 for the allreduce
-    backward_passes_per_step: int = 1  # gradient accumulation: micro-batches per update
-    fusion_threshold_mb: float = 0.0   # 0: Horovod's default (128 MiB)
-    cycle_time_ms: float = 0.0         # 0: Horovod's default
-    autotune: bool = False             # Horovod's Bayesian autotuner; its log: RUN/autotune.csv
+    compression: Literal["none", "fp16"] = setting("none", "fp16: gradients cast to float16 for the allreduce")
+    backward_passes_per_step: int = setting(1, "gradient accumulation: micro-batches per update", ge=1)
+    fusion_threshold_mb: float = setting(0.0, "Horovod's fusion buffer", ge=0, zero="Horovod's default")
+    cycle_time_ms: float = setting(0.0, "Horovod's cycle time", ge=0, zero="Horovod's default")
+    autotune: bool = setting(False, "Horovod's Bayesian autotuner; its log: RUN/autotune.csv")
 
     def validate(self) -> None:
-        _require(self.compression in ("none", "fp16"),
-                 f"horovod.compression must be 'none' or 'fp16', got {self.compression!r}")
-        _require(self.backward_passes_per_step >= 1, "horovod.backward_passes_per_step must be >= 1")
-        _require(self.fusion_threshold_mb >= 0, "horovod.fusion_threshold_mb must be >= 0 (0: Horovod's default)")
-        _require(self.cycle_time_ms >= 0, "horovod.cycle_time_ms must be >= 0 (0: Horovod's default)")
+        pass
 
     def environment(self, run_dir) -> dict[str, str]:
         env = {}
@@ -190,26 +185,23 @@ class HorovodConfig:
 
 @dataclass
 class LogConfig:
-    progress_every_s: float = 5.0
-    timeline: bool = False  # a Horovod timeline in the run directory (timeline.json), for analyze
-    tensorboard_every_steps: int = 10  # rank 0's TensorBoard scalars under RUN/tensorboard; 0: off
+    progress_every_s: float = setting(5.0, "rank 0's progress line at most this often", gt=0)
+    timeline: bool = setting(False, "a Horovod timeline in the run directory (timeline.json), for analyze")
+    tensorboard_every_steps: int = setting(10, "rank 0's TensorBoard scalars under RUN/tensorboard", ge=0,
+                                           zero="off")
 
     def validate(self) -> None:
-        _require(self.progress_every_s > 0, "log.progress_every_s must be > 0")
-        _require(self.tensorboard_every_steps >= 0, "log.tensorboard_every_steps must be >= 0 (0: off)")
+        pass
 
 
 @dataclass
 class DebugConfig:
-    # A fault on purpose, e.g. rank=1,step=20,phase=data,kind=hang (pipeline/runtime/fault.py,
-    # docs/troubleshooting.md); "" (the default): none.
-    fault: str = ""
+    fault: str = setting("", "a fault on purpose, e.g. rank=1,step=20,phase=data,kind=hang "
+                             "(docs/troubleshooting.md); '': none")
 
     def validate(self) -> None:
-        from pipeline.runtime.fault import parse
-
         try:
-            parse(self.fault)
+            faultspec.parse(self.fault)
         except UserError as e:
             raise ConfigError(str(e)) from None
 
@@ -217,36 +209,27 @@ class DebugConfig:
 @dataclass
 class MLPerfConfig:
     """MLPerf HPC logging (pipeline/mlperf/log.py, docs/mlperf.md): rank 0 writes RUN/mlperf.log."""
-    enabled: bool = False
-    benchmark: str = ""          # submission_benchmark: cosmoflow | deepcam | oc20 | openfold
-    division: str = "open"       # closed | open
-    org: str = ""                # submission_org: who ran it
-    platform: str = ""           # submission_platform; "": the host's processor (and GPUs)
-    status: str = "research"     # submission_status: onprem | cloud | preview | research
-    # The quality target, METRIC<=X or METRIC>=X over a val_<name> of metrics.jsonl; logged
-    # as eval_error (<=) or eval_accuracy (>=), and what run_stop's status success means.
-    target: str = ""
-    stop_at_target: bool = False  # end the run at the first evaluation that reaches the target
+    enabled: bool = setting(False, "write RUN/mlperf.log")
+    benchmark: Literal["", "cosmoflow", "deepcam", "oc20", "openfold"] = setting("", "submission_benchmark")
+    division: Literal["open", "closed"] = setting("open", "submission_division")
+    org: str = setting("", "submission_org: who ran it")
+    platform: str = setting("", "submission_platform; '': the host's processor (and GPUs)")
+    status: Literal["research", "onprem", "cloud", "preview"] = setting("research", "submission_status")
+    target: str = setting("", "the quality target, METRIC<=X or METRIC>=X over a val_<name> of metrics.jsonl; "
+                              "logged as eval_error (<=) or eval_accuracy (>=), and what run_stop's status "
+                              "success means")
+    stop_at_target: bool = setting(False, "end the run at the first evaluation that reaches the target")
 
     def validate(self) -> None:
         if not self.enabled:
             return
-        _require(self.benchmark in MLPERF_BENCHMARKS,
-                 f"mlperf.benchmark must be one of {', '.join(MLPERF_BENCHMARKS)}, got {self.benchmark!r}")
-        _require(self.division in ("closed", "open"), f"mlperf.division must be 'closed' or 'open', got {self.division!r}")
-        _require(self.status in ("onprem", "cloud", "preview", "research"),
-                 f"mlperf.status must be one of onprem, cloud, preview, research, got {self.status!r}")
+        _require(self.benchmark != "", f"mlperf.benchmark must be one of {', '.join(choices(MLPerfConfig, 'benchmark')[1:])}, got ''")
         _require(self.org.strip() != "", "mlperf.org must name who ran it (submission_org), e.g. my-lab")
         _require(self.target != "", "mlperf.target must be set, e.g. val_mae<=0.124")
-        from pipeline.mlperf.log import target
-
         try:
-            target(self.target)
+            target_mod.parse_mlperf(self.target)
         except UserError as e:
             raise ConfigError(str(e)) from None
-
-
-MLPERF_BENCHMARKS = ("cosmoflow", "deepcam", "oc20", "openfold")
 
 
 @dataclass
@@ -262,15 +245,15 @@ class Config:
 
     def validate(self) -> "Config":
         for f in fields(self):
-            getattr(self, f.name).validate()
+            section = getattr(self, f.name)
+            check_fields(f.name, section)
+            section.validate()
         known = {"val_loss", "val_accuracy"} | {f"val_{m}" for m in self.train.metrics}
         _require(self.checkpoint.keep_best in known | {""},
                  f"checkpoint.keep_best {self.checkpoint.keep_best!r} is not written by this run "
                  f"(it writes {', '.join(sorted(known))}; add the metric to train.metrics)")
         if self.mlperf.enabled:
-            from pipeline.mlperf.log import target
-
-            metric = target(self.mlperf.target)[0]
+            metric = target_mod.parse_mlperf(self.mlperf.target)[0]
             _require(metric in known, f"mlperf.target's {metric} is not written by this run "
                                       f"(it writes {', '.join(sorted(known))}; add the metric to train.metrics)")
         return self
@@ -279,13 +262,57 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# --- the generic parts: types, choices and bounds from the fields ---
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def _check_type(key: str, value: Any, expected: type) -> Any:
-    """Returns value as `expected`, or raises naming the key; ints are accepted for floats."""
+def hints(section_cls) -> dict[str, Any]:
+    """Each field's type, resolved (the annotations are strings under `from __future__`)."""
+    return typing.get_type_hints(section_cls)
+
+
+def choices(section_cls, key: str) -> tuple | None:
+    """A Literal field's allowed values, in the order written."""
+    hint = hints(section_cls)[key]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def check_fields(section: str, obj) -> None:
+    """Choices and bounds of every field of one section; the message names the full key."""
+    for f in fields(obj):
+        key, value, m = f"{section}.{f.name}", getattr(obj, f.name), f.metadata
+        allowed = choices(type(obj), f.name)
+        if allowed is not None:
+            _require(value in allowed, f"{key} must be one of {', '.join(repr(a) if a == '' else a for a in allowed)}"
+                                       f", got {value!r}")
+        if not m or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        zero = f" (0: {m['zero']})" if m["zero"] else ""
+        if m["gt"] is not None and m["le"] is not None:
+            _require(m["gt"] < value <= m["le"], f"{key} must be in ({_num(m['gt'])}, {_num(m['le'])}]")
+        elif m["gt"] is not None:
+            _require(value > m["gt"], f"{key} must be > {_num(m['gt'])}{zero}")
+        if m["ge"] is not None:
+            _require(value >= m["ge"], f"{key} must be >= {_num(m['ge'])}{zero}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _base_type(hint) -> type:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return type(typing.get_args(hint)[0])
+    return origin or hint
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Returns value as the field's type, or raises naming the key; ints are accepted for floats."""
+    expected = _base_type(hint)
     if expected is list and isinstance(value, (list, tuple)):
         return list(value)
     if expected is dict and isinstance(value, dict):
@@ -305,9 +332,11 @@ def _check_type(key: str, value: Any, expected: type) -> Any:
     return value
 
 
-def _section_types(section_cls) -> dict[str, type]:
-    hints = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}
-    return {f.name: hints[f.type] for f in fields(section_cls)}
+def _section(cfg: Config, name: str, where: str):
+    """The section called `name`, or a ConfigError naming what is known."""
+    if name not in {f.name for f in fields(Config)}:
+        raise ConfigError(f"{where}unknown section {name!r} (known: {', '.join(f.name for f in fields(Config))})")
+    return getattr(cfg, name)
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
@@ -317,24 +346,28 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     cfg = Config()
-    sections = {f.name: f for f in fields(Config)}
     for name, values in raw.items():
         if name in RUN_FACTS:
             continue  # a run's config.json: the facts it recorded are not settings
-        if name not in sections:
-            raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(sections)})")
+        section = _section(cfg, name, f"{source}: ")
         if values is None:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {name!r} must be a mapping")
-        section = getattr(cfg, name)
-        types = _section_types(type(section))
+        types = hints(type(section))
         for key, value in values.items():
             full = f"{name}.{key}"
             if key not in types:
                 raise ConfigError(f"{source}: unknown key {full} (known in {name}: {', '.join(types)})")
-            setattr(section, key, _check_type(full, value, types[key]))
+            setattr(section, key, _coerce(full, value, types[key]))
     return cfg
+
+
+def _parse_value(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot parse {text!r}") from None
 
 
 def apply_override(cfg: Config, assignment: str) -> None:
@@ -344,21 +377,18 @@ def apply_override(cfg: Config, assignment: str) -> None:
     key, text = assignment.split("=", 1)
     key = key.strip()
     parts = key.split(".")
-    if len(parts) < 2 or not hasattr(cfg, parts[0]) or not dataclasses.is_dataclass(getattr(cfg, parts[0])):
+    if len(parts) < 2 or parts[0] not in {f.name for f in fields(Config)}:
         raise ConfigError(f"--set {key}: unknown key (keys look like train.batch_size)")
     section = getattr(cfg, parts[0])
-    types = _section_types(type(section))
+    types = hints(type(section))
     if parts[1] not in types:
         raise ConfigError(f"--set {key}: unknown key (known in {parts[0]}: {', '.join(types)})")
-    expected = types[parts[1]]
+    expected = _base_type(types[parts[1]])
     if len(parts) > 2:
         # One entry of a mapping key: --set model.args.filters=8
         if expected is not dict:
             raise ConfigError(f"--set {key}: {parts[0]}.{parts[1]} is not a mapping")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: cannot parse {text!r}") from None
+        value = _parse_value(key, text)
         target = getattr(section, parts[1])
         for name in parts[2:-1]:
             target = target.setdefault(name, {})
@@ -366,14 +396,9 @@ def apply_override(cfg: Config, assignment: str) -> None:
                 raise ConfigError(f"--set {key}: {name} is not a mapping")
         target[parts[-1]] = value
         return
-    if expected is str:
-        value: Any = text  # a path or name stays as typed, even if it looks like a number
-    else:
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: cannot parse {text!r}") from None
-    setattr(section, parts[1], _check_type(key, value, expected))
+    # A path or name stays as typed, even if it looks like a number.
+    value = text if expected is str else _parse_value(key, text)
+    setattr(section, parts[1], _coerce(key, value, types[parts[1]]))
 
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -403,3 +428,27 @@ def dumps(cfg: Config, **facts: Any) -> str:
     if unknown:
         raise ValueError(f"not run facts the config loader knows to skip: {sorted(unknown)}")
     return json.dumps({**cfg.to_dict(), **facts}, indent=2, sort_keys=False) + "\n"
+
+
+# --- what the CLI takes from here ---
+
+def _field(key: str):
+    section, _, name = key.partition(".")
+    cls = type(getattr(Config(), section))
+    return cls, {f.name: f for f in fields(cls)}[name]
+
+
+def flag_default(key: str):
+    """The default of `section.key`, for a flag that mirrors it."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(Config(), section), name)
+
+
+def flag_help(key: str, extra: str = "") -> str:
+    """The help of `section.key` with its default (and choices), for a flag that mirrors it;
+    `%` doubled for argparse."""
+    cls, f = _field(key)
+    allowed = choices(cls, f.name)
+    text = f.metadata["help"] + (f"; {extra}" if extra else "")
+    text += f" (as {key}; default {flag_default(key)}" + (f"; one of {', '.join(map(str, allowed))}" if allowed else "") + ")"
+    return text.replace("%", "%%")

@@ -17,7 +17,7 @@ from test_preemption import rank_pid, start, steps_done, wait_for
 from pipeline import config as config_mod
 from pipeline.analysis import mlperf_log
 from pipeline.mlperf.log import log_path, logs
-from pipeline.runtime.preempt import EXIT_REQUEUE
+from pipeline.errors import EXIT_REQUEUE
 
 COSMOFLOW = ROOT / "configs" / "cosmoflow.yaml"
 

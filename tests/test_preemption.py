@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, env, pipeline, read_jsonl, read_steps, require_tool
 from pipeline.train.checkpoint import latest
-from pipeline.runtime.preempt import EXIT_REQUEUE
+from pipeline.errors import EXIT_REQUEUE
 
 # Promise (docs/checkpointing.md, "When a rank dies"): under mpirun a dead rank ends the whole job
 # within 30 s instead of leaving its peers hanging in an allreduce. Measured here: about 2 s (15x).

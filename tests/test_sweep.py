@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, pipeline
 from pipeline.cluster import sweep
-from pipeline.cluster import leaderboard
+from pipeline.cluster import leaderboard, sweepstate
 from pipeline.errors import UserError
 
 
@@ -42,17 +42,17 @@ def _rank_files(d, *statuses):
 
 
 def test_point_states_from_the_run_directory(tmp_path):
-    assert sweep.point_state(tmp_path / "new") == ("pending", "")
+    assert sweepstate.point_state(tmp_path / "new") == ("pending", "")
     _rank_files(tmp_path / "done", "finished", "finished")
-    assert sweep.point_state(tmp_path / "done")[0] == "finished"
+    assert sweepstate.point_state(tmp_path / "done")[0] == "finished"
     _rank_files(tmp_path / "pre", "stopped", "stopped")
-    assert sweep.point_state(tmp_path / "pre")[0] == "stopped"
+    assert sweepstate.point_state(tmp_path / "pre")[0] == "stopped"
     _rank_files(tmp_path / "dead", "finished", "running")
-    (tmp_path / "dead" / sweep.EXIT_FILE).write_text(json.dumps({"exit_code": 137}))
-    (tmp_path / "dead" / sweep.LOG_FILE).write_text("...\npipeline: error: something broke\n")
-    state, why = sweep.point_state(tmp_path / "dead")
+    (tmp_path / "dead" / sweepstate.EXIT_FILE).write_text(json.dumps({"exit_code": 137}))
+    (tmp_path / "dead" / sweepstate.LOG_FILE).write_text("...\npipeline: error: something broke\n")
+    state, why = sweepstate.point_state(tmp_path / "dead")
     assert state == "failed" and why == "exit 137: pipeline: error: something broke"
-    assert sweep.point_state(tmp_path / "dead", {"dead": "queued"}) == ("queued", "")
+    assert sweepstate.point_state(tmp_path / "dead", {"dead": "queued"}) == ("queued", "")
 
 
 def test_leaderboard_groups_repeats_scales_against_one_rank_and_marks_the_front():
@@ -121,11 +121,11 @@ def test_a_point_that_ran_keeps_its_config_when_the_settings_change(tmp_path, mo
         sweep.run(sets=["train.max_steps=10"], log=first, **args)  # writes the points, then wants SLURM
     done = out / "train.batch_size=32,ranks=1"
     _rank_files(done, "finished")
-    before = (done / sweep.POINT_CONFIG).read_text()
+    before = (done / sweepstate.POINT_CONFIG).read_text()
     second = io.StringIO()
     with pytest.raises(UserError, match="sbatch not found"):
         sweep.run(sets=["train.max_steps=20"], log=second, **args)
-    assert (done / sweep.POINT_CONFIG).read_text() == before  # ran with max_steps 10: kept
-    pending = json.loads((out / "train.batch_size=64,ranks=1" / sweep.POINT_CONFIG).read_text())
+    assert (done / sweepstate.POINT_CONFIG).read_text() == before  # ran with max_steps 10: kept
+    pending = json.loads((out / "train.batch_size=64,ranks=1" / sweepstate.POINT_CONFIG).read_text())
     assert pending["train"]["max_steps"] == 20  # not run yet: the new settings
     assert "train.batch_size=32,ranks=1 already ran with another config" in second.getvalue()

@@ -296,7 +296,7 @@ def test_read_only_sources_staged_copies_and_changed_files(raw, tmp_path):
 
 def test_layout_and_target_rules():
     from pipeline.train import checkpoint
-    from pipeline.analysis.summary import parse_target
+    from pipeline.target import parse as parse_target
     from pipeline.data.layout import Layout
 
     lay = Layout("full", "unitPar", "one", 16, (32, 48, 32, 4))

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from pipeline.analysis import commmodel
+from pipeline import target as target_mod
 from pipeline.errors import UserError
 from pipeline.analysis import logs, mlperf_log, plots, postmortem, summary as summary_mod
 from pipeline.mlperf.log import logs as mlperf_logs
@@ -137,7 +138,7 @@ def analyze(run_dirs: list[str], *, target=0.9, plots_dir: str | None = None,
         raise UserError("--compare takes exactly two run directories (A B)")
     if report and Path(report).suffix.lower() not in (".html", ".md"):
         raise UserError(f"--report {report}: give a .html or .md file")
-    summary_mod.parse_target(target)  # a bad --target fails before any reading
+    target_mod.parse(target)  # a bad --target fails before any reading
     runs = [logs.load(d) for d in run_dirs]
     sums = [summary_mod.summarize(r, target) for r in runs]
     for d, s in zip(run_dirs, sums):

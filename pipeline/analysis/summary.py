@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import measure
+from pipeline import measure, target as target_mod
 from pipeline.analysis import timeline as timeline_mod
 from pipeline.analysis.logs import Run
 
@@ -101,34 +101,10 @@ def stragglers(values: np.ndarray, step_s_p50: float, ranks: list[int]) -> list[
     return out
 
 
-def parse_target(spec) -> tuple[str, str, float]:
-    """`0.9` (val_accuracy >= 0.9), `val_mae<=0.2`, `mean_iou>=0.5` -> (metric, op, value)."""
-    from pipeline.errors import UserError
-
-    if isinstance(spec, (int, float)):
-        return "val_accuracy", ">=", float(spec)
-    text = str(spec).replace(" ", "")
-    for op in (">=", "<="):
-        if op in text:
-            name, _, value = text.partition(op)
-            try:
-                v = float(value)
-            except ValueError:
-                break
-            if name:
-                return (name if name.startswith("val_") else f"val_{name}"), op, v
-            break
-    try:
-        return "val_accuracy", ">=", float(text)
-    except ValueError:
-        raise UserError(f"--target {spec!r}: give METRIC>=X or METRIC<=X (e.g. val_mae<=0.2), or a number for "
-                        f"val_accuracy >= it") from None
-
-
 def time_to_accuracy(metrics: list[dict], t0: float | None, target) -> dict:
     """The first evaluation that reaches the target (any metric of metrics.jsonl, either
     direction; a number means val_accuracy >= it), and the time from the first step to it."""
-    name, op, value = parse_target(target)
+    name, op, value = target_mod.parse(target)
     out = {"target": value, "metric": name, "op": op, "reached": False, "step": None, "epoch": None,
            "seconds": None}
     for m in metrics:

@@ -4,7 +4,7 @@ definition) and final validation accuracy. Knobs are interleaved round by round 
 default runs first and last in every round, so its spread shows the machine's noise; each
 figure is the median of the rounds with min and max, and `vs_default` the median of the
 per-round ratios to that round's mean default. Each run goes through the sweep's point runner
-(`pipeline.sweep.run_point`), the one that `pipeline sweep --local` uses."""
+(`pipeline.cluster.sweep.run_point`), the one that `pipeline sweep --local` uses."""
 
 from __future__ import annotations
 

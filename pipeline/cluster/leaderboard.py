@@ -20,24 +20,25 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from pipeline.cluster import sweep as sweep_mod
+from pipeline.cluster import sweepstate
+from pipeline import target as target_mod
 from pipeline.errors import UserError
 from pipeline.analysis import logs, summary as summary_mod
 
 
 def build(out_dir: str | Path, target: str | None = None) -> dict:
     out_dir = Path(out_dir)
-    manifest = sweep_mod._read_json(out_dir / sweep_mod.MANIFEST)
+    manifest = sweepstate.read_json(out_dir / sweepstate.MANIFEST)
     if manifest is None:
-        raise UserError(f"{out_dir}: no {sweep_mod.MANIFEST} (not a sweep directory: pipeline sweep --out makes one)")
+        raise UserError(f"{out_dir}: no {sweepstate.MANIFEST} (not a sweep directory: pipeline sweep --out makes one)")
     target = target or manifest.get("target") or "val_accuracy>=0.9"
-    metric, op, goal = summary_mod.parse_target(target)
-    active = sweep_mod.active_jobs(manifest)
+    metric, op, goal = target_mod.parse(target)
+    active = sweepstate.active_jobs(manifest)
     acct, accounting = sacct(manifest)
     points = []
     for name, info in manifest["points"].items():
         d = out_dir / name
-        state, why = sweep_mod.point_state(d, active)
+        state, why = sweepstate.point_state(d, active)
         p = {"point": name, "knobs": info["knobs"], "ranks": info["ranks"], "repeat": info.get("repeat", 0),
              "state": state, "why": why, "throughput_samples_per_s": None, "step_p50_s": None,
              "data_wait_fraction": None, "final_metric": None, "time_to_target_s": None,

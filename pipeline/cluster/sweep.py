@@ -39,12 +39,9 @@ import yaml
 from pipeline import config as config_mod
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_write_text
+from pipeline.cluster.sweepstate import (EXIT_FILE, LOG_FILE, MANIFEST, POINT_CONFIG, POINT_FILE, active_jobs,
+                                        point_state, read_json, slurm)
 
-MANIFEST = "sweep.json"
-POINT_FILE = "sweep-point.json"
-POINT_CONFIG = "sweep-config.json"
-EXIT_FILE = "sweep-exit.json"    # --local: the point's exit code and wall time
-LOG_FILE = "sweep-train.out"     # --local: the point's stdout and stderr
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
@@ -133,94 +130,6 @@ def points(grid: dict[str, list], ranks: list[int], repeats: int) -> list[Point]
     return out
 
 
-# --- a point's state, from its run directory (and SLURM, where it was submitted) ---
-
-def point_state(d: Path, active: set[str] | None = None) -> tuple[str, str]:
-    """(state, why): pending (never ran), queued / running (an active SLURM job), finished,
-    stopped (preempted; runs again from its checkpoint), failed (and why)."""
-    active = active or set()
-    if d.name in active:
-        return active_state(d, active), ""
-    ranks = sorted((d / "ranks").glob("rank-*.json")) if (d / "ranks").is_dir() else []
-    summaries = []
-    for p in ranks:
-        try:
-            summaries.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            summaries.append({"status": "unreadable"})
-    exit_info = _read_json(d / EXIT_FILE)
-    size = (_read_json(d / "config.json") or {}).get("ranks")
-    statuses = {s.get("status") for s in summaries}
-    if summaries and statuses == {"finished"} and (size is None or len(summaries) == size):
-        return "finished", ""
-    if summaries and statuses <= {"finished", "stopped"} and "stopped" in statuses:
-        return "stopped", "preempted: resumes from its checkpoint when run again"
-    if not summaries and exit_info is None and not (d / "postmortem").is_dir():
-        return "pending", ""
-    return "failed", failure_reason(d, exit_info)
-
-
-def active_state(d: Path, active: dict | set) -> str:
-    return active.get(d.name, "running") if isinstance(active, dict) else "running"
-
-
-def failure_reason(d: Path, exit_info: dict | None) -> str:
-    """Why a point failed: its post-mortem's first line, else its exit code and the last
-    error line of its output."""
-    from pipeline.analysis import postmortem
-
-    code = (exit_info or {}).get("exit_code")
-    prefix = f"exit {code}: " if code is not None else ""
-    if postmortem.present(d) or list(d.glob("ranks/rank-*.events")):
-        # The flight recorders say where each rank was, post-mortem files or not.
-        return prefix + postmortem.analyze(d)["lines"][0]
-    for log in [d / LOG_FILE] + job_logs(d):
-        if log.exists():
-            lines = [x for x in log.read_text(errors="replace").splitlines() if "error" in x.lower()]
-            if lines:
-                return prefix + lines[-1].strip()[:300]
-    return prefix + "ended without a summary (killed, or failed before training); see its job log"
-
-
-def job_logs(d: Path) -> list[Path]:
-    """The SLURM job logs of a point's array tasks, oldest first (DIR/.jobs/JOB_TASK.out)."""
-    manifest = _read_json(d.parent / MANIFEST) or {}
-    return [d.parent / ".jobs" / f"{s['job_id']}_{s['points'].index(d.name)}.out"
-            for s in manifest.get("submissions", []) if d.name in s["points"]]
-
-
-def _read_json(p: Path):
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-# --- SLURM ---
-
-def _slurm(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ, timeout=120)
-
-
-def active_jobs(manifest: dict) -> dict[str, str]:
-    """Points with a queued or running array task: {point name: 'queued' | 'running'}."""
-    subs = manifest.get("submissions", [])
-    ids = sorted({s["job_id"] for s in subs})
-    if not ids or not shutil.which("squeue"):
-        return {}
-    r = _slurm(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(ids)])
-    if r.returncode != 0:
-        return {}
-    task_point = {f"{s['job_id']}_{i}": name for s in subs for i, name in enumerate(s["points"])}
-    out = {}
-    for line in r.stdout.splitlines():
-        jid, _, st = line.strip().partition(" ")
-        name = task_point.get(jid)
-        if name:
-            out[name] = "running" if st in ("RUNNING", "COMPLETING") else "queued"
-    return out
-
-
 def sbatch_script() -> Path:
     return Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
 
@@ -244,7 +153,7 @@ def run(config: str | None, out: str, grid_specs: list[str], grid_file: str | No
         except UserError as e:
             raise UserError(f"point {p.name}: {e}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _read_json(out_dir / MANIFEST) or {"submissions": [], "points": {}}
+    manifest = read_json(out_dir / MANIFEST) or {"submissions": [], "points": {}}
     manifest.update(config=str(Path(config).resolve()) if config else None, sets=list(sets), target=target,
                     grid={**manifest.get("grid", {}), **grid})
     for p in pts:
@@ -320,7 +229,7 @@ def _submit(out_dir: Path, manifest: dict, todo: list[Point], sbatch_args: str, 
         cmd = ["sbatch", "--parsable", f"--array={array}", f"--job-name=sweep-{out_dir.name}-r{r}",
                "--nodes=1", f"--ntasks-per-node={r}", f"--output={jobs_dir.resolve()}/%A_%a.out",
                f"--export=ALL,SWEEP_POINTS={listing.resolve()}", *extra, str(sbatch_script())]
-        res = _slurm(cmd, env)
+        res = slurm(cmd, env)
         if res.returncode != 0:
             raise UserError(f"sbatch refused the {r}-rank array: {res.stderr.strip().splitlines()[-1:]}")
         jid = res.stdout.strip().split(";")[0]
@@ -332,7 +241,7 @@ def _submit(out_dir: Path, manifest: dict, todo: list[Point], sbatch_args: str, 
                 f"--job-name=sweep-{out_dir.name}-leaderboard", f"--output={(out_dir / 'leaderboard.out').resolve()}",
                 *_where_to_run(extra),
                 "--wrap", leaderboard_command(out_dir, target, env["PIPELINE"])]
-    res = _slurm(analysis, env)
+    res = slurm(analysis, env)
     if res.returncode != 0:
         raise UserError(f"sbatch refused the leaderboard job: {res.stderr.strip()}")
     jid = res.stdout.strip().split(";")[0]
@@ -432,7 +341,7 @@ def run_point(ranks: int, config, run_dir: Path, sets: list[str] = (), env: dict
 
 def status(out: str, log=sys.stdout) -> int:
     out_dir = Path(out)
-    manifest = _read_json(out_dir / MANIFEST)
+    manifest = read_json(out_dir / MANIFEST)
     if manifest is None:
         raise UserError(f"{out_dir}: no {MANIFEST} (not a sweep directory)")
     active = active_jobs(manifest)

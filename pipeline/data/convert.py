@@ -14,7 +14,6 @@ The source's own test split becomes the validation split; a source without one g
 from __future__ import annotations
 
 import gzip
-import io
 import re
 import struct
 import tarfile

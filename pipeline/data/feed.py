@@ -98,3 +98,13 @@ def _variable(array: np.ndarray, name: str):
     for a in range(0, len(array), rows):
         var[a:a + rows].assign(array[a:a + rows])
     return var
+
+
+def open_feed(inp: reader.Input, batch_size: int, seed: int, start_step: int, end_step: int):
+    """What the compiled steps read for one rank's input: a share in memory moves into
+    variables the graph gathers from (the numpy copy is let go); a streamed one comes as the
+    reader's stacks."""
+    if isinstance(inp.train, reader.MemorySource):
+        return MemoryFeed(inp.release_train(), inp.blocks, inp.plan, batch_size, seed, inp.data.shuffle_buffer,
+                          inp.data.shuffle)
+    return StreamFeed(inp.train_dataset(batch_size, seed, start_step, end_step))

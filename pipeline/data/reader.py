@@ -561,18 +561,11 @@ class Input:
         return train_dataset(self.train, self.blocks, self.plan, batch_size, seed, start_step, end_step,
                              self.data.shuffle_buffer, self.data.shuffle, self.data.prefetch)
 
-    def feed(self, batch_size: int, seed: int, start_step: int, end_step: int):
-        """What the compiled steps read (pipeline/data/feed.py): a share in memory moves into
-        variables the graph gathers from (the numpy copy is let go); a streamed one comes as
-        the reader's stacks."""
-        from pipeline.data import feed
-
-        if isinstance(self.train, MemorySource):
-            f = feed.MemoryFeed(self.train, self.blocks, self.plan, batch_size, seed, self.data.shuffle_buffer,
-                                self.data.shuffle)
-            self.train = None
-            return f
-        return feed.StreamFeed(self.train_dataset(batch_size, seed, start_step, end_step))
+    def release_train(self):
+        """Hands over the in-memory training share and lets go of it here, so that only its
+        copy in the feed's variables stays in memory (pipeline/data/feed.py)."""
+        source, self.train = self.train, None
+        return source
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self.val is None:

@@ -26,7 +26,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline import target as target_mod
 
 LOG_NAME = "mlperf.log"
 SUCCESS, ABORTED = "success", "aborted"
@@ -48,20 +48,6 @@ def logs(run_dir: Path) -> list[Path]:
     numbered = [(int(p.stem.split("-", 1)[1]), p) for p in run_dir.glob("mlperf-*.log")
                 if p.stem.split("-", 1)[1].isdigit()]
     return found + [p for _, p in sorted(numbered)]
-
-
-def target(spec: str) -> tuple[str, str, float]:
-    """mlperf.target (`val_mae<=0.124`) -> (metric, op, value)."""
-    from pipeline.analysis.summary import parse_target
-
-    try:
-        return parse_target(spec)
-    except UserError:
-        raise UserError(f"mlperf.target {spec!r}: give METRIC<=X or METRIC>=X, e.g. val_mae<=0.124") from None
-
-
-def reached(value, op: str, goal: float) -> bool:
-    return isinstance(value, (int, float)) and (value <= goal if op == "<=" else value >= goal)
 
 
 class _Sink(logging.Handler):
@@ -121,7 +107,7 @@ class MLPerfLog:
         self.status: str | None = None  # run_stop's, once logged
         self.run_started = False
         self.epoch_open: int | None = None
-        self._metric, self._op, self._goal = target(settings.target) if settings.enabled else ("", "", 0.0)
+        self._metric, self._op, self._goal = target_mod.parse_mlperf(settings.target) if settings.enabled else ("", "", 0.0)
         self.quality_key = "eval_error" if self._op == "<=" else "eval_accuracy"
         self.reached_at: int | None = None  # the first epoch whose evaluation met the target
         if not self.on:
@@ -227,7 +213,7 @@ class MLPerfLog:
             if isinstance(value, (int, float)):
                 self._ml.event(key=self.quality_key, value=float(value), metadata={"epoch_num": epoch})
             self._ml.end(key="eval_stop", metadata={"epoch_num": epoch})
-        hit = bool(self.settings.enabled) and reached(value, self._op, self._goal)
+        hit = bool(self.settings.enabled) and target_mod.reached(value, self._op, self._goal)
         if hit and self.reached_at is None:
             self.reached_at = epoch
         return hit

@@ -14,12 +14,7 @@ import sys
 import threading
 import time
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # e.g. a checkpoint could not be written (disk full); earlier checkpoints are intact
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on a signal after a complete checkpoint; run again to resume
-EXIT_STALLED = 76  # no progress within train.startup_timeout_s / step_timeout_s: a peer died or hangs
-EXIT_STOP_INCOMPLETE = 77  # a stop signal arrived but the ranks could not stop together: a peer is gone
-EXIT_FAULT = 70  # debug.fault kind=exit: the rank leaves at once, as a crashed process would
+from pipeline.errors import EXIT_STALLED, EXIT_STOP_INCOMPLETE
 
 # When Python itself cannot run for the watchdog's timeout plus this long (the GIL held in C
 # code), faulthandler's own thread writes the stacks and exits 1.

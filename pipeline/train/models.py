@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.config import APPLICATIONS_PREFIX, BUILTIN_MODELS
+
 
 def cnn(input_shape, num_classes):
     """The default: the small Keras CNN from TensorFlow's tutorials, logits out."""
@@ -147,18 +149,8 @@ def segnet(input_shape, target_shape, num_classes, filters: int = 16, depth: int
 MODELS = {"cnn": cnn, "mlp": mlp, "resnet20": resnet20}
 # Built-ins called as function(input_shape, target_shape, num_classes, **model.args), like a user's.
 TASK_MODELS = {"cosmoflow": cosmoflow, "segnet": segnet}
-APPLICATIONS_PREFIX = "keras.applications."
-
-
-def is_user_builder(name: str) -> bool:
-    """path/to/file.py:function or package.module:function."""
-    path, sep, func = name.rpartition(":")
-    return bool(sep and path and func.isidentifier())
-
-
-def known(name: str) -> bool:
-    return name in MODELS or name in TASK_MODELS or is_user_builder(name) or \
-        (name.startswith(APPLICATIONS_PREFIX) and len(name) > len(APPLICATIONS_PREFIX))
+# config.py lists the same names (model.name is checked when the config is loaded).
+assert set(MODELS) | set(TASK_MODELS) == set(BUILTIN_MODELS), "pipeline/config.py's BUILTIN_MODELS and the builders differ"
 
 
 def _user_builder(name: str):

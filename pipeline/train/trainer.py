@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.train import checkpoint, models
-from pipeline import config as config_mod, measure
+from pipeline import config as config_mod, faultspec, measure
 from pipeline.runtime import dist as dist_mod, fault as fault_mod, flight
 from pipeline.mlperf import log as mlperf_mod
 from pipeline.train import step as step_mod
 from pipeline.train import writers as writers_mod
-from pipeline.data import reader, sharding, shards
+from pipeline.data import feed as feed_mod, reader, sharding, shards
 from pipeline.errors import UserError
 from pipeline.train.evaluate import Evaluator
 from pipeline.fsutil import atomic_write_text
@@ -55,7 +55,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     t_start = time.time()
     rd = RunDir(run_dir)
     manifest = preflight(cfg, rd)
-    fault = fault_mod.parse(cfg.debug.fault)
+    fault = faultspec.parse(cfg.debug.fault)
     rank = flight.launch_rank()
     rec = flight.start(rd.path, rank)
     ml = mlperf_mod.MLPerfLog(cfg.mlperf, rank, t_start)  # init_start: the process's start
@@ -67,7 +67,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     dist = None
     try:
         if fault is not None and fault.due(rank, "startup", 0):
-            fault.fire(rank, 0, rec)
+            fault_mod.fire(fault, rank, 0, rec)
         rec.event("phase", "init")
         dist = join(cfg, rd)
         rec.event("phase", "setup")
@@ -228,7 +228,7 @@ class Trainer:
     train_step: object
     evaluate: Evaluator
     start: int                       # the step resumed after (0: a fresh run)
-    fault: fault_mod.Fault | None = None  # debug.fault
+    fault: faultspec.Fault | None = None  # debug.fault
     mlperf: mlperf_mod.MLPerfLog | None = None
     staging_t0: float = 0.0          # when reading the share began (MLPerf's staging_start)
 
@@ -277,7 +277,7 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
                                           compression=cfg.horovod.compression, jit_compile=cfg.train.jit_compile,
                                           loss_scale=precision == "mixed_float16", prepare_x=task.prepare_x)
     return Trainer(cfg, rd, dist, plan, precision, model, opt, state, lr, ckpts, writers, inp, train_step,
-                   Evaluator(model, inp, cfg.train.batch_size, dist, task), start, fault_mod.parse(cfg.debug.fault),
+                   Evaluator(model, inp, cfg.train.batch_size, dist, task), start, faultspec.parse(cfg.debug.fault),
                    ml, staging_t0)
 
 
@@ -380,7 +380,7 @@ def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None 
     signals = resources.enter_context(StopSignals(
         dist.rank, on_signal=lambda: _stop_requested(t, stop_flag, watchdog, rec, holder)))
     holder.append(signals)
-    feed = t.input.feed(plan.update_batch, t.cfg.train.seed, t.start, plan.total)
+    feed = feed_mod.open_feed(t.input, plan.update_batch, t.cfg.train.seed, t.start, plan.total)
     resources.callback(feed.close)
     ml = t.mlperf or mlperf_mod.MLPerfLog(config_mod.MLPerfConfig(), dist.rank, time.time())
     if t.cfg.mlperf.enabled:
@@ -494,7 +494,7 @@ def _call_ends_at(t: Trainer, k: int) -> bool:
 def _phase(rec, fault, rank: int, phase: str, step: int) -> None:
     """Tells the flight recorder (if any) where the rank is; fires a debug.fault due there."""
     if fault is not None and fault.due(rank, phase, step):
-        fault.fire(rank, step, rec)
+        fault_mod.fire(fault, rank, step, rec)
     if rec is not None and phase != "allreduce":
         rec.event("phase", phase, step, waiting="")
 
