@@ -6,7 +6,7 @@ import os
 import pytest
 
 from pipeline.train import checkpoint
-from pipeline.train.checkpoint import CheckpointWriter, latest, list_complete, should_save
+from pipeline.train.checkpoint import Checkpoints, CheckpointWriter, latest, list_complete, should_save
 from pipeline.config import CheckpointConfig
 
 
@@ -26,7 +26,7 @@ def state():
 
 def test_save_keeps_last_k_and_only_complete_ones_count(tmp_path, state):
     v, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2), enabled=True)
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2))
     for step in (10, 20, 30):
         v.assign_add([1.0, 1.0, 1.0])
         w.save(ckpt, step, epoch=1)
@@ -42,17 +42,17 @@ def test_save_keeps_last_k_and_only_complete_ones_count(tmp_path, state):
 
 def test_leftover_temporaries_are_removed_on_start(tmp_path, state):
     _, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2), enabled=True)
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2))
     w.save(ckpt, 10, epoch=1)
     (tmp_path / "ck" / ".tmp-step-00000020-123").mkdir()
     (tmp_path / "ck" / ".tmp-step-00000020-123" / "state.index").write_bytes(b"x")
-    CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2), enabled=True)
+    CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=2))
     assert sorted(os.listdir(tmp_path / "ck")) == ["step-00000010"]
 
 
 def test_failed_write_leaves_previous_checkpoint_selected(tmp_path, state):
     _, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=3), enabled=True)
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=3))
     w.save(ckpt, 10, epoch=1)
 
     class Exploding:
@@ -68,7 +68,7 @@ def test_failed_write_leaves_previous_checkpoint_selected(tmp_path, state):
 
 def test_disabled_writer_does_nothing(tmp_path, state):
     _, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=1), enabled=False)
+    w = Checkpoints(CheckpointConfig(keep=1))
     assert w.save(ckpt, 10, epoch=1) is None and w.latest() is None
     assert not (tmp_path / "ck").exists()
 
@@ -80,7 +80,7 @@ def test_digest_tracks_variable_values(tmp_path, state):
     opt_var = tf.Variable([0.5])
     ckpt = tf.train.Checkpoint(model=tf.train.Checkpoint(v=v), optimizer=tf.train.Checkpoint(m=opt_var))
     run = tmp_path / "run"
-    w = CheckpointWriter(run / "checkpoints", CheckpointConfig(keep=5), enabled=True)
+    w = CheckpointWriter(run / "checkpoints", CheckpointConfig(keep=5))
     w.save(ckpt, 1, epoch=1)
     step1, d1 = checkpoint.digest(run)
     w.save(ckpt, 2, epoch=1)
@@ -112,5 +112,5 @@ def test_retention_keeps_the_last_k_and_the_best():
     (0, "", 100, False, True),            # the last step, always
 ])
 def test_the_writer_owns_the_save_rule(tmp_path, every, keep_best, step, evaluated, expected):
-    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(every_steps=every, keep_best=keep_best), enabled=False)
+    w = Checkpoints(CheckpointConfig(every_steps=every, keep_best=keep_best))
     assert w.due(step, last_step=100, evaluated=evaluated) is expected

@@ -166,7 +166,7 @@ def test_a_signal_during_a_call_stops_it_after_the_step_that_sees_it():
 
     run = compile_calls(step, flag, batch_at,
                         (tf.TensorSpec((None, 8, 4), tf.float32), tf.TensorSpec((None, 8), tf.int32)))
-    with StopSignals(rank=0, on_signal=lambda: flag.assign(1.0)) as signals:
+    with StopSignals(rank=0, on_signal=lambda signum: flag.assign(1.0)) as signals:
         loss, _, _, _, stopped = run(tf.constant(0), tf.constant(12), (xs, ys))
         assert signals.signum == signal.SIGUSR1
     assert bool(stopped) and len(loss) == 6, "steps 0..5 ran; the call ended after the step that saw the flag"

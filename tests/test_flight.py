@@ -26,7 +26,7 @@ def _child(code: str, run_dir) -> subprocess.CompletedProcess:
 
 def test_the_ring_outlives_sigkill(tmp_path):
     r = _child("import os, signal, sys\n"
-               "from pipeline import flight\n"
+               "from pipeline.runtime import flight\n"
                "f = flight.start(sys.argv[1], 3)\n"
                "f.attach()\n"
                "f.event('phase', 'data', 41)\n"
@@ -67,7 +67,7 @@ def test_stacks_are_written_while_the_gil_is_held(tmp_path):
     """A regular expression's catastrophic backtracking holds the GIL in C code: no Python
     thread runs, but faulthandler's own thread writes every stack and exits 1."""
     r = _child("import re, sys\n"
-               "from pipeline import flight\n"
+               "from pipeline.runtime import flight\n"
                "f = flight.start(sys.argv[1], 0)\n"
                "f.attach()\n"
                "f.arm_backstop(1)\n"

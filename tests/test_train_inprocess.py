@@ -89,7 +89,7 @@ def _raise_inside_the_loop(data_dir: str, run_dir: str) -> dict:
             super().__init__(*a, **kw)
             logs.append(self)
 
-    real_prepare, real_close, real_shutdown = feed.MemoryFeed.prepare, writers.TensorBoard.close, train.dist_mod.Dist.shutdown
+    real_prepare, real_close, real_shutdown = feed.MemoryFeed.prepare, writers.TensorBoardFile.close, train.dist_mod.Dist.shutdown
     calls = []
 
     def prepare(self, step, n):  # the third call (one step each) fails, as a read error would
@@ -99,7 +99,7 @@ def _raise_inside_the_loop(data_dir: str, run_dir: str) -> dict:
         return real_prepare(self, step, n)
 
     train.StepLog, feed.MemoryFeed.prepare = Spy, prepare
-    writers.TensorBoard.close = lambda self: (closed.append(True), real_close(self))[1]
+    writers.TensorBoardFile.close = lambda self: (closed.append(True), real_close(self))[1]
     train.dist_mod.Dist.shutdown = lambda self: (shut.append(True), real_shutdown(self))[1]
     error = None
     try:

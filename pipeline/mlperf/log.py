@@ -26,8 +26,6 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline import target as target_mod
-
 LOG_NAME = "mlperf.log"
 SUCCESS, ABORTED = "success", "aborted"
 
@@ -97,21 +95,35 @@ class _Sink(logging.Handler):
 
 
 class MLPerfLog:
-    """One attempt's log, on rank 0; every method is a no-op elsewhere and when mlperf is off.
-    The training loop tells it where it is; it writes the events, in order, once each."""
+    """No log (ranks other than 0, or mlperf off): every method does nothing. The real log is
+    its subclass, chosen once per rank by `open_log`."""
 
-    def __init__(self, settings, rank: int, t_start: float):
-        self.settings = settings
-        self.on = bool(settings.enabled) and rank == 0
-        self.path: Path | None = None
-        self.status: str | None = None  # run_stop's, once logged
-        self.run_started = False
-        self.epoch_open: int | None = None
-        self._metric, self._op, self._goal = target_mod.parse_mlperf(settings.target) if settings.enabled else ("", "", 0.0)
-        self.quality_key = "eval_error" if self._op == "<=" else "eval_accuracy"
-        self.reached_at: int | None = None  # the first epoch whose evaluation met the target
-        if not self.on:
-            return
+    path: Path | None = None
+
+    def event(self, key: str, value=None, metadata: dict | None = None, t: float | None = None) -> None:
+        pass
+
+    def events(self, make) -> None:
+        """Events from `make()`, (key, value) pairs, built only where the log writes."""
+
+    def start(self, key: str, metadata: dict | None = None, t: float | None = None) -> None:
+        pass
+
+    def end(self, key: str, metadata: dict | None = None, t: float | None = None) -> None:
+        pass
+
+    def attach(self, run_dir: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MLPerfLogFile(MLPerfLog):
+    """Rank 0's log of one attempt through MLCommons' mllog: held in memory until `attach()`
+    (past every user check), then written line by line."""
+
+    def __init__(self, settings, t_start: float):
         from mlperf_logging.mllog.mllog import MLLogger
 
         self._sink = _Sink()
@@ -120,126 +132,51 @@ class MLPerfLog:
         logger.setLevel(logging.INFO)
         logger.addHandler(self._sink)
         self._logger = logger
-        # stack offset 2: the call site recorded in each line is the training code, not this file.
-        self._ml = MLLogger(logger=logger, default_stack_offset=2,
+        # stack offset 3: the call site recorded in each line is the training code, not this
+        # file or the hook.
+        self._ml = MLLogger(logger=logger, default_stack_offset=3,
                             root_dir=str(Path(__file__).resolve().parent.parent))
-        s = settings
-        self.event("submission_benchmark", s.benchmark)
-        self.event("submission_org", s.org)
-        self.event("submission_division", s.division)
-        self.event("submission_status", s.status)
-        self._ml.start(key="init_start", time_ms=_ms(t_start))
-
-    # --- the events ---
+        for key, value in (("submission_benchmark", settings.benchmark), ("submission_org", settings.org),
+                           ("submission_division", settings.division), ("submission_status", settings.status)):
+            self.event(key, value)
+        self.start("init_start", t=t_start)
 
     def event(self, key: str, value=None, metadata: dict | None = None, t: float | None = None) -> None:
-        if self.on:
-            self._ml.event(key=key, value=value, metadata=metadata, time_ms=_ms(t) if t is not None else None)
+        self._ml.event(key=key, value=value, metadata=metadata, time_ms=_ms(t) if t is not None else None)
+
+    def events(self, make) -> None:
+        for key, value in make():
+            self.event(key, value)
+
+    def start(self, key: str, metadata: dict | None = None, t: float | None = None) -> None:
+        self._ml.start(key=key, metadata=metadata, time_ms=_ms(t) if t is not None else None)
+
+    def end(self, key: str, metadata: dict | None = None, t: float | None = None) -> None:
+        self._ml.end(key=key, metadata=metadata, time_ms=_ms(t) if t is not None else None)
 
     def attach(self, run_dir: Path) -> None:
         """Past every user check: the log goes to its file (written so far, then line by line)."""
-        if self.on and self.path is None:
+        if self.path is None:
             self.path = log_path(run_dir)
             self._sink.open(self.path)
 
-    def cache_cleared(self, files: int, dropped: bool) -> None:
-        self.event("cache_clear", dropped, metadata={"files": files})
-
-    def hyperparameters(self, cfg, plan, hosts: list[str], size: int) -> None:
-        if not self.on:
-            return
-        t = cfg.train
-        spe = plan.steps_per_epoch
-        peak = t.lr * size if t.scale_lr else t.lr
-        boundaries = []
-        if t.lr_schedule == "step":
-            # lr_at decays at every multiple of lr_step_every, counted from step 0.
-            boundaries = [k / spe for k in range(t.lr_step_every, plan.total, t.lr_step_every)]
-        # After joining the job: describing the platform asks TensorFlow for its GPUs, which must
-        # not happen before the rank's threads are set.
-        for key, value in (
-                ("submission_platform", self.settings.platform or _platform()),
-                ("global_batch_size", plan.global_batch),
-                ("gradient_accumulation_steps", plan.passes),
-                ("gradient_accumulation_frequency", plan.passes),
-                ("opt_name", t.optimizer),
-                ("opt_base_learning_rate", peak),
-                ("opt_learning_rate_warmup_epochs", t.warmup_steps / spe),
-                ("opt_learning_rate_warmup_factor", peak / t.lr),
-                ("opt_learning_rate_decay_schedule", t.lr_schedule),
-                ("opt_learning_rate_decay_boundary_epochs", boundaries),
-                ("opt_learning_rate_decay_factor", t.lr_step_factor if t.lr_schedule == "step" else 1.0),
-                ("opt_weight_decay", 0.0),
-                ("dropout", float(cfg.model.args.get("dropout", 0.0) or 0.0)),
-                ("seed", t.seed),
-                ("train_samples", plan.train_samples),
-                ("eval_samples", sum(x.num_samples for x in plan.manifest.shards("val"))),
-                ("number_of_nodes", len(set(hosts))),
-                ("accelerators_per_node", len(_gpu_names()))):
-            self.event(key, value)
-
-    def staged(self, t0: float, t1: float, what: str) -> None:
-        if self.on:
-            self._ml.start(key="staging_start", time_ms=_ms(t0), metadata={"what": what})
-            self._ml.end(key="staging_stop", time_ms=_ms(t1), metadata={"what": what})
-
-    def run_start(self) -> None:
-        if self.on:
-            self._ml.end(key="init_stop")
-            self._ml.start(key="run_start")
-        self.run_started = True
-
-    def epoch_start(self, epoch: int) -> None:
-        if self.epoch_open is None:
-            if self.on:
-                self._ml.start(key="epoch_start", metadata={"epoch_num": epoch})
-            self.epoch_open = epoch
-
-    def epoch_stop(self) -> None:
-        if self.epoch_open is not None:
-            if self.on:
-                self._ml.end(key="epoch_stop", metadata={"epoch_num": self.epoch_open})
-            self.epoch_open = None
-
-    def eval_start(self, epoch: int) -> None:
-        if self.on:
-            self._ml.start(key="eval_start", metadata={"epoch_num": epoch})
-
-    def eval_stop(self, epoch: int, figures: dict) -> bool:
-        """Logs the quality metric; True when it meets mlperf.target (the same answer on every
-        rank: the figures are averaged over all of them)."""
-        value = figures.get(self._metric)
-        if self.on:
-            if isinstance(value, (int, float)):
-                self._ml.event(key=self.quality_key, value=float(value), metadata={"epoch_num": epoch})
-            self._ml.end(key="eval_stop", metadata={"epoch_num": epoch})
-        hit = bool(self.settings.enabled) and target_mod.reached(value, self._op, self._goal)
-        if hit and self.reached_at is None:
-            self.reached_at = epoch
-        return hit
-
-    def run_stop(self, status: str, why: str = "") -> None:
-        """The end of the attempt, once: success when the target was reached, else aborted."""
-        if self.status is not None or not self.run_started:
-            return
-        self.status = status
-        if self.on:
-            self.epoch_stop()
-            self._ml.end(key="run_stop", metadata={"status": status, **({"reason": why} if why else {})})
-
     def close(self) -> None:
-        if self.on:
-            self._logger.removeHandler(self._sink)
-            self._sink.close()
+        self._logger.removeHandler(self._sink)
+        self._sink.close()
+
+
+def open_log(settings, rank: int, t_start: float) -> MLPerfLog:
+    """Rank 0's log when mlperf is on, else one that writes nothing: decided here, once."""
+    return MLPerfLogFile(settings, t_start) if settings.enabled and rank == 0 else MLPerfLog()
 
 
 def _ms(t: float) -> int:
     return int(round(t * 1000))
 
 
-def _platform() -> str:
+def platform() -> str:
     """submission_platform when the config gives none: the host's processor (and GPUs)."""
-    gpus = _gpu_names()
+    gpus = gpu_names()
     cpu = cpu_model()
     return f"{socket.gethostname()}: {cpu}" + (f", {len(gpus)}x {gpus[0]}" if gpus else "")
 
@@ -256,7 +193,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gpu_names() -> list[str]:
+def gpu_names() -> list[str]:
     try:
         import tensorflow as tf
 
@@ -335,7 +272,7 @@ def hardware(paths: list[str]) -> dict:
             speed = -1
         nets.append(f"{n} {speed} Mb/s" if speed > 0 else n)
     return {"host": socket.gethostname(), "cpu": cpu, "caches": caches, "memory_bytes": mem_kib * 1024,
-            "storage": storage, "networks": nets, "gpus": _gpu_names(), "gpu_memory": _gpu_memory(),
+            "storage": storage, "networks": nets, "gpus": gpu_names(), "gpu_memory": _gpu_memory(),
             "os": _os_name()}
 
 

@@ -17,18 +17,21 @@ import numpy as np
 from pipeline.runtime import flight
 
 
-def rank_threads(requested: int, local_size: int) -> int:
+def rank_threads(requested: int, local_size: int, environ=None, cores: int | None = None,
+                 bound: int | None = None) -> int:
     """CPU threads for one rank: the request; else SLURM's CPUs per task; else the CPUs this
     process is bound to when the launcher bound it; else the machine's cores split evenly
     between the ranks on this node. Oversubscribed ranks (each using every core) run slower
-    in total than fewer ranks would."""
+    in total than fewer ranks would. `environ`, `cores` and `bound` (the CPUs in this
+    process's affinity) default to what this process sees."""
     if requested > 0:
         return requested
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    slurm = (os.environ if environ is None else environ).get("SLURM_CPUS_PER_TASK", "")
     if slurm.isdigit() and int(slurm) > 0:
         return int(slurm)
-    cores = os.cpu_count() or 1
-    bound = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    cores = cores or os.cpu_count() or 1
+    if bound is None:
+        bound = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     if bound < cores:
         return max(1, bound)
     return max(1, cores // max(1, local_size))

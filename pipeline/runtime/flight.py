@@ -179,10 +179,34 @@ def _records(buf) -> list[dict]:
 
 # --- the process's recorder and post-mortem ---
 
+class Flight:
+    """No recorder (a trainer stage called on its own, as the in-process tests do): every
+    method does nothing. The real one is its subclass, so the loop never asks which it has."""
+
+    cost_s = 0.0
+
+    def attach(self) -> None:
+        pass
+
+    def event(self, kind: str, phase: str | None = None, step: int | None = None, label: str = "",
+              waiting: str | None = None) -> None:
+        pass
+
+    def postmortem(self, reason: str, exc: BaseException | None = None, exit_code: int | None = None,
+                   bound_s: float = 10.0) -> bool:
+        return True
+
+    def discard(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 _current: "FlightRecorder | None" = None
 
 
-class FlightRecorder:
+class FlightRecorder(Flight):
     """One rank's recorder, post-mortem files and fatal-signal stacks. `start()` makes it the
     process's own, so deep code (the collectives in pipeline/runtime/dist.py) records through
     `waiting()` without being handed it.
@@ -224,6 +248,11 @@ class FlightRecorder:
     def event(self, kind: str, phase: str | None = None, step: int | None = None, label: str = "",
               waiting: str | None = None) -> None:
         self.recorder.event(kind, phase, step, label, waiting)
+
+    @property
+    def cost_s(self) -> float:
+        """Time spent recording events so far (part of what logging costs)."""
+        return self.recorder.cost_s
 
     def state(self) -> dict:
         return self.recorder.state()
@@ -311,8 +340,9 @@ def start(run_dir: Path, rank: int) -> FlightRecorder:
     return _current
 
 
-def current() -> FlightRecorder | None:
-    return _current
+def current() -> Flight:
+    """The process's recorder, or one that records nothing when none was started."""
+    return _current if _current is not None else Flight()
 
 
 @contextlib.contextmanager

@@ -27,7 +27,8 @@ class StopSignals:
     """Installs handlers that record the first stop signal; restores the old ones on close.
 
     With `on_signal`, a thread also learns of each signal the moment it arrives (through
-    Python's wakeup fd) and calls `on_signal()` there: Python runs its own handlers only
+    Python's wakeup fd) and calls `on_signal(signum)` there, with the first stop signal's
+    number: Python runs its own handlers only
     between bytecodes of the main thread, which may be inside a compiled call of many steps.
     The training loop uses it to set the stop flag that each step of that call reads.
     """
@@ -70,7 +71,7 @@ class StopSignals:
             mine = [s for s in got if s in self._signals]
             if mine:
                 self._record(mine[0])
-                on_signal()
+                on_signal(self.signum)
 
     def close(self) -> None:
         for s, old in self._old.items():

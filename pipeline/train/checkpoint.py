@@ -110,21 +110,46 @@ class CheckpointWriteError(Exception):
     """A checkpoint could not be written (disk full, quota, file size limit, I/O error)."""
 
 
-class CheckpointWriter:
-    """Decides when to save, and writes, prunes and finds checkpoints. `settings` is the
-    config's checkpoint section (every_steps, keep, keep_best). On ranks other than 0 it is
-    built disabled and writing does nothing, so the training loop never asks which rank it is."""
+class Checkpoints:
+    """The save rule, on every rank (each must end its calls of steps where rank 0 saves);
+    writing and finding checkpoints do nothing here. Rank 0's `CheckpointWriter` is its
+    subclass, chosen once by `for_rank`, so the training loop never asks which rank it is.
+    `settings` is the config's checkpoint section (every_steps, keep, keep_best)."""
 
-    def __init__(self, directory: Path, settings, enabled: bool):
-        self.directory = Path(directory)
+    def __init__(self, settings):
         self.every_steps = settings.every_steps
         self.keep = settings.keep
         self.keep_best = settings.keep_best
         self.keep_best_mode = settings.keep_best_mode
-        self.enabled = enabled
-        if enabled:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._remove_leftovers()
+
+    def due(self, step: int, last_step: int, evaluated: bool) -> bool:
+        """The whole "save now?" rule: every `every_steps` steps, after the last step, and after
+        each evaluation when the best checkpoint is kept."""
+        return should_save(step, self.every_steps, last_step) or (evaluated and bool(self.keep_best))
+
+    def save_if_due(self, ckpt, step: int, epoch: int, last_step: int, evaluated: dict,
+                    force: bool = False) -> CheckpointRef | None:
+        """Saves when due() (or `force`); `evaluated` holds this step's evaluation figures, if
+        any (kept in meta)."""
+        if not force and not self.due(step, last_step, bool(evaluated)):
+            return None
+        return self.save(ckpt, step, epoch, evaluated)
+
+    def latest(self) -> CheckpointRef | None:
+        return None
+
+    def save(self, ckpt, step: int, epoch: int, extra: dict | None = None) -> CheckpointRef | None:
+        return None
+
+
+class CheckpointWriter(Checkpoints):
+    """Rank 0's: writes, prunes and finds checkpoints in `directory`."""
+
+    def __init__(self, directory: Path, settings):
+        super().__init__(settings)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
         for p in self.directory.iterdir():
@@ -132,23 +157,10 @@ class CheckpointWriter:
                 shutil.rmtree(p, ignore_errors=True)
 
     def latest(self) -> CheckpointRef | None:
-        return latest(self.directory) if self.enabled else None
-
-    def due(self, step: int, last_step: int, evaluated: bool) -> bool:
-        """The whole "save now?" rule: every `every_steps` steps, after the last step, and after
-        each evaluation when the best checkpoint is kept."""
-        return should_save(step, self.every_steps, last_step) or (evaluated and bool(self.keep_best))
-
-    def save_if_due(self, ckpt, step: int, epoch: int, last_step: int, evaluated: dict) -> CheckpointRef | None:
-        """Saves when due(); `evaluated` holds this step's evaluation figures, if any (kept in meta)."""
-        if not self.due(step, last_step, bool(evaluated)):
-            return None
-        return self.save(ckpt, step, epoch, evaluated)
+        return latest(self.directory)
 
     def save(self, ckpt, step: int, epoch: int, extra: dict | None = None) -> CheckpointRef | None:
         """Writes `ckpt` (a tf.train.Checkpoint) as step-`step`; returns its ref."""
-        if not self.enabled:
-            return None
         final = self.directory / f"step-{step:08d}"
         if read_meta(final) is not None:
             meta = read_meta(final)
@@ -229,3 +241,39 @@ def variables_digest(variables) -> str:
         h.update(str(value.dtype).encode() + str(value.shape).encode())
         h.update(value.tobytes())
     return h.hexdigest()
+
+
+def for_rank(directory: Path, settings, is_root: bool) -> Checkpoints:
+    """Rank 0's writer, or the rule alone on the other ranks: decided here, once."""
+    return CheckpointWriter(directory, settings) if is_root else Checkpoints(settings)
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def digest_arguments(p) -> None:
+    p.add_argument("run_dir")
+    p.set_defaults(func=digest_cli)
+
+
+def digest_cli(a) -> int:
+    step, sha = digest(a.run_dir)
+    print(f"step {step} sha256 {sha}")
+    return 0
+
+
+def list_arguments(p) -> None:
+    p.add_argument("run_dir")
+    p.set_defaults(func=list_cli)
+
+
+def list_cli(a) -> int:
+    from pipeline.errors import UserError
+    from pipeline.rundir import RunDir
+
+    directory = RunDir(a.run_dir).checkpoints
+    refs = list_complete(directory)
+    if not refs:
+        raise UserError(f"{directory}: no complete checkpoint")
+    for r in refs:
+        print(f"step {r.step:>8} epoch {r.meta.get('epoch', '?'):>4} {r.path}")
+    return 0

@@ -31,14 +31,15 @@ from pathlib import Path
 
 from pipeline.train import checkpoint, models
 from pipeline import config as config_mod, faultspec, measure
-from pipeline.runtime import dist as dist_mod, fault as fault_mod, flight
-from pipeline.mlperf import log as mlperf_mod
+from pipeline.runtime import dist as dist_mod, flight
+from pipeline.mlperf.hook import ABORTED, MLPerfHook, drop_page_cache
 from pipeline.train import step as step_mod
 from pipeline.train import writers as writers_mod
 from pipeline.data import feed as feed_mod, reader, sharding, shards
 from pipeline.errors import UserError
 from pipeline.train.evaluate import Evaluator
 from pipeline.fsutil import atomic_write_text
+from pipeline.runtime.hooks import FaultHook, FlightHook, Hooks, WatchdogHook, signal_name
 from pipeline.runtime.preempt import StopSignals, Watchdog
 from pipeline.rundir import RunDir
 from pipeline.train.schedule import LR
@@ -58,16 +59,14 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     fault = faultspec.parse(cfg.debug.fault)
     rank = flight.launch_rank()
     rec = flight.start(rd.path, rank)
-    ml = mlperf_mod.MLPerfLog(cfg.mlperf, rank, t_start)  # init_start: the process's start
+    ml = MLPerfHook(cfg.mlperf, rank, t_start)  # init_start: the process's start
     watchdog = Watchdog(cfg.train.startup_timeout_s, rank, what="startup", flight=rec)
-    holder: list = []
     early = StopSignals(rank, signals=(signal.SIGTERM, signal.SIGUSR1),
-                        on_signal=lambda: _signal_at_startup(rec, holder[0].signum if holder else None))
-    holder.append(early)
+                        on_signal=lambda signum: _signal_at_startup(rec, signum))
     dist = None
     try:
-        if fault is not None and fault.due(rank, "startup", 0):
-            fault_mod.fire(fault, rank, 0, rec)
+        if fault is not None:
+            FaultHook(fault, rank, rec).on_phase("startup", 0)
         rec.event("phase", "init")
         dist = join(cfg, rd)
         rec.event("phase", "setup")
@@ -81,7 +80,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
             ml.attach(rd.path)
             early.close()
             state = loop(trainer, resources, watchdog)
-        ml.run_stop(*_mlperf_status(state, ml))
+        ml.run_stop(*ml.status_of(state))
         summary = summarize(trainer, state, t_start)
         rec.event("phase", "done")
         finish(trainer, state, summary, watchdog)
@@ -92,7 +91,7 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
     except BaseException as e:
         # The first real exception, before Horovod's shutdown makes every peer raise its own.
         rec.postmortem(f"raised {type(e).__name__}: {e}", exc=e, exit_code=1)
-        ml.run_stop(mlperf_mod.ABORTED, f"raised {type(e).__name__}")
+        ml.run_stop(ABORTED, f"raised {type(e).__name__}")
         raise
     finally:
         early.close()
@@ -105,21 +104,12 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         rec.close()
 
 
-def _mlperf_status(s, ml) -> tuple[str, str]:
-    """run_stop's status: success once an evaluation met mlperf.target, else aborted."""
-    if s.stopped_at is not None:
-        return mlperf_mod.ABORTED, f"stopped by {s.first_signal or 'a signal'} at step {s.stopped_at}"
-    if ml.reached_at is not None:
-        return mlperf_mod.SUCCESS, ""
-    return mlperf_mod.ABORTED, "the target was not reached"
-
-
 def clear_cache(plan: "RunPlan", dist: dist_mod.Dist, ml) -> None:
     """MLPerf's cache_clear: the first rank on each host drops the dataset's pages from the
     page cache before any rank reads a sample, so the run starts cold."""
     m = plan.manifest
     paths = sorted({str(m.path(x)) for x in m.shards("train") + m.shards("val")})
-    files, ok = mlperf_mod.drop_page_cache(paths) if dist.local_rank == 0 else (0, True)
+    files, ok = drop_page_cache(paths) if dist.local_rank == 0 else (0, True)
     results = dist.allgather_object((files, ok), name="cache_clear")
     ml.cache_cleared(sum(f for f, _ in results), all(o for _, o in results))
 
@@ -129,7 +119,7 @@ def _signal_at_startup(rec, signum: int | None) -> None:
     post-mortem (the launcher may be ending the job after another rank died) and exits."""
     signum = signum or signal.SIGTERM
     code = 128 + signum
-    name = _signal_name(signum)
+    name = signal_name(signum)
     rec.event("signal", label=name)
     rec.postmortem(f"{name} during start-up, before the first step (nothing to checkpoint)", exit_code=code,
                    bound_s=5.0)
@@ -222,25 +212,25 @@ class Trainer:
     optimizer: object
     state: object                    # tf.train.Checkpoint of model and optimizer
     lr: LR
-    checkpoints: checkpoint.CheckpointWriter
+    checkpoints: checkpoint.Checkpoints
     writers: writers_mod.Writers
     input: reader.Input
     train_step: object
     evaluate: Evaluator
     start: int                       # the step resumed after (0: a fresh run)
     fault: faultspec.Fault | None = None  # debug.fault
-    mlperf: mlperf_mod.MLPerfLog | None = None
+    mlperf: MLPerfHook | None = None
     staging_t0: float = 0.0          # when reading the share began (MLPerf's staging_start)
 
 
 def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan, out,
-          resources: contextlib.ExitStack, ml: mlperf_mod.MLPerfLog | None = None) -> Trainer:
+          resources: contextlib.ExitStack, ml: MLPerfHook | None = None) -> Trainer:
     """Model, optimizer, writers, resume point and input. Whatever must be closed is entered
     into `resources`. `ml`: run()'s MLPerf log (none: one that logs nothing)."""
     import tensorflow as tf
 
     if ml is None:
-        ml = mlperf_mod.MLPerfLog(config_mod.MLPerfConfig(), dist.rank, time.time())
+        ml = MLPerfHook(config_mod.MLPerfConfig(), dist.rank, time.time())
 
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -266,7 +256,7 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
     # Create the optimizer's slots now, so they can be restored and broadcast before step 1.
     opt.build(model.trainable_variables)
     state = tf.train.Checkpoint(model=model, optimizer=opt)
-    ckpts = checkpoint.CheckpointWriter(rd.checkpoints, cfg.checkpoint, enabled=dist.is_root)
+    ckpts = checkpoint.for_rank(rd.checkpoints, cfg.checkpoint, dist.is_root)
     start = _resume(ckpts, state, model, opt, dist, rd, cfg, plan, writers.console)
 
     # This rank's share, opened after the process started (h5py is not fork-safe).
@@ -339,8 +329,10 @@ class LoopState:
     loss: float = float("nan")
     step_times: list = field(default_factory=list)
     rss_peak: float = 0.0
+    last_end: int = 0                  # the previous step's end, in the graph clock's microseconds
+    limit: int = 1                     # steps in the next call at most (the first traces: one)
     stopped_at: int | None = None      # the step a stop signal ended the run at
-    target_reached_at: int | None = None  # the step mlperf.stop_at_target ended the run at
+    target_reached_at: int | None = None  # the step a hook's target (mlperf.stop_at_target) ended the run at
     stopped_by: str | None = None
     signal_to_checkpoint: float | None = None
     first_signal: str | None = None    # "SIGUSR1 to rank 1": the stop signal every rank heard of first
@@ -352,110 +344,109 @@ class LoopState:
 def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None = None) -> LoopState:
     """Runs the steps in calls of up to train.steps_per_call steps (pipeline/train/step.py
     `compile_calls`); after each call, writes one step-log record per step from the times the
-    graph took, then evaluates and checkpoints where due (a call always ends there).
-    `watchdog`: run()'s, on its start-up timeout until the first call is done; else one of
-    its own. The flight recorder (if run() started one) hears of each phase and call."""
+    graph took, then evaluates and checkpoints where due (a call always ends there). Every
+    side concern hears of it through the hooks (pipeline/runtime/hooks.py). `watchdog`:
+    run()'s, on its start-up timeout until the first call is done; else one of its own."""
     import tensorflow as tf
 
-    dist, plan, writers = t.dist, t.plan, t.writers
+    plan = t.plan
+    steplog, signals, stop_flag, hooks = _loop_resources(t, resources, watchdog)
+    feed = feed_mod.open_feed(t.input, plan.update_batch, t.cfg.train.seed, t.start, plan.total)
+    resources.callback(feed.close)
+    calls = step_mod.compile_calls(t.train_step, stop_flag, feed.batch_at, feed.signature,
+                                   step_mod.graph_clock(t.cfg.train.deterministic))
+    s = LoopState(step=t.start, last_eval_step=t.start)
+    hooks.on_start(t.start)
+    t_loop = time.perf_counter()
+    s.last_end = step_mod.now_us()
+    while s.step < plan.total:
+        n = call_size(s.step, s.limit, lambda k: _call_ends_at(t, hooks, k))
+        t_call = step_mod.now_us()
+        hooks.on_phase("data", s.step + 1)
+        first, n, inputs = feed.prepare(s.step, n)
+        waited = step_mod.now_us() - t_call  # the host's part of the first step's data wait
+        hooks.on_phase("allreduce", s.step + 1)
+        hooks.on_call(s.step + 1, s.step + n)
+        losses, begin, ready, done, stopped = calls(tf.constant(first, tf.int32), tf.constant(n, tf.int32), inputs)
+        losses, times = losses.numpy(), (_us(begin), _us(ready), _us(done))
+        hooks.on_call_done(s.step + len(losses))
+        _log_steps(t, s, steplog, hooks, losses, *times, waited)
+        s.limit = steps_in_a_call(t.cfg.train.steps_per_call, s.step_times[-len(losses):])
+        epoch = plan.epoch_of(s.step)
+        if s.step % plan.steps_per_epoch == 0 or s.step == plan.total:
+            hooks.on_epoch_end(epoch)
+        if bool(stopped):
+            hooks.on_phase("stop", s.step)
+            _stop_on_signal(t, s, s.step, epoch, signals)
+            hooks.on_stop(s.step)
+            break
+        if _evaluate_and_save(t, s, hooks, epoch):
+            break
+    s.loop_s = time.perf_counter() - t_loop
+    hooks.on_end(s)
+    s.step_log_s = steplog.cost_s + s.flight_s  # the flight recorder's events are part of logging's cost
+    s.stopped_by = signal_name(signals.signum)
+    return s
+
+
+def _loop_resources(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None):
+    """The step log (with its header and the rank's "running" summary), the hooks, and the stop
+    flag that every step of a call reads, raised by a signal the moment it arrives."""
+    import tensorflow as tf
+
+    dist, plan = t.dist, t.plan
     rec = flight.current()
-    fault = t.fault
     steplog = resources.enter_context(StepLog(t.run_dir, dist.rank))
     steplog.header(rank=dist.rank, size=dist.size, local_rank=dist.local_rank, local_size=dist.local_size,
                    host=socket.gethostname(), pid=os.getpid(), start_step=t.start, precision=t.precision,
                    jit_compile=t.cfg.train.jit_compile, compression=t.cfg.horovod.compression,
                    backward_passes_per_step=plan.passes, batch_size=t.cfg.train.batch_size, threads=dist.threads,
                    backend=dist.backend, steps_per_call=t.cfg.train.steps_per_call,
-                   fault=str(fault) if fault else None)
+                   fault=str(t.fault) if t.fault else None)
     t.run_dir.ranks_dir.mkdir(exist_ok=True)
     atomic_write_text(t.run_dir.rank_file(dist.rank), json.dumps(
         {"rank": dist.rank, "pid": os.getpid(), "host": socket.gethostname(), "status": "running",
          "start_step": t.start}) + "\n")
-    # Read by every step inside a call; a signal sets it the moment it arrives.
     with tf.device("/CPU:0"):
         stop_flag = tf.Variable(0.0, trainable=False, name="stop_flag")
     if watchdog is None:
         watchdog = resources.enter_context(Watchdog(t.cfg.train.step_timeout_s, dist.rank, flight=rec))
-    holder: list = []
+    ml = t.mlperf or MLPerfHook(config_mod.MLPerfConfig(), dist.rank, time.time())
+    staged = (t.staging_t0, time.time(), t.input.mode) if t.input.mode.startswith("in memory") else None
+    ml.ready(plan.epoch_of, staged, dist.barrier)
+    writers = t.writers
+    hooks = Hooks([FaultHook(t.fault, dist.rank, rec) if t.fault else None, FlightHook(rec),
+                   WatchdogHook(watchdog, t.cfg.train.step_timeout_s, t.cfg.train.stop_timeout_s),
+                   ml, writers.progress, writers.board])
     signals = resources.enter_context(StopSignals(
-        dist.rank, on_signal=lambda: _stop_requested(t, stop_flag, watchdog, rec, holder)))
-    holder.append(signals)
-    feed = feed_mod.open_feed(t.input, plan.update_batch, t.cfg.train.seed, t.start, plan.total)
-    resources.callback(feed.close)
-    ml = t.mlperf or mlperf_mod.MLPerfLog(config_mod.MLPerfConfig(), dist.rank, time.time())
-    if t.cfg.mlperf.enabled:
-        if t.input.mode.startswith("in memory"):
-            ml.staged(t.staging_t0, time.time(), t.input.mode)
-        dist.barrier()  # the run's clock starts when every rank is ready to step
-    ml.run_start()
-    calls = step_mod.compile_calls(t.train_step, stop_flag, feed.batch_at, feed.signature,
-                                   step_mod.graph_clock(t.cfg.train.deterministic))
-    s = LoopState(step=t.start, last_eval_step=t.start)
-    writers.progress.begin(t.start)
-    t_loop = time.perf_counter()
-    last_end = step_mod.now_us()  # the end of the previous step, in the graph clock's microseconds
-    limit = 1  # the first call traces the function: one step, whatever the step costs
-    first_call = True
-    rec_cost0 = rec.recorder.cost_s if rec else 0.0
-    while s.step < plan.total:
-        n = call_size(s.step, limit, lambda k: _call_ends_at(t, k))
-        t_call = step_mod.now_us()
-        _phase(rec, fault, dist.rank, "data", s.step + 1)
-        ml.epoch_start(plan.epoch_of(s.step + 1))
-        first, n, inputs = feed.prepare(s.step, n)
-        waited = step_mod.now_us() - t_call  # the host's part of the first step's data wait
-        _phase(rec, fault, dist.rank, "allreduce", s.step + 1)
-        if rec:
-            rec.event("call", "step", s.step + 1, waiting=f"call of steps {s.step + 1}-{s.step + n}")
-        losses, begin, ready, done, stopped = calls(tf.constant(first, tf.int32), tf.constant(n, tf.int32), inputs)
-        losses, begin, ready, done = losses.numpy(), _us(begin), _us(ready), _us(done)
-        if rec:
-            rec.event("done", step=s.step + len(losses), waiting="")
-        if first_call:
-            watchdog.arm(t.cfg.train.step_timeout_s, "step")  # start-up ends with the first call
-            first_call = False
-        watchdog.progress()
-        last_end = _log_steps(t, s, steplog, losses, begin, ready, done, last_end, waited)
-        limit = steps_in_a_call(t.cfg.train.steps_per_call, s.step_times[-len(losses):])
-        writers.progress.maybe_print(s.step, s.loss)
-        epoch = plan.epoch_of(s.step)
-        if s.step % plan.steps_per_epoch == 0 or s.step == plan.total:
-            ml.epoch_stop()
-        if bool(stopped):
-            watchdog.stopped()  # every rank ended its call here: the rest is the save
-            _phase(rec, None, dist.rank, "stop", s.step)
-            _stop_on_signal(t, s, s.step, epoch, signals)
-            if rec:
-                rec.discard()  # stopped as asked: the post-mortem written at the signal is moot
-            break
-        evaluated, at_target = {}, False
-        if plan.evaluates_after(s.step):
-            _phase(rec, fault, dist.rank, "eval", s.step)
-            ml.eval_start(epoch)
-            evaluated = _evaluate(t, s, s.step, epoch)
-            # Every rank has the same figures (averaged over all), so all end here together.
-            at_target = ml.eval_stop(epoch, evaluated) and t.cfg.mlperf.stop_at_target
-        if t.checkpoints.due(s.step, plan.total, plan.evaluates_after(s.step)) or at_target:
-            _phase(rec, fault, dist.rank, "checkpoint", s.step)
-        ref = t.checkpoints.save_if_due(t.state, s.step, epoch, plan.total, evaluated)
-        if at_target and ref is None:
-            ref = t.checkpoints.save(t.state, s.step, epoch, evaluated)
-        if ref is not None and (s.step == plan.total or at_target):
-            writers.console.print(f"checkpoint: {ref.path}")
-        if at_target:
-            s.target_reached_at = s.step
-            writers.console.print(f"mlperf: {t.cfg.mlperf.target} reached at step {s.step} (epoch {epoch}); "
-                                  f"the run ends here (mlperf.stop_at_target)")
-            break
-        if evaluated or ref is not None:
-            # An evaluation or a save is not part of the next step's time.
-            last_end = step_mod.now_us()
-    s.loop_s = time.perf_counter() - t_loop
-    # The flight recorder's events are part of what logging costs.
-    s.flight_s = rec.recorder.cost_s - rec_cost0 if rec else 0.0
-    s.step_log_s = steplog.cost_s + s.flight_s
-    s.stopped_by = _signal_name(signals.signum)
-    return s
+        dist.rank, on_signal=lambda signum: (_raise_flag(stop_flag), hooks.on_signal(signum))))
+    return steplog, signals, stop_flag, hooks
+
+
+def _evaluate_and_save(t: Trainer, s: LoopState, hooks: Hooks, epoch: int) -> bool:
+    """The evaluation and the checkpoint due after s.step; True when a hook ends the run here
+    (a quality target met: checkpointed first)."""
+    plan = t.plan
+    evaluated, reason = {}, None
+    if plan.evaluates_after(s.step):
+        hooks.on_phase("eval", s.step)
+        record = _evaluate(t, s, s.step, epoch)
+        evaluated = {k: v for k, v in record.items() if k.startswith("val_")}
+        # Every rank has the same figures (averaged over all), so all end here together.
+        reason = hooks.on_eval(record)
+    if t.checkpoints.due(s.step, plan.total, bool(evaluated)) or reason:
+        hooks.on_phase("checkpoint", s.step)
+    ref = t.checkpoints.save_if_due(t.state, s.step, epoch, plan.total, evaluated, force=bool(reason))
+    if ref is not None and (s.step == plan.total or reason):
+        t.writers.console.print(f"checkpoint: {ref.path}")
+    if reason:
+        s.target_reached_at = s.step
+        t.writers.console.print(reason)
+        return True
+    if evaluated or ref is not None:
+        # An evaluation or a save is not part of the next step's time.
+        s.last_end = step_mod.now_us()
+    return False
 
 
 # A call lasts about this long at most: the step log, the progress line and the watchdog hear
@@ -482,63 +473,39 @@ def call_size(step: int, limit: int, ends_at) -> int:
     return limit
 
 
-def _call_ends_at(t: Trainer, k: int) -> bool:
+def _call_ends_at(t: Trainer, hooks: Hooks, k: int) -> bool:
     """Something other than a step happens after step k (the same answer on every rank, but
-    for a debug.fault, which splits the calls of its own rank only)."""
+    for a hook's, such as debug.fault's, which splits the calls of its own rank only)."""
     plan = t.plan
     return k >= plan.total or k % plan.steps_per_epoch == 0 or \
-        t.checkpoints.due(k, plan.total, plan.evaluates_after(k)) or \
-        (t.fault is not None and t.fault.splits_before(t.dist.rank) == k)
+        t.checkpoints.due(k, plan.total, plan.evaluates_after(k)) or hooks.ends_call_after(k)
 
 
-def _phase(rec, fault, rank: int, phase: str, step: int) -> None:
-    """Tells the flight recorder (if any) where the rank is; fires a debug.fault due there."""
-    if fault is not None and fault.due(rank, phase, step):
-        fault_mod.fire(fault, rank, step, rec)
-    if rec is not None and phase != "allreduce":
-        rec.event("phase", phase, step, waiting="")
-
-
-def _stop_requested(t: Trainer, stop_flag, watchdog: Watchdog, rec, holder: list) -> None:
-    """On the signal thread, the moment a stop signal arrives: raise the flag every step of the
-    current call reads, bound the collective part of the stop, and leave a post-mortem now (a
-    launcher ending the job after another rank died sends SIGKILL soon after its SIGTERM);
-    it is discarded when the stop completes."""
-    _raise_flag(stop_flag)
-    watchdog.stopping(t.cfg.train.stop_timeout_s)
-    if rec is not None:
-        name = _signal_name(holder[0].signum) if holder else "a stop signal"
-        rec.event("signal", label=name)
-        rec.postmortem(f"{name} received; stopping at the next step boundary", bound_s=5.0)
-
-
-def _log_steps(t: Trainer, s: LoopState, steplog: StepLog, losses, begin, ready, done, last_end: int,
-               waited: int) -> int:
-    """One step-log record per step of a call. Times are integer microseconds of the graph's
-    clock (unix time): step_s = this step's end - the previous step's end; data_s = from the
-    step's start until its batch was in hand (for a call's first step, with the host's wait
-    for the batch before the call); compute_s = from then until the update was applied.
-    So data_s + compute_s <= step_s. Returns the last step's end."""
+def _log_steps(t: Trainer, s: LoopState, steplog: StepLog, hooks: Hooks, losses, begin, ready, done,
+               waited: int) -> None:
+    """One step-log record per step of a call, seen by the hooks first (which may add fields).
+    Times are integer microseconds of the graph's clock (unix time): step_s = this step's end -
+    the previous step's end; data_s = from the step's start until its batch was in hand (for a
+    call's first step, with the host's wait for the batch before the call); compute_s = from
+    then until the update was applied. So data_s + compute_s <= step_s."""
     plan, dist = t.plan, t.dist
     rss = rss_mb()  # once per call: the figure barely moves within one
     s.rss_peak = max(s.rss_peak, rss)
     records = []
     for j, loss in enumerate(losses.tolist()):
         step = s.step + 1 + j
-        step_us = done[j] - last_end
+        step_us = done[j] - s.last_end
         data_us = ready[j] - begin[j] + (waited if j == 0 else 0)
-        last_end = done[j]
-        rate = t.lr.at(step - 1)
+        s.last_end = done[j]
         s.step_times.append(step_us / 1e6)
         records.append(dict(step=step, epoch=plan.epoch_of(step), rank=dist.rank, size=dist.size,
                             time=done[j] / 1e6, step_s=step_us / 1e6, data_s=data_us / 1e6,
-                            compute_s=(done[j] - ready[j]) / 1e6, samples=plan.update_batch, loss=loss, lr=rate,
-                            rss_mb=round(rss, 1)))
-        t.writers.board.step(step, loss, rate)
+                            compute_s=(done[j] - ready[j]) / 1e6, samples=plan.update_batch, loss=loss,
+                            lr=t.lr.at(step - 1), rss_mb=round(rss, 1)))
+    hooks.on_steps(records)
     steplog.steps(records)
     s.step += len(records)
     s.loss = losses[-1].item() if len(records) else s.loss
-    return last_end
 
 
 def _us(t) -> list:
@@ -556,7 +523,7 @@ def _stop_on_signal(t: Trainer, s: LoopState, step: int, epoch: int, signals: St
     """Every rank saw the same sum in this step: all stop here, rank 0 saves."""
     ref = t.checkpoints.save(t.state, step, epoch, {"stopped_by_signal": True})
     t.dist.barrier()  # no rank exits (and gets the job torn down) before the save is complete
-    got = t.dist.allgather_object((signals.time, _signal_name(signals.signum)), name="signal_times")
+    got = t.dist.allgather_object((signals.time, signal_name(signals.signum)), name="signal_times")
     first_signal, name, rank = min((when, name, rank) for rank, (when, name) in enumerate(got) if when)
     s.signal_to_checkpoint = time.time() - first_signal
     s.first_signal = f"{name} to rank {rank}"
@@ -567,14 +534,14 @@ def _stop_on_signal(t: Trainer, s: LoopState, step: int, epoch: int, signals: St
 
 
 def _evaluate(t: Trainer, s: LoopState, step: int, epoch: int) -> dict:
+    """Validation on every rank; rank 0 writes the record to metrics.jsonl and says it."""
     figures = t.evaluate()
     record = {"epoch": epoch, "step": step, "time": time.time(), **figures}
     t.writers.metrics.write(record)
-    t.writers.board.write(record)
     t.writers.console.print(f"epoch {epoch} step {step}: " + " ".join(
         f"{k} {v:.4f}" for k, v in figures.items() if k.startswith("val_")))
     s.last_eval_step = step
-    return {k: v for k, v in figures.items() if k.startswith("val_")}
+    return record
 
 
 # --- summarize and finish ---
@@ -645,12 +612,6 @@ def versions() -> dict:
     return v
 
 
-def _signal_name(signum) -> str | None:
-    import signal
-
-    return signal.Signals(signum).name if signum else None
-
-
 def _set_precision(name: str, dist) -> str:
     """Sets Keras's global dtype policy; float16 needs a GPU, bfloat16 is slow without CPU support."""
     import tensorflow as tf
@@ -675,3 +636,29 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", " bf16"))
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def run_arguments(p, what: str = "train") -> None:
+    """--config, --run-dir and --set, as train takes them (doctor takes the same)."""
+    p.add_argument("--config", help="YAML config (default: built-in defaults, see configs/default.yaml)"
+                   if what == "train" else "YAML config, as for train")
+    p.add_argument("--run-dir", required=what == "train",
+                   help="where logs, metrics and checkpoints go; resumes if present" if what == "train"
+                   else "the run directory train will use: writable, with room for checkpoints")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.batch_size=128" if what == "train"
+                   else "override a config key, as for train")
+
+
+def add_arguments(p) -> None:
+    run_arguments(p)
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    from pipeline.errors import EXIT_OK, EXIT_REQUEUE
+
+    summary = run(config_mod.load(a.config, a.set or []), a.run_dir)
+    return EXIT_REQUEUE if summary["status"] == "stopped" else EXIT_OK

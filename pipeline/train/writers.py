@@ -1,8 +1,10 @@
 """What rank 0 alone writes or prints: console lines, progress, metrics.jsonl, TensorBoard,
 config.json and the finished model.
 
-Which rank writes is decided once, in `build()`: rank 0 gets the real writers, every other
-rank a do-nothing stand-in of the same type, so the training loop never asks its rank.
+One idiom for every rank-0-only part (as torchtitan's metrics loggers): each base class here
+does nothing, and the real writer is its subclass. Which rank writes is decided once, in
+`build()`: rank 0 gets the real writers, every other rank the bases, so the training loop never
+asks its rank. A method the loop calls is written on the base first.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import config
 from pipeline.fsutil import atomic_write_text
 from pipeline.rundir import RunDir
+from pipeline.runtime.hooks import Hook
+from pipeline.train.export import save_keras
 
 
 class Console:
-    """Lines for the person watching the job."""
+    """Lines for the person watching the job (nothing off rank 0)."""
 
+    def print(self, line: str) -> None:
+        pass
+
+
+class StreamConsole(Console):
     def __init__(self, stream=sys.stdout):
         self.stream = stream
 
@@ -28,24 +38,31 @@ class Console:
         print(line, file=self.stream, flush=True)
 
 
-class NoConsole(Console):
-    def print(self, line: str) -> None:
+class Progress(Hook):
+    """One line every `every_s` seconds: step, epoch, loss, samples/s, ETA (nothing off rank 0)."""
+
+    def on_start(self, start_step: int) -> None:
+        pass
+
+    def maybe_print(self, step: int, loss: float, force: bool = False) -> None:
         pass
 
 
-class Progress:
-    """One line every `every_s` seconds: step, epoch, loss, samples/s, ETA."""
-
+class ProgressLine(Progress):
     def __init__(self, console: Console, total_steps: int, steps_per_epoch: int, global_batch: int, every_s: float):
         self.console = console
         self.total, self.spe, self.global_batch, self.every_s = total_steps, steps_per_epoch, global_batch, every_s
-        self.begin(0)
+        self.on_start(0)
 
-    def begin(self, start_step: int) -> None:
+    def on_start(self, start_step: int) -> None:
         """Training starts after `start_step` (0, or the step resumed from)."""
         self._t_last = time.perf_counter()
         self._step_last = start_step
         self._first = start_step + 1
+
+    def on_steps(self, records: list[dict]) -> None:
+        if records:
+            self.maybe_print(records[-1]["step"], records[-1]["loss"])
 
     def maybe_print(self, step: int, loss: float, force: bool = False) -> None:
         now = time.perf_counter()
@@ -65,24 +82,20 @@ class Progress:
         self._t_last, self._step_last = now, step
 
 
-class NoProgress(Progress):
-    def __init__(self):
-        pass
-
-    def begin(self, start_step: int) -> None:
-        pass
-
-    def maybe_print(self, step: int, loss: float, force: bool = False) -> None:
-        pass
-
-
 def _hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class MetricsLog:
-    """metrics.jsonl: one record per evaluation, flushed and fsynced (a few lines per run)."""
+    """metrics.jsonl: one record per evaluation (nothing off rank 0)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+class MetricsFile(MetricsLog):
+    """Each record flushed and fsynced (a few lines per run)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -94,18 +107,17 @@ class MetricsLog:
             os.fsync(f.fileno())
 
 
-class NoMetrics(MetricsLog):
-    def __init__(self):
+class TensorBoard(Hook):
+    """TensorBoard scalars (nothing off rank 0, or with log.tensorboard_every_steps: 0)."""
+
+    def close(self) -> None:
         pass
 
-    def write(self, record: dict) -> None:
-        pass
 
-
-class TensorBoard:
-    """TensorBoard event files under RUN/tensorboard: loss, learning rate and global samples/s
-    every `every` steps (averaged over them), validation loss and accuracy at each evaluation.
-    The x axis is the global step. The file writer opens at the first record."""
+class TensorBoardFile(TensorBoard):
+    """Event files under RUN/tensorboard: loss, learning rate and global samples/s every `every`
+    steps (averaged over them), validation loss and accuracy at each evaluation. The x axis is
+    the global step. The file writer opens at the first record."""
 
     def __init__(self, log_dir: Path, every: int, global_batch: int):
         self.log_dir, self.every, self.global_batch = log_dir, every, global_batch
@@ -120,6 +132,10 @@ class TensorBoard:
             self._w = tf.summary.create_file_writer(str(self.log_dir))
         return tf, self._w
 
+    def on_steps(self, records: list[dict]) -> None:
+        for r in records:
+            self.step(r["step"], r["loss"], r["lr"])
+
     def step(self, step: int, loss: float, lr: float) -> None:
         self._losses.append(loss)
         if step % self.every:
@@ -132,7 +148,7 @@ class TensorBoard:
             tf.summary.scalar("train/samples_per_s", len(self._losses) * self.global_batch / (now - self._t))
         self._losses, self._t = [], now
 
-    def write(self, record: dict) -> None:
+    def on_eval(self, record: dict) -> bool:
         """An evaluation record of metrics.jsonl."""
         tf, w = self._writer()
         with w.as_default(step=record["step"]):
@@ -140,65 +156,46 @@ class TensorBoard:
                 if k.startswith("val_"):
                     tf.summary.scalar(f"eval/{k}", v)
         w.flush()
+        return False
 
     def close(self) -> None:
         if self._w is not None:
             self._w.close()
 
 
-class NoTensorBoard(TensorBoard):
-    def __init__(self):
-        pass
-
-    def step(self, step: int, loss: float, lr: float) -> None:
-        pass
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class ConfigFile:
-    """config.json: the resolved config and the run's facts, written atomically."""
+    """config.json: the resolved config and the run's facts (nothing off rank 0)."""
+
+    def write(self, cfg, **facts) -> None:
+        pass
+
+
+class ConfigJSON(ConfigFile):
+    """Written atomically."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def write(self, cfg, **facts) -> None:
-        from pipeline import config
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, config.dumps(cfg, **facts))
 
 
-class NoConfigFile(ConfigFile):
-    def __init__(self):
-        pass
-
-    def write(self, cfg, **facts) -> None:
-        pass
-
-
 class ModelExport:
-    """RUN/model.keras at the end of a finished run, ready for serving or `pipeline export`."""
+    """RUN/model.keras at the end of a finished run (nothing off rank 0)."""
+
+    def save(self, model) -> Path | None:
+        return None
+
+
+class KerasExport(ModelExport):
+    """Ready for serving or `pipeline export`."""
 
     def __init__(self, run_dir: RunDir):
         self.run_dir = run_dir
 
     def save(self, model) -> Path | None:
-        from pipeline.train.export import save_keras
-
         return save_keras(model, self.run_dir)
-
-
-class NoModelExport(ModelExport):
-    def __init__(self):
-        pass
-
-    def save(self, model) -> Path | None:
-        return None
 
 
 @dataclass
@@ -219,9 +216,9 @@ def build(is_root: bool, run_dir: RunDir, log, *, total_steps: int, steps_per_ep
     """Rank 0's writers, or do-nothing ones: the only place that asks which rank this is.
     `log` is the config's log section."""
     if not is_root:
-        return Writers(NoConsole(), NoProgress(), NoMetrics(), NoTensorBoard(), NoConfigFile(), NoModelExport())
-    console = Console(stream)
-    board = TensorBoard(run_dir.tensorboard, log.tensorboard_every_steps, global_batch) \
-        if log.tensorboard_every_steps else NoTensorBoard()
-    return Writers(console, Progress(console, total_steps, steps_per_epoch, global_batch, log.progress_every_s),
-                   MetricsLog(run_dir.metrics), board, ConfigFile(run_dir.config), ModelExport(run_dir))
+        return Writers(Console(), Progress(), MetricsLog(), TensorBoard(), ConfigFile(), ModelExport())
+    console = StreamConsole(stream)
+    board = TensorBoardFile(run_dir.tensorboard, log.tensorboard_every_steps, global_batch) \
+        if log.tensorboard_every_steps else TensorBoard()
+    return Writers(console, ProgressLine(console, total_steps, steps_per_epoch, global_batch, log.progress_every_s),
+                   MetricsFile(run_dir.metrics), board, ConfigJSON(run_dir.config), KerasExport(run_dir))
