@@ -18,7 +18,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: env train test data analyze bench clean slurm-up slurm-down
+.PHONY: env train test test-fast data analyze bench clean slurm-up slurm-down
 BENCH ?=
 
 env: $(VENV)/.ready
@@ -45,6 +45,11 @@ analyze: env
 
 test: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The unit layer, for the inner loop: no mpirun, no SLURM, no namespaces (tests/conftest.py
+# fails a test that starts them without its marker).
+test-fast: env
+	$(PY) -m pytest tests -m 'not mpi and not slurm and not multinode and not root' $(PYTEST_ARGS)
 
 # A throwaway single-node SLURM cluster (root) and the default dataset, so that
 # `sbatch slurm/train.sbatch` runs as is. Other shells: `source .slurm-local/env`.

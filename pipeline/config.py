@@ -452,3 +452,9 @@ def flag_help(key: str, extra: str = "") -> str:
     text = f.metadata["help"] + (f"; {extra}" if extra else "")
     text += f" (as {key}; default {flag_default(key)}" + (f"; one of {', '.join(map(str, allowed))}" if allowed else "") + ")"
     return text.replace("%", "%%")
+
+
+def flag(parser, name: str, key: str) -> None:
+    """A command-line flag that mirrors a config key: its type, default and help are the key's."""
+    default = flag_default(key)
+    parser.add_argument(name, type=type(default), default=default, help=flag_help(key))

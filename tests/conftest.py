@@ -71,3 +71,39 @@ def small_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synth"
     synth(out, samples_train=8000, samples_val=1000, shards=3, seed=1, progress=lambda *_: None)
     return out
+
+
+# --- the fast layer's guard ---
+# `make test-fast` runs `pytest -m 'not mpi and not slurm and not multinode and not root'`. A
+# test that starts one of these commands without its marker would slip real ranks, daemons or
+# namespaces into the fast layer: on PATH for every unmarked test, a shim records the call
+# (and then runs the real command), and the test fails, naming the marker it lacks. The shims
+# sit on PATH, so what the test's own subprocesses start (pipeline sweep --local, bench ...)
+# is seen too.
+GUARDED = {"mpirun": "mpi", "mpiexec": "mpi", "horovodrun": "mpi",
+           "sbatch": "slurm", "srun": "slurm", "salloc": "slurm", "scontrol": "slurm", "squeue": "slurm",
+           "sacct": "slurm", "slurmctld": "slurm", "slurmd": "slurm", "slurmdbd": "slurm", "munged": "slurm",
+           "unshare": "multinode or root", "nsenter": "multinode or root"}
+FAST_EXCLUDES = ("mpi", "slurm", "multinode", "root")
+
+
+@pytest.fixture(autouse=True)
+def _guard_the_fast_layer(request, tmp_path_factory, monkeypatch):
+    if any(request.node.get_closest_marker(m) for m in FAST_EXCLUDES):
+        yield
+        return
+    shims = tmp_path_factory.mktemp("guard")
+    calls = shims / "calls"
+    path = os.environ.get("PATH", "")
+    for name in GUARDED:
+        real = shutil.which(name, path=path)
+        if real:  # a command that is not there stays missing (tests of its absence)
+            (shims / name).write_text(f'#!/bin/sh\necho {name} >> "{calls}"\nexec "{real}" "$@"\n')
+            (shims / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{path}")
+    yield
+    started = sorted(set(calls.read_text().split())) if calls.exists() else []
+    if started:
+        needs = sorted({GUARDED[c] for c in started})
+        pytest.fail(f"started {', '.join(started)} without its marker: add @pytest.mark."
+                    f"{' / '.join(needs)} (make test-fast leaves those out)", pytrace=False)

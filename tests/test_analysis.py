@@ -209,6 +209,7 @@ def test_truncated_timeline_is_read_to_its_last_whole_event(tmp_path):
                                            "late_s_total": pytest.approx(0.0004)}
 
 
+@pytest.mark.mpi
 def test_real_two_rank_run_and_its_timeline(tmp_path, small_dataset):
     run = tmp_path / "run"
     r = mpirun(2, "train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "train.max_steps=60",

@@ -35,6 +35,7 @@ def test_bench_layout_covers_every_layout(tmp_path):
                                                    for z in ("none", "lzf", "gzip:1", "gzip:6")}
 
 
+@pytest.mark.mpi
 def test_bench_run_quick_writes_every_figure(tmp_path):
     # Functional, not a speed check: the figures are ratios the bench prints against targets.
     out = tmp_path / "bench"

@@ -1,22 +1,21 @@
 import json
-import os
 
 import pytest
+
 
 from pipeline.runtime.dist import Dist, rank_threads
 
 
-def test_threads_follow_request_then_slurm_then_binding(monkeypatch):
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    assert rank_threads(3, local_size=2) == 3
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
-    assert rank_threads(0, local_size=8) == 4
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
-    cores = os.cpu_count()
-    bound = len(os.sched_getaffinity(0))
-    expected = bound if bound < cores else max(1, cores // 2)
-    assert rank_threads(0, local_size=2) == expected
-    assert rank_threads(0, local_size=10 * cores) >= 1
+def test_threads_follow_request_then_slurm_then_binding():
+    # A 16-core node as the launcher leaves it: hand-made environment, core count and affinity.
+    assert rank_threads(3, local_size=2, environ={"SLURM_CPUS_PER_TASK": "4"}, cores=16, bound=16) == 3
+    assert rank_threads(0, local_size=8, environ={"SLURM_CPUS_PER_TASK": "4"}, cores=16, bound=16) == 4
+    assert rank_threads(0, local_size=2, environ={"SLURM_CPUS_PER_TASK": "0"}, cores=16, bound=16) == 8
+    # mpirun --bind-to core with 3 cores per rank: the binding, whatever the rank count.
+    assert rank_threads(0, local_size=2, environ={}, cores=16, bound=3) == 3
+    # Unbound: the node's cores split between its ranks; never fewer than one.
+    assert rank_threads(0, local_size=4, environ={}, cores=16, bound=16) == 4
+    assert rank_threads(0, local_size=40, environ={}, cores=16, bound=16) == 1
 
 
 def test_single_process_context_needs_no_mpi():
@@ -46,6 +45,7 @@ def test_launcher_size():
     assert launcher_size({"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "4"}) == 4
 
 
+@pytest.mark.mpi
 def test_one_rank_under_mpirun_runs_without_horovod(tmp_path, small_dataset):
     # mpirun -np 1: a job of one rank trains alone (no Horovod background thread).
     from conftest import mpirun

@@ -109,9 +109,10 @@ def test_comm_model_on_shaped_links(tmp_path, small_dataset):
     out = tmp_path / "mn"
     r = subprocess.run([PIPELINE, "bench", "multinode", "--out", str(out), "--steps", "60",
                         "--data", str(small_dataset)], capture_output=True, text=True, env=env(), timeout=900)
-    # Exit 1 is the bench saying MISSED: a figure, not a failure of the machinery.
-    assert r.returncode in (0, 1), r.stdout[-2000:] + r.stderr[-3000:]
+    # It measured: exit 0, whether the figures met their target or not (res["met"]).
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads((out / "multinode.json").read_text())
+    assert isinstance(res["met"], bool)
     assert [row["link"] for row in res["rows"]] == ["100mbit", "1gbit"]
     assert res["gradient_bytes"] > 0 and res["calibration"]["efficiency"] > 0
     for row in res["rows"]:

@@ -27,6 +27,7 @@ def datasets(tmp_path_factory):
     ("resnet20", "cifar", 16),
     ("keras.applications.MobileNetV2", "cifar", 8),
 ])
+@pytest.mark.mpi
 def test_each_model_trains_on_two_ranks_with_identical_weights(tmp_path, datasets, model, data, batch):
     run = tmp_path / "run"
     r = mpirun(2, "train", "--run-dir", run, "--set", f"data.dir={datasets[data]}", "--set", f"model.name={model}",
@@ -87,12 +88,17 @@ def test_xla_step_matches_the_plain_step():
     from pipeline.train.step import make_train_step
 
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    out = []
+    out, compiled = [], []
     for jit in (False, True):
         model, x, y = _model_and_batch(1)
         step = make_train_step(model, tf.keras.optimizers.SGD(0.05), loss_fn, Dist(), jit_compile=jit)
         step(x, y, tf.constant(0.0))
         out.append([v.numpy() for v in model.trainable_variables])
+        # XLA in the traced step: a function marked must-compile, there only when asked for.
+        g = step.get_concrete_function(x, y, tf.constant(0.0)).graph.as_graph_def()
+        compiled.append(any(n.attr["_XlaMustCompile"].b
+                            for n in list(g.node) + [n for f in g.library.function for n in f.node_def]))
+    assert compiled == [False, True]
     for a, b in zip(*out):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
@@ -102,6 +108,7 @@ def test_xla_step_matches_the_plain_step():
     ["--set", "train.precision=mixed_bfloat16"],
     ["--set", "horovod.backward_passes_per_step=2", "--set", "train.batch_size=32"],
 ])
+@pytest.mark.mpi
 def test_knob_runs_reach_the_accuracy_target(tmp_path, small_dataset, knob):
     run = tmp_path / "run"
     r = mpirun(2, "train", "--run-dir", run, "--set", f"data.dir={small_dataset}", *knob, timeout=900)

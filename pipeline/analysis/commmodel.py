@@ -142,3 +142,39 @@ def table_lines(rows: list[dict], title: str) -> list[str]:
 
 def as_dict(net: Network) -> dict:
     return asdict(net)
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def predict_arguments(p) -> None:
+    p.add_argument("--gradient-bytes", type=int, required=True, help="per step (a run's config.json: gradient_bytes)")
+    p.add_argument("--compute-ms", type=float, required=True, help="step time of one rank without communication")
+    p.add_argument("--link-gbps", type=float, help="per-host link rate (default: the --comm file's)")
+    p.add_argument("--ranks-per-host", type=int, default=1)
+    p.add_argument("--comm", metavar="FILE", help="alpha, latency, efficiency from pipeline bench comm")
+    p.add_argument("--alpha-ms", type=float, help="fixed cost per step (overrides --comm)")
+    p.add_argument("--latency-us", type=float, help="per message per ring step (overrides --comm)")
+    p.add_argument("--efficiency", type=float, help="share of the link rate reached (overrides --comm)")
+    p.add_argument("--host-gbps", type=float, help="what the hosts sustain while training (raw TCP between two "
+                                                   "of them under load, pipeline bench multinode): the bandwidth "
+                                                   "term uses min(link x efficiency, this)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=predict_cli)
+
+
+def predict_cli(a) -> int:
+    from pipeline.emit import emit
+
+    net = load_network(a.link_gbps, a.comm, alpha_s=a.alpha_ms / 1e3 if a.alpha_ms is not None else None,
+                       latency_s=a.latency_us / 1e6 if a.latency_us is not None else None, efficiency=a.efficiency,
+                       host_gbps=a.host_gbps)
+    rows = projection(a.gradient_bytes, a.compute_ms / 1e3, a.ranks_per_host, net)
+    result = {"network": as_dict(net), "gradient_bytes": a.gradient_bytes, "compute_s": a.compute_ms / 1e3,
+              "ranks_per_host": a.ranks_per_host, "rows": rows}
+    host = ""
+    if net.host_gbps:
+        host = f", host rate {net.host_gbps:g} Gbit/s" + (" (bounds the transfer)" if net.host_bound else "")
+    title = (f"{a.gradient_bytes:,} gradient bytes/step, compute {a.compute_ms:g} ms/step, {a.ranks_per_host} "
+             f"ranks/host, {net.link_gbps:g} Gbit/s x {net.efficiency:.3f}, alpha {net.alpha_s * 1e3:.3f} ms, "
+             f"latency {net.latency_s * 1e6:.1f} us{host}")
+    return emit(result, a.json, lambda r: "\n".join(table_lines(r["rows"], title)) + "\n")

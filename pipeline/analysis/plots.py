@@ -31,33 +31,39 @@ def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_plots(run: Run, summary: dict, out_dir: Path, name: str) -> list[Path]:
+    """One run's PNGs: step time per rank, the steady steps' distribution, data wait per rank,
+    loss and accuracy over time."""
     plt = _plt()
     out_dir.mkdir(parents=True, exist_ok=True)
     m = matrix(run)
     files = []
     if not m.ranks:
         return files
-
-    def save(fig, what):
+    for what, draw in (("step-time", _step_time), ("step-hist", _step_hist), ("data-wait", _data_wait),
+                       ("loss-accuracy", _loss_accuracy)):
+        fig = draw(plt, m, run, summary)
         p = out_dir / f"{name}-{what}.png"
         fig.tight_layout()
         fig.savefig(p, dpi=90)
         plt.close(fig)
         files.append(p)
+    return files
 
-    step_s, data_s = m.cols["step_s"], m.cols["data_s"]
+
+def _step_time(plt, m, run: Run, summary: dict):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for j, r in enumerate(m.ranks):
-        x, y = _thin(m.steps, step_s[:, j])
+        x, y = _thin(m.steps, m.cols["step_s"][:, j])
         ax.plot(x, y * 1e3, lw=0.8, label=f"rank {r}")
     ax.set(xlabel="step", ylabel="step time (ms)", title="Step time per rank")
     ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=4)
-    save(fig, "step-time")
+    return fig
 
-    wall = np.nanmax(step_s, axis=1)
-    t_end = np.nanmax(m.cols["time"], axis=1)
-    steady, _, _ = steady_mask(t_end, wall)
+
+def _step_hist(plt, m, run: Run, summary: dict):
+    step_s = m.cols["step_s"]
+    steady, _, _ = steady_mask(np.nanmax(m.cols["time"], axis=1), np.nanmax(step_s, axis=1))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     v = step_s[steady].ravel()
     v = v[np.isfinite(v)] * 1e3
@@ -67,15 +73,20 @@ def run_plots(run: Run, summary: dict, out_dir: Path, name: str) -> list[Path]:
             ax.axvline(np.percentile(v, q), color="k", ls=ls, lw=0.8, label=f"p{q}")
         ax.legend(fontsize=7)
     ax.set(xlabel="step time (ms), steady steps", ylabel="steps (all ranks)", title="Step-time distribution")
-    save(fig, "step-hist")
+    return fig
 
+
+def _data_wait(plt, m, run: Run, summary: dict):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     fr = [r["data_wait_fraction"] or 0.0 for r in summary["per_rank"]]
     colors = ["tab:red" if r["rank"] in summary["stragglers"] else "tab:blue" for r in summary["per_rank"]]
     ax.bar([str(r["rank"]) for r in summary["per_rank"]], fr, color=colors)
     ax.set(xlabel="rank (red: flagged straggler)", ylabel="data wait / step time", title="Data-wait fraction per rank")
-    save(fig, "data-wait")
+    return fig
 
+
+def _loss_accuracy(plt, m, run: Run, summary: dict):
+    t_end = np.nanmax(m.cols["time"], axis=1)
     loss = m.cols["loss"][:, 0]
     t_rel = t_end - (t_end[np.isfinite(t_end)][0] if np.isfinite(t_end).any() else 0)
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -94,8 +105,7 @@ def run_plots(run: Run, summary: dict, out_dir: Path, name: str) -> list[Path]:
         ax2.legend(loc="center right", fontsize=7)
     ax.legend(loc="upper right", fontsize=7)
     ax.set_title("Loss and accuracy over time")
-    save(fig, "loss-accuracy")
-    return files
+    return fig
 
 
 def scaling_plot(rows: list[dict], out_dir: Path) -> Path | None:

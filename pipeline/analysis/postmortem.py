@@ -186,3 +186,20 @@ def present(run_dir: str | Path) -> bool:
     """Whether a run left post-mortems (the section `pipeline analyze` adds)."""
     d = Path(run_dir) / flight.POSTMORTEM
     return d.is_dir() and any(d.glob("rank-*.json"))
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (keys: docs/troubleshooting.md)")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    from pipeline.emit import emit
+    from pipeline.errors import UserError
+
+    if not Path(a.run_dir).is_dir():
+        raise UserError(f"{a.run_dir}: no such run directory")
+    return emit(analyze(a.run_dir), a.json, text)

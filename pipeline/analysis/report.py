@@ -31,16 +31,7 @@ def text_summary(s: dict) -> list[str]:
     lines = [f"== {s['run_dir']}"]
     lines.append(f"ranks {s['ranks']} (logs from {s['ranks_with_logs']}), global batch {s['global_batch']}, "
                  f"steps {s['steps']}")
-    problems = []
-    if s["missing_ranks"]:
-        problems.append(f"missing or empty rank logs: {s['missing_ranks']}")
-    if s["skipped_lines"]:
-        problems.append(f"skipped_lines {s['skipped_lines']} (unparseable or incomplete)")
-    if s["partial_last_lines"]:
-        problems.append(f"truncated last line on ranks {s['partial_last_lines']} (still being written, or cut off)")
-    if s["repeated_steps"]:
-        problems.append(f"{s['repeated_steps']} step records repeated (re-run after a crash; the last counts)")
-    lines += [f"  ! {p}" for p in problems + s["notes"]]
+    lines += [f"  ! {p}" for p in _problems(s) + s["notes"]]
     if not s["steps"]:
         return lines
     st = s["step_s"]
@@ -52,47 +43,68 @@ def text_summary(s: dict) -> list[str]:
         f"time split: data wait {_pct(s['data_wait_fraction'])}, compute+allreduce {_pct(s['compute_fraction'])} "
         f"(of which waiting for a slower rank's batch, estimated: {_pct(s['sync_wait_fraction_estimate'])})",
     ]
-    comm = s.get("communication", {})
+    lines += _communication_lines(s.get("communication", {}))
+    lines += _rank_lines(s)
+    return lines + [_time_to_accuracy_line(s["time_to_accuracy"])]
+
+
+def _problems(s: dict) -> list[str]:
+    problems = []
+    if s["missing_ranks"]:
+        problems.append(f"missing or empty rank logs: {s['missing_ranks']}")
+    if s["skipped_lines"]:
+        problems.append(f"skipped_lines {s['skipped_lines']} (unparseable or incomplete)")
+    if s["partial_last_lines"]:
+        problems.append(f"truncated last line on ranks {s['partial_last_lines']} (still being written, or cut off)")
+    if s["repeated_steps"]:
+        problems.append(f"{s['repeated_steps']} step records repeated (re-run after a crash; the last counts)")
+    return problems
+
+
+def _communication_lines(comm: dict) -> list[str]:
     if comm.get("source") == "timeline":
         ph = comm["phases"]
         parts = [f"{k} {_ms(v['per_step_s'])} ms ({_pct(v['fraction_of_step'])})" for k, v in ph.items()
                  if k.startswith(("NEGOTIATE_ALLREDUCE", "ALLREDUCE", "MPI_ALLREDUCE", "MEMCPY", "NCCL", "QUEUE"))]
-        lines.append("communication per step (timeline): " + ", ".join(parts))
+        lines = ["communication per step (timeline): " + ", ".join(parts)]
         if comm["last_to_negotiate"]:
             lines.append("last to negotiate: " + ", ".join(
                 f"rank {e['rank']} {e['share']:.0%} of tensors, others waited {_ms(e['late_s_per_step'])} ms/step"
                 for e in comm["last_to_negotiate"]))
-    elif comm.get("source") == "estimate":
-        lines.append(f"communication per step (estimate, vs 1-rank run {comm['baseline_run']}): "
-                     f"{_ms(comm['per_step_s'])} ms ({_pct(comm['fraction_of_step'])} of a step)")
-    elif comm.get("note"):
-        lines.append(f"communication: {comm['note']}")
-    lines.append("rank  steps  step p50 ms  data p50 ms  compute p50 ms  data wait  samples/s  RSS max MiB")
+        return lines
+    if comm.get("source") == "estimate":
+        return [f"communication per step (estimate, vs 1-rank run {comm['baseline_run']}): "
+                f"{_ms(comm['per_step_s'])} ms ({_pct(comm['fraction_of_step'])} of a step)"]
+    return [f"communication: {comm['note']}"] if comm.get("note") else []
+
+
+def _rank_lines(s: dict) -> list[str]:
+    lines = ["rank  steps  step p50 ms  data p50 ms  compute p50 ms  data wait  samples/s  RSS max MiB"]
     for r in s["per_rank"]:
         flag = "  <- straggler" if r["rank"] in s["stragglers"] else ""
         lines.append(f"{r['rank']:>4}  {r['steps']:>5}  {_ms(r['step_s_p50']):>11}  {_ms(r['data_s_p50']):>11}  "
                      f"{_ms(r['compute_s_p50']):>14}  {_pct(r['data_wait_fraction']):>9}  "
                      f"{_num(r['samples_per_s']):>9}  {_num(r['rss_mb_max']):>11}{flag}")
-    if s["stragglers"]:
-        for d in s["straggler_details"]:
-            if d["figure"] == "negotiation":
-                lines.append(f"straggler: rank {d['rank']} arrives last at negotiation; the others wait "
-                             f"{_ms(d['excess_s_per_step'])} ms per step for it")
-            else:
-                lines.append(f"straggler: rank {d['rank']} {d['figure']} median {_ms(d['median_s'])} ms vs "
-                             f"{_ms(d['others_median_s'])} ms for the others ({d['ratio']:.2f}x, above them in "
-                             f"{d['share_of_steps_above']:.0%} of steps, +{_ms(d['excess_s_per_step'])} ms per step)")
-    else:
-        lines.append("stragglers: none (rule: docs/analysis.md)")
-    tta = s["time_to_accuracy"]
+    if not s["stragglers"]:
+        return lines + ["stragglers: none (rule: docs/analysis.md)"]
+    for d in s["straggler_details"]:
+        if d["figure"] == "negotiation":
+            lines.append(f"straggler: rank {d['rank']} arrives last at negotiation; the others wait "
+                         f"{_ms(d['excess_s_per_step'])} ms per step for it")
+        else:
+            lines.append(f"straggler: rank {d['rank']} {d['figure']} median {_ms(d['median_s'])} ms vs "
+                         f"{_ms(d['others_median_s'])} ms for the others ({d['ratio']:.2f}x, above them in "
+                         f"{d['share_of_steps_above']:.0%} of steps, +{_ms(d['excess_s_per_step'])} ms per step)")
+    return lines
+
+
+def _time_to_accuracy_line(tta: dict) -> str:
     goal = f"{tta['metric']} {tta['op']} {tta['target']}"
     if tta["reached"]:
-        lines.append(f"time to {goal}: {_num(tta['seconds'], 1)} s (step {tta['step']}, epoch {tta['epoch']})")
-    else:
-        best = tta["best"]
-        lines.append(f"time to {goal}: not reached" + (f" (best {best:.4f})" if best is not None else
-                                                       f" (no evaluations with {tta['metric']})"))
-    return lines
+        return f"time to {goal}: {_num(tta['seconds'], 1)} s (step {tta['step']}, epoch {tta['epoch']})"
+    best = tta["best"]
+    return f"time to {goal}: not reached" + (f" (best {best:.4f})" if best is not None else
+                                             f" (no evaluations with {tta['metric']})")
 
 
 def scaling_lines(rows: list[dict], declined: list[dict]) -> list[str]:
@@ -254,3 +266,35 @@ def _rel(p: Path, base: Path) -> str:
         return str(p.resolve().relative_to(base.resolve()))
     except ValueError:
         return str(p.resolve())
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+DEFAULT_TARGET = "0.9"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the text summary")
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots here")
+    p.add_argument("--report", metavar="FILE", help="one page with summary, tables and plots (.html or .md)")
+    p.add_argument("--target", help="the quality for time to target: METRIC>=X or METRIC<=X with any val_<name> of "
+                                    "metrics.jsonl (val_mae<=0.2); a number X means val_accuracy>=X (default "
+                                    f"{DEFAULT_TARGET})")
+    p.add_argument("--compare", action="store_true", help="two run directories A B: the differences, figure by figure")
+    p.add_argument("--link-gbps", type=float, help="per-host link rate: add the communication model's prediction "
+                                                   "next to the measured figures (docs/multinode.md)")
+    p.add_argument("--comm", metavar="FILE", help="alpha, latency and efficiency from pipeline bench comm --out FILE")
+    p.add_argument("--compute-ms", type=float, help="compute time per step without communication (default: a "
+                                                    "1-rank run among the run directories)")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    from pipeline.emit import emit
+
+    if not a.run_dirs:
+        raise UserError("pipeline analyze: give one or more run directories, or --leaderboard DIR")
+    result = analyze(a.run_dirs, target=a.target or DEFAULT_TARGET, plots_dir=a.plots, report=a.report,
+                     compare=a.compare, link_gbps=a.link_gbps, comm_file=a.comm, compute_ms=a.compute_ms)
+    return emit(result, a.json, text)

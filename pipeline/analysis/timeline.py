@@ -77,70 +77,88 @@ def is_gradient(tensor: str) -> bool:
     return "gradient" in t or t.split("/")[-1].startswith("grads")
 
 
-def analyze(paths: list[Path], ranks: int) -> dict:
-    """Phase times and negotiation arrival order from one or more timeline files."""
-    wall: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    grad_wall: dict[str, float] = defaultdict(float)
-    grad_count: dict[str, int] = defaultdict(int)
-    grad_ops = 0
-    last_counts = np.zeros(max(ranks, 1), dtype=np.int64)
-    lateness: list[list[float]] = [[] for _ in range(max(ranks, 1))]
-    late_total = np.zeros(max(ranks, 1))
-    negotiations = 0
-    span, n_events = 0.0, 0
-    for path in paths:
-        phases: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        stack: dict[int, list[tuple[str, float]]] = defaultdict(list)
-        ticks: dict[int, dict[int, float]] = defaultdict(dict)
+class _File:
+    """One timeline file read once: each phase's intervals (all tensors, and gradient tensors
+    alone), and for every negotiation all ranks took part in, which rank came last and by how
+    much."""
+
+    def __init__(self, path: Path, ranks: int):
+        self.ranks = ranks
+        self.phases: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self.grad_phases: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self.late: list[tuple[int, float, float]] = []  # (last rank, the one before it ready, it ready)
+        self.events, self.span = 0, 0.0
+        self._stack: dict[int, list[tuple[str, float]]] = defaultdict(list)
+        self._ticks: dict[int, dict[int, float]] = defaultdict(dict)
+        self._grad_pids: set = set()
         t_min, t_max = float("inf"), float("-inf")
-        late_iv: list[list[tuple[float, float]]] = [[] for _ in range(max(ranks, 1))]
-        grad_pids: set = set()
-        grad_phases: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for ev in events(path):
             ph, pid, ts = ev.get("ph"), ev.get("pid"), ev.get("ts")
             if ph == "M" and ev.get("name") == "process_name" and is_gradient(str(ev.get("args", {}).get("name", ""))):
-                grad_pids.add(pid)
+                self._grad_pids.add(pid)
             if ph not in ("B", "E", "X") or not isinstance(ts, (int, float)):
                 continue
-            n_events += 1
+            self.events += 1
             t_min, t_max = min(t_min, ts), max(t_max, ts)
-            if ph == "B":
-                stack[pid].append((str(ev.get("name", "")), ts))
-            elif ph == "X":
-                if stack[pid] and stack[pid][-1][0].startswith("NEGOTIATE_"):
-                    try:
-                        ticks[pid][int(ev.get("name"))] = ts
-                    except (TypeError, ValueError):
-                        pass
-            elif stack[pid]:
-                name, start = stack[pid].pop()
-                phases[name].append((start, ts))
-                if pid in grad_pids:
-                    grad_phases[name].append((start, ts))
-                if name.startswith("NEGOTIATE_"):
-                    arrived = ticks.pop(pid, {})
-                    if len(arrived) == ranks and ranks > 1:
-                        order = sorted(arrived.items(), key=lambda kv: kv[1])
-                        (last, t_last), (_, t_prev) = order[-1], order[-2]
-                        if 0 <= last < ranks:
-                            negotiations += 1
-                            last_counts[last] += 1
-                            lateness[last].append((t_last - t_prev) / 1e6)
-                            late_iv[last].append((t_prev, t_last))
-        span += (t_max - t_min) / 1e6 if t_max >= t_min else 0.0
+            self._event(ev, ph, pid, ts)
+        self.span = (t_max - t_min) / 1e6 if t_max >= t_min else 0.0
+
+    def _event(self, ev: dict, ph: str, pid, ts: float) -> None:
+        stack = self._stack[pid]
+        if ph == "B":
+            stack.append((str(ev.get("name", "")), ts))
+        elif ph == "X":
+            if stack and stack[-1][0].startswith("NEGOTIATE_"):
+                try:
+                    self._ticks[pid][int(ev.get("name"))] = ts
+                except (TypeError, ValueError):
+                    pass
+        elif stack:
+            name, start = stack.pop()
+            self.phases[name].append((start, ts))
+            if pid in self._grad_pids:
+                self.grad_phases[name].append((start, ts))
+            if name.startswith("NEGOTIATE_"):
+                arrived = self._ticks.pop(pid, {})
+                if len(arrived) == self.ranks and self.ranks > 1:
+                    order = sorted(arrived.items(), key=lambda kv: kv[1])
+                    (last, t_last), (_, t_prev) = order[-1], order[-2]
+                    if 0 <= last < self.ranks:
+                        self.late.append((last, t_prev, t_last))
+
+    def gradient_ops(self) -> int:
+        """Fused operations: gradient tensors whose MPI/NCCL call started together are one."""
+        return len({round(s_ / 100) for n_, iv in self.grad_phases.items() if n_ in ("MPI_ALLREDUCE", "NCCL_ALLREDUCE")
+                    for s_, _ in iv})
+
+
+def analyze(paths: list[Path], ranks: int) -> dict:
+    """Phase times and negotiation arrival order from one or more timeline files (files are
+    separate runs: times are a union within each file, summed across them)."""
+    n = max(ranks, 1)
+    wall, count = defaultdict(float), defaultdict(int)
+    grad_wall, grad_count = defaultdict(float), defaultdict(int)
+    last_counts, late_total = np.zeros(n, dtype=np.int64), np.zeros(n)
+    lateness: list[list[float]] = [[] for _ in range(n)]
+    grad_ops, span, n_events = 0, 0.0, 0
+    for path in paths:
+        f = _File(path, ranks)
+        span, n_events, grad_ops = span + f.span, n_events + f.events, grad_ops + f.gradient_ops()
+        late_iv: list[list[tuple[float, float]]] = [[] for _ in range(n)]
+        for last, t_prev, t_last in f.late:
+            last_counts[last] += 1
+            lateness[last].append((t_last - t_prev) / 1e6)
+            late_iv[last].append((t_prev, t_last))
         for r, iv in enumerate(late_iv):
             late_total[r] += _union_s(iv)
-        for name, iv in phases.items():  # files are separate runs: union within, sum across
+        for name, iv in f.phases.items():
             wall[name] += _union_s(iv)
             count[name] += len(iv)
-        for name, iv in grad_phases.items():
+        for name, iv in f.grad_phases.items():
             grad_wall[name] += _union_s(iv)
             grad_count[name] += len(iv)
-        # Fused operations: gradient tensors whose MPI/NCCL call started together are one.
-        grad_ops += len({round(s_ / 100) for n_, iv in grad_phases.items() if n_ in ("MPI_ALLREDUCE", "NCCL_ALLREDUCE")
-                         for s_, _ in iv})
-    out = {
+    negotiations = int(last_counts.sum())
+    return {
         "files": [str(p) for p in paths],
         "events": n_events,
         "span_s": span,
@@ -157,4 +175,3 @@ def analyze(paths: list[Path], ranks: int) -> dict:
              "late_s_total": float(late_total[r])}
             for r in range(ranks)] if ranks > 1 else [],
     }
-    return out

@@ -41,6 +41,77 @@ def memcpy_gbps(nbytes: int = 64 << 20, repeats: int = 5) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+class _Collectives:
+    """Horovod's allreduce, compiled as inside a training step, and mpi4py's on the same world."""
+
+    def __init__(self, use_mpi: bool):
+        self.comm = None
+        if use_mpi:
+            from mpi4py import MPI  # MPI first, so Horovod joins the same MPI world
+
+            self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        import horovod.tensorflow as hvd
+        import tensorflow as tf
+
+        self.hvd, self.tf = hvd, tf
+        hvd.init()
+        self.n = hvd.size()
+        self.factor = 2 * (self.n - 1) / self.n  # bus bandwidth: what a ring moves per byte
+
+        # Compiled like the gradient allreduce inside a training step, not op-by-op eager calls.
+        @tf.function
+        def hvd_allreduce(t):
+            return hvd.allreduce(t, op=hvd.Sum, name="bench")
+
+        self.hvd_allreduce = hvd_allreduce
+
+    def barrier(self) -> None:
+        if self.comm is not None:
+            self.comm.Barrier()
+        else:
+            self.hvd.allreduce(self.tf.zeros([1]), op=self.hvd.Sum, name="barrier")
+
+    def _timed(self, f, iters: int) -> float:
+        self.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            y = f()
+        if y is not None:
+            y.numpy()
+        return (time.perf_counter() - t0) / iters
+
+    def row(self, nbytes: int, iters: int, repeats: int) -> dict:
+        count = nbytes // 4
+        x = self.tf.constant(np.ones(count, dtype=np.float32))
+        send = np.ones(count, dtype=np.float32)
+        recv = np.empty_like(send)
+        hvd_t, mpi_t = [], []
+        for _ in range(2):  # warm-up: tracing, fusion buffer, MPI connections
+            self.hvd_allreduce(x).numpy()
+            if self.comm is not None:
+                self.comm.Allreduce(send, recv)
+        for _ in range(repeats):
+            # Interleaved, so both see the same machine state.
+            hvd_t.append(self._timed(lambda: self.hvd_allreduce(x), iters))
+            if self.comm is not None:
+                mpi_t.append(self._timed(lambda: self.comm.Allreduce(send, recv), iters))
+        # Every rank's time counts: a collective is as slow as its slowest rank.
+        th = max(self.hvd.allgather_object(statistics.median(hvd_t), name=f"t{nbytes}"))
+        ths = [max(self.hvd.allgather_object(t, name=f"h{nbytes}-{i}")) for i, t in enumerate(hvd_t)]
+        row = {"bytes": nbytes, "iters": iters, "hvd_time_s": th,
+               "hvd_busbw_gbps": nbytes / th * self.factor / 1e9,
+               "hvd_busbw_min_gbps": nbytes / max(ths) * self.factor / 1e9,
+               "hvd_busbw_max_gbps": nbytes / min(ths) * self.factor / 1e9}
+        if self.comm is not None:
+            tm = self.comm.allreduce(statistics.median(mpi_t), op=self.MPI.MAX)
+            tms = [self.comm.allreduce(t, op=self.MPI.MAX) for t in mpi_t]
+            row.update({"mpi_time_s": tm, "mpi_busbw_gbps": nbytes / tm * self.factor / 1e9,
+                        "mpi_busbw_min_gbps": nbytes / max(tms) * self.factor / 1e9,
+                        "mpi_busbw_max_gbps": nbytes / min(tms) * self.factor / 1e9})
+            row["ratio"] = row["hvd_busbw_gbps"] / row["mpi_busbw_gbps"]
+        return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -50,79 +121,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    comm = None
-    if not a.no_mpi:
-        from mpi4py import MPI  # MPI first, so Horovod joins the same MPI world
-
-        comm = MPI.COMM_WORLD
-    import horovod.tensorflow as hvd
-    import tensorflow as tf
-
-    hvd.init()
-    n = hvd.size()
-    factor = 2 * (n - 1) / n
-
-    def barrier():
-        if comm is not None:
-            comm.Barrier()
-        else:
-            hvd.allreduce(tf.zeros([1]), op=hvd.Sum, name="barrier")
-
-    # Compiled like the gradient allreduce inside a training step, not op-by-op eager calls.
-    @tf.function
-    def hvd_allreduce(t):
-        return hvd.allreduce(t, op=hvd.Sum, name="bench")
-
+    c = _Collectives(use_mpi=not a.no_mpi)
     rows = []
     for nbytes in SIZES:
-        count = nbytes // 4
-        iters = _iters(nbytes, a.quick)
-        x = tf.constant(np.ones(count, dtype=np.float32))
-        send = np.ones(count, dtype=np.float32)
-        recv = np.empty_like(send)
-        hvd_t, mpi_t = [], []
-        for _ in range(2):  # warm-up: tracing, fusion buffer, MPI connections
-            hvd_allreduce(x).numpy()
-            if comm is not None:
-                comm.Allreduce(send, recv)
-        for _ in range(a.repeats):
-            # Interleaved, so both see the same machine state.
-            barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                y = hvd_allreduce(x)
-            y.numpy()
-            hvd_t.append((time.perf_counter() - t0) / iters)
-            if comm is not None:
-                barrier()
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    comm.Allreduce(send, recv)
-                mpi_t.append((time.perf_counter() - t0) / iters)
-        # Every rank's time counts: a collective is as slow as its slowest rank.
-        th = max(hvd.allgather_object(statistics.median(hvd_t), name=f"t{nbytes}"))
-        ths = [max(hvd.allgather_object(t, name=f"h{nbytes}-{i}")) for i, t in enumerate(hvd_t)]
-        row = {"bytes": nbytes, "iters": iters, "hvd_time_s": th,
-               "hvd_busbw_gbps": nbytes / th * factor / 1e9,
-               "hvd_busbw_min_gbps": nbytes / max(ths) * factor / 1e9,
-               "hvd_busbw_max_gbps": nbytes / min(ths) * factor / 1e9}
-        if comm is not None:
-            tm = comm.allreduce(statistics.median(mpi_t), op=MPI.MAX)
-            tms = [comm.allreduce(t, op=MPI.MAX) for t in mpi_t]
-            row.update({"mpi_time_s": tm, "mpi_busbw_gbps": nbytes / tm * factor / 1e9,
-                        "mpi_busbw_min_gbps": nbytes / max(tms) * factor / 1e9,
-                        "mpi_busbw_max_gbps": nbytes / min(tms) * factor / 1e9})
-            row["ratio"] = row["hvd_busbw_gbps"] / row["mpi_busbw_gbps"]
+        row = c.row(nbytes, _iters(nbytes, a.quick), a.repeats)
         rows.append(row)
-        if hvd.rank() == 0:
+        if c.hvd.rank() == 0:
             print(f"allreduce {nbytes:>10} B: horovod {row['hvd_busbw_gbps']:.3f} GB/s"
-                  + (f", mpi {row['mpi_busbw_gbps']:.3f} GB/s, ratio {row['ratio']:.2f}" if comm else ""),
+                  + (f", mpi {row['mpi_busbw_gbps']:.3f} GB/s, ratio {row['ratio']:.2f}" if c.comm else ""),
                   flush=True)
-    if hvd.rank() == 0:
-        res = {"ranks": n, "rows": rows, "memcpy_gbps": memcpy_gbps(),
+    if c.hvd.rank() == 0:
+        res = {"ranks": c.n, "rows": rows, "memcpy_gbps": memcpy_gbps(),
                "env": {k: v for k, v in os.environ.items() if k.startswith(("HOROVOD_", "OMPI_MCA_"))}}
         atomic_write_text(a.out, json.dumps(res, indent=1))
-    hvd.shutdown()
+    c.hvd.shutdown()
     return 0
 
 

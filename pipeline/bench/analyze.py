@@ -67,3 +67,16 @@ def run(ranks: int = 8, steps: int = 125_000, work: str | None = None, out=sys.s
     finally:
         if not work:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--steps", type=int, default=125_000)
+    p.add_argument("--work", help="directory for the generated run (default: a temporary one)")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    return 0 if run(a.ranks, a.steps, a.work)["met"] else 1

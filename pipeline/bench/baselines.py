@@ -6,7 +6,7 @@
   the learning rate scaled by size, `hvd.DistributedOptimizer`, the broadcast callback, and
   `model.fit` on this rank's slice of the arrays.
 
-Same model (`pipeline.models`), batch and threads as the pipeline run it is compared with.
+Same model (`pipeline.train.models`), batch and threads as the pipeline run it is compared with.
 Each is measured twice in the one process, with Keras's default `steps_per_execution=1` and
 with `--steps-per-execution K` (the pipeline's `train.steps_per_call`), in the order
 `--order` gives, so neither setting always runs on a warmer process; the bench compares the
@@ -21,6 +21,8 @@ import argparse
 import json
 import os
 import time
+
+from pipeline import config
 
 
 def load_arrays(data_dir: str):
@@ -39,22 +41,26 @@ def load_arrays(data_dir: str):
     return x, np.concatenate(ys).astype(np.int32), m
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    t = config.TrainConfig
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["keras", "horovod"], required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--model", default="cnn")
+    p.add_argument("--threads", type=int, default=t.threads)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--model", default=config.ModelConfig.name)
     p.add_argument("--steps-per-execution", type=int, default=1)
     p.add_argument("--order", choices=["default-first", "default-last"], default="default-first")
     p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return p
 
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rank, size, hvd = 0, 1, None
     if a.mode == "horovod":
         import horovod.tensorflow.keras as hvd
@@ -69,7 +75,6 @@ def main(argv=None) -> int:
     threads = rank_threads(a.threads, hvd.local_size() if hvd else 1)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
-
     x, y, m = load_arrays(a.data)
     x, y = x[rank::size], y[rank::size]  # this rank's slice
     model = models.build(a.model, m.shape, m.num_classes)
@@ -78,16 +83,7 @@ def main(argv=None) -> int:
     if hvd is not None:
         opt = hvd.DistributedOptimizer(opt)
         callbacks.append(hvd.callbacks.BroadcastGlobalVariablesCallback(0))
-
-    runs = {}
-    # At least four executions per fit, so that some remain after warm-up on short runs.
-    spe = min(a.steps_per_execution, max(1, a.steps // 4))
-    settings = [1, spe] if spe > 1 else [1]
-    for spe in (settings if a.order == "default-first" else settings[::-1]):
-        # Recompiling keeps the weights and the optimizer; the fit traces its function anew.
-        model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=opt,
-                      steps_per_execution=spe)
-        runs[str(spe)] = timed_fit(model, x, y, a.batch_size, a.steps, a.warmup, spe, callbacks)
+    runs = _fits(model, opt, x, y, a, callbacks)
     best = max(runs, key=lambda k: runs[k]["throughput_samples_per_s"])
     step_times = runs[best]["step_times"]
     for r in runs.values():
@@ -101,6 +97,22 @@ def main(argv=None) -> int:
             json.dump(res, f)
         os.replace(a.out + ".tmp", a.out)
     return 0
+
+
+def _fits(model, opt, x, y, a, callbacks) -> dict:
+    """One fit per steps_per_execution: Keras's default (1) and the asked-for value."""
+    import tensorflow as tf
+
+    runs = {}
+    # At least four executions per fit, so that some remain after warm-up on short runs.
+    spe = min(a.steps_per_execution, max(1, a.steps // 4))
+    settings = [1, spe] if spe > 1 else [1]
+    for spe in (settings if a.order == "default-first" else settings[::-1]):
+        # Recompiling keeps the weights and the optimizer; the fit traces its function anew.
+        model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=opt,
+                      steps_per_execution=spe)
+        runs[str(spe)] = timed_fit(model, x, y, a.batch_size, a.steps, a.warmup, spe, callbacks)
+    return runs
 
 
 def timed_fit(model, x, y, batch_size: int, steps: int, warmup: int, spe: int, callbacks: list) -> dict:

@@ -24,6 +24,38 @@ import numpy as np
 SMALL = 4 << 10
 
 
+class _Timer:
+    """Median time of a collective over `repeats` runs of about `seconds` each, the slowest
+    rank's (a collective is as slow as its slowest rank)."""
+
+    def __init__(self, comm, MPI, repeats: int, seconds: float):
+        self.comm, self.MPI, self.repeats, self.seconds = comm, MPI, repeats, seconds
+        self.allreduce = None  # Horovod's, compiled, once Horovod is up
+
+    def timed(self, fn, est_s: float) -> float:
+        iters = int(max(3, min(500, self.seconds / max(est_s, 1e-6))))
+        runs = []
+        for _ in range(self.repeats):
+            self.comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                out = fn()
+            if hasattr(out, "numpy"):
+                out.numpy()
+            runs.append((time.perf_counter() - t0) / iters)
+        return self.comm.allreduce(statistics.median(runs), op=self.MPI.MAX)
+
+    def hvd_time(self, nbytes: int) -> float:
+        import tensorflow as tf
+
+        x = tf.constant(np.ones(max(nbytes // 4, 1), dtype=np.float32))
+        t0 = time.perf_counter()
+        for _ in range(3):  # tracing, fusion buffer, connections
+            self.allreduce(x).numpy()
+        est = self.comm.allreduce((time.perf_counter() - t0) / 3, op=self.MPI.MAX)
+        return self.timed(lambda: self.allreduce(x), est)
+
+
 def run(nbytes: int, link_gbps: float | None = None, repeats: int = 5, seconds: float = 0.3,
         out: str | None = None) -> int:
     """One rank of the measurement (every rank calls it); rank 0 prints and writes `out`."""
@@ -38,46 +70,19 @@ def run(nbytes: int, link_gbps: float | None = None, repeats: int = 5, seconds: 
     if n < 2:
         print("pipeline: error: bench comm needs >= 2 ranks (run it under mpirun)", flush=True)
         return 2
-
-    def timed(fn, est_s: float) -> float:
-        iters = int(max(3, min(500, seconds / max(est_s, 1e-6))))
-        runs = []
-        for _ in range(repeats):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                out = fn()
-            if hasattr(out, "numpy"):
-                out.numpy()
-            runs.append((time.perf_counter() - t0) / iters)
-        return comm.allreduce(statistics.median(runs), op=MPI.MAX)
-
-    def hvd_time(nbytes: int) -> float:
-        import tensorflow as tf
-
-        x = tf.constant(np.ones(max(nbytes // 4, 1), dtype=np.float32))
-        t0 = time.perf_counter()
-        for _ in range(3):  # tracing, fusion buffer, connections
-            allreduce(x).numpy()
-        est = comm.allreduce((time.perf_counter() - t0) / 3, op=MPI.MAX)
-        return timed(lambda: allreduce(x), est)
-
+    timer = _Timer(comm, MPI, repeats, seconds)
     # MPI's own latency before Horovod starts its background thread, which would share the core.
     send, recv = np.ones(2, dtype=np.float32), np.empty(2, dtype=np.float32)
     comm.Allreduce(send, recv)
-    mpi_small = timed(lambda: comm.Allreduce(send, recv), 1e-4)
+    mpi_small = timer.timed(lambda: comm.Allreduce(send, recv), 1e-4)
 
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
     hvd.init()
-
-    @tf.function
-    def allreduce(t):
-        return hvd.allreduce(t, op=hvd.Sum, name="comm")
-
-    alpha = hvd_time(SMALL)
-    big = hvd_time(nbytes)
+    timer.allreduce = tf.function(lambda t: hvd.allreduce(t, op=hvd.Sum, name="comm"))
+    alpha = timer.hvd_time(SMALL)
+    big = timer.hvd_time(nbytes)
     rounds = math.ceil(math.log2(n))
     moved = ring_bytes(nbytes, n)
     bw_s = max(big - alpha, 1e-9)
@@ -95,3 +100,17 @@ def run(nbytes: int, link_gbps: float | None = None, repeats: int = 5, seconds: 
             atomic_write_text(out, json.dumps(res, indent=1))
     hvd.shutdown()
     return 0
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("--bytes", type=int, default=1 << 20, help="gradient bytes per step (config.json: gradient_bytes)")
+    p.add_argument("--link-gbps", type=float, help="the link's nominal rate, for the efficiency")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", help="write the figures here (JSON, for pipeline analyze/predict --comm)")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    return run(a.bytes, a.link_gbps, a.repeats, out=a.out)

@@ -75,3 +75,16 @@ def run(gib: float = 4.0, work: str | None = None, keep: bool = False, out=sys.s
             shutil.rmtree(dst, ignore_errors=True)
             if not work:
                 shutil.rmtree(base, ignore_errors=True)
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("--gib", type=float, default=4.0, help="source size in GiB (default 4)")
+    p.add_argument("--work", help="directory for the source and shards (default: a temporary one)")
+    p.add_argument("--keep", action="store_true", help="keep the generated files")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    return 0 if run(a.gib, a.work, a.keep)["bounded"] else 1

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import config
 from pipeline.errors import UserError
 from pipeline.measure import fmt, median_range
 
@@ -97,8 +98,60 @@ def _consumption(m, dist, batch_size: int, steps: int = 30, warmup: int = 5) -> 
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int = 4096,
-        shuffle_buffer: int = 65536, threads: int = 0, json_out: str | None = None, out=sys.stdout) -> dict:
+class _Timer:
+    """One rank's timed reads of its share: raw h5py, the reader (streamed, cold or warm) and
+    the reader from memory, every rank reading at once between barriers."""
+
+    def __init__(self, m, plan, blocks, dist, batch_size: int, shuffle_buffer: int):
+        self.m, self.plan, self.blocks, self.dist = m, plan, blocks, dist
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
+        self.samples = plan.samples_per_rank
+        self.results = {k: [] for k in ("raw_cold", "stream_cold", "stream_epoch2_cold", "raw_warm", "stream_warm",
+                                        "memory")}
+
+    def evict(self) -> None:
+        self.dist.barrier()
+        evict_page_cache(self.m)
+        self.dist.barrier()  # every rank's shards are out of the cache before anyone reads
+
+    def reader_rate(self, source) -> float:
+        return self.samples / _time_reader(source, self.blocks, self.plan, self.batch_size, self.shuffle_buffer)
+
+    def timed(self, phase: str, cold: bool) -> float:
+        from pipeline.data import reader
+
+        self.dist.barrier()
+        if cold:
+            self.evict()
+        if phase == "raw":
+            return self.samples / _time_raw(self.m, self.plan)
+        source = reader.ShardSource(self.m, "train")
+        try:
+            rate = self.reader_rate(source)
+            if cold:
+                # A second cold epoch from the same reader, as training's later epochs: the
+                # files' offsets are known, so no file is opened with h5py again.
+                self.evict()
+                self.results["stream_epoch2_cold"].append(self.reader_rate(source))
+            return rate
+        finally:
+            source.close()
+
+    def repeat(self, r: int, cached) -> None:
+        # Alternate the order so neither side always runs second.
+        order = ("raw", "stream") if r % 2 == 0 else ("stream", "raw")
+        for phase in order:
+            self.results[f"{phase}_cold"].append(self.timed(phase, cold=True))
+        for phase in order:
+            self.timed(phase, cold=False)  # bring the share into the page cache
+            self.results[f"{phase}_warm"].append(self.timed(phase, cold=False))
+        self.dist.barrier()
+        self.results["memory"].append(self.reader_rate(cached))
+
+
+def run(data_dir: str, batch_size: int = config.TrainConfig.batch_size, repeats: int = 3,
+        read_block: int = config.DataConfig.read_block, shuffle_buffer: int = config.DataConfig.shuffle_buffer,
+        threads: int = config.TrainConfig.threads, json_out: str | None = None, out=sys.stdout) -> dict:
     from pipeline.runtime import dist as dist_mod
     from pipeline.data import reader, sharding, shards
 
@@ -111,60 +164,12 @@ def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int =
     if plan.steps_per_epoch == 0:
         raise UserError(f"{data_dir}: too few samples for one batch of {batch_size} per rank")
     blocks = reader.cut_blocks(plan, reader.block_size(read_block, m.chunk_samples))
-    share_mb = plan.samples_per_rank * (m.sample_bytes + m.target_bytes) / 1e6
-    samples = plan.samples_per_rank
-
-    def evict() -> None:
-        dist.barrier()
-        evict_page_cache(m)
-        dist.barrier()  # every rank's shards are out of the cache before anyone reads
-
-    def timed(phase: str, cold: bool) -> float:
-        dist.barrier()
-        if cold:
-            evict()
-        if phase == "raw":
-            return samples / _time_raw(m, plan)
-        source = reader.ShardSource(m, "train")
-        try:
-            rate = samples / _time_reader(source, blocks, plan, batch_size, shuffle_buffer)
-            if cold:
-                # A second cold epoch from the same reader, as training's later epochs: the
-                # files' offsets are known, so no file is opened with h5py again.
-                evict()
-                results["stream_epoch2_cold"].append(
-                    samples / _time_reader(source, blocks, plan, batch_size, shuffle_buffer))
-            return rate
-        finally:
-            source.close()
-
-    results = {k: [] for k in ("raw_cold", "stream_cold", "stream_epoch2_cold", "raw_warm", "stream_warm",
-                               "memory")}
+    timer = _Timer(m, plan, blocks, dist, batch_size, shuffle_buffer)
     cached = reader.MemorySource(*reader.read_share(m, "train", plan))
     for r in range(repeats):
-        # Alternate the order so neither side always runs second.
-        order = ("raw", "stream") if r % 2 == 0 else ("stream", "raw")
-        for phase in order:
-            results[f"{phase}_cold"].append(timed(phase, cold=True))
-        for phase in order:
-            timed(phase, cold=False)  # bring the share into the page cache
-            results[f"{phase}_warm"].append(timed(phase, cold=False))
-        dist.barrier()
-        results["memory"].append(samples / _time_reader(cached, blocks, plan, batch_size, shuffle_buffer))
-    consume = [_consumption(m, dist, batch_size)]
-    consume_known = consume[0] is not None
-    consume = consume if consume_known else [float("nan")]
-
-    def ratio(a, b):
-        return median_range([x / y for x, y in zip(a, b)])
-
-    mine = {"rank": dist.rank, "samples": samples, "share_mb": share_mb,
-            **{k: median_range(v) for k, v in results.items()}, "consume": median_range(consume),
-            "stream_vs_raw_cold": ratio(results["stream_cold"], results["raw_cold"]),
-            "stream_epoch2_vs_raw_cold": ratio(results["stream_epoch2_cold"], results["raw_cold"]),
-            "stream_vs_raw_warm": ratio(results["stream_warm"], results["raw_warm"]),
-            "stream_vs_consume": median_range([s / consume[0] for s in results["stream_cold"]])}
-    ranks = dist.allgather_object(mine, name="bench_data")
+        timer.repeat(r, cached)
+    consume = _consumption(m, dist, batch_size)
+    ranks = dist.allgather_object(_rank_figures(timer, consume, m, plan), name="bench_data")
     result = {"data_dir": str(data_dir), "ranks": dist.size, "threads_per_rank": dist.threads,
               "batch_size": batch_size, "read_block": blocks[0].size if blocks else 0,
               "shuffle_buffer": shuffle_buffer, "sample_bytes": m.sample_bytes,
@@ -174,12 +179,28 @@ def run(data_dir: str, batch_size: int = 64, repeats: int = 3, read_block: int =
               "reader_vs_raw_warm": median_range([r["stream_vs_raw_warm"]["value"] for r in ranks]),
               "reader_vs_consumption": median_range([r["stream_vs_consume"]["value"] for r in ranks])}
     if dist.is_root:
-        _report(result, ranks, m, dist, repeats, consume_known, out)
+        _report(result, ranks, m, dist, repeats, consume is not None, out)
         if json_out:
             Path(json_out).parent.mkdir(parents=True, exist_ok=True)
             Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     dist.shutdown()
     return result
+
+
+def _rank_figures(timer: _Timer, consume: float | None, m, plan) -> dict:
+    results = timer.results
+    consume = float("nan") if consume is None else consume
+
+    def ratio(a, b):
+        return median_range([x / y for x, y in zip(a, b)])
+
+    return {"rank": timer.dist.rank, "samples": timer.samples,
+            "share_mb": plan.samples_per_rank * (m.sample_bytes + m.target_bytes) / 1e6,
+            **{k: median_range(v) for k, v in results.items()}, "consume": median_range([consume]),
+            "stream_vs_raw_cold": ratio(results["stream_cold"], results["raw_cold"]),
+            "stream_epoch2_vs_raw_cold": ratio(results["stream_epoch2_cold"], results["raw_cold"]),
+            "stream_vs_raw_warm": ratio(results["stream_warm"], results["raw_warm"]),
+            "stream_vs_consume": median_range([s / consume for s in results["stream_cold"]])}
 
 
 def _report(result: dict, ranks: list[dict], m, dist, repeats: int, consume_known: bool, out) -> None:
@@ -261,3 +282,29 @@ def layouts(work: str | None = None, repeats: int = 3, batch_size: int = 32, out
         if not work:
             shutil.rmtree(tmp, ignore_errors=True)
     return rows
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("dir", nargs="?", help="a dataset directory (shards or indexed)")
+    p.add_argument("--layouts", action="store_true", help="one row per layout (shards, many per file, gzip "
+                                                          "chunks, one sample per file, sub-volumes) on data made here")
+    p.add_argument("--work", help="with --layouts: where the generated data goes (default: a temporary directory)")
+    config.flag(p, "--batch-size", "train.batch_size")
+    p.add_argument("--repeats", type=int, default=3)
+    config.flag(p, "--read-block", "data.read_block")
+    config.flag(p, "--shuffle-buffer", "data.shuffle_buffer")
+    config.flag(p, "--threads", "train.threads")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    if a.layouts:
+        rows = layouts(a.work, a.repeats)
+        return 0 if all(r["met"] for r in rows) else 1
+    if not a.dir:
+        raise UserError("pipeline bench data: give a dataset directory, or --layouts")
+    run(a.dir, a.batch_size, a.repeats, a.read_block, a.shuffle_buffer, a.threads, a.json)
+    return 0

@@ -77,3 +77,20 @@ def run(out: str = "runs/knobs", ranks: int = 2, epochs: int = 2, repeats: int =
               f"[{vd['min']:.2f}-{vd['max']:.2f}] | {r['step_p50_ms']:.1f} | {r['global_batch']} | {r['steps']} | "
               f"{va['value']:.4f} |", file=log)
     return rows
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    from pipeline import config
+
+    p.add_argument("--out", default="runs/knobs")
+    p.add_argument("--ranks", type=int, default=2)
+    config.flag(p, "--epochs", "train.epochs")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    run(a.out, a.ranks, a.epochs, a.repeats)
+    return 0

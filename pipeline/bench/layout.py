@@ -66,3 +66,17 @@ def run(samples: int = 100000, chunks=(64, 256, 1024, 4096), compressions=("none
         if not work:
             shutil.rmtree(base, ignore_errors=True)
     return rows
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("--samples", type=int, default=100000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--work", help="directory for the trial datasets (default: a temporary one)")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    run(a.samples, repeats=a.repeats, work=a.work)
+    return 0

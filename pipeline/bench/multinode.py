@@ -127,114 +127,149 @@ class Load:
             shutil.rmtree(d, ignore_errors=True)
 
 
+class _Hosts:
+    """The simulated hosts of one bench run: launches through `pipeline slurm command
+    --hostfile` (the multi-host path), shapes their link, trains and measures on them."""
+
+    def __init__(self, out_dir: Path, data, steps: int):
+        bindir = Path(sys.executable).parent
+        self.out_dir, self.data, self.steps = out_dir, data, steps
+        self.pipeline = str(bindir / "pipeline")
+        self.env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2")
+        self.dir = out_dir / "hosts"
+
+    def up(self) -> None:
+        _sh(["bash", str(LOCAL / "hosts-up.sh"), str(self.dir), "2", "1"])
+        self.env.update(line.removeprefix("export ").split("=", 1)
+                        for line in (self.dir / "env").read_text().splitlines())
+        self.agent = self.dir / "agent"
+        self.names = [tuple(line.split()[:2]) for line in (self.dir / "hosts").read_text().splitlines()]
+
+    def down(self) -> None:
+        subprocess.run(["bash", str(LOCAL / "hosts-shape.sh"), str(self.dir), "none"], capture_output=True)
+        subprocess.run(["bash", str(LOCAL / "hosts-down.sh"), str(self.dir)], capture_output=True)
+
+    def launch(self, ntasks: int, program: list[str], log: Path) -> str:
+        cmd = _sh([self.pipeline, "slurm", "command", "--hostfile", str(self.dir / "hostfile"), "--ntasks",
+                   str(ntasks), "--", *program], env=self.env).split("\0")[:-1]
+        return _sh(cmd, env=self.env, log=log)
+
+    def shape(self, rate: str) -> None:
+        _sh(["bash", str(LOCAL / "hosts-shape.sh"), str(self.dir), rate])
+
+    def train(self, name: str, ntasks: int) -> Path:
+        run_dir = self.out_dir / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        self.launch(ntasks, [self.pipeline, "train", "--run-dir", str(run_dir), "--set", f"data.dir={self.data}",
+                             "--set", f"train.max_steps={self.steps}", "--set", "checkpoint.every_steps=0",
+                             "--set", "log.timeline=true", "--set", "data.cache_mb=4096"],
+                    self.out_dir / f"{name}.log")
+        return run_dir
+
+    def comm(self, grad: int, rate: str | None) -> dict:
+        f = self.out_dir / f"comm-{rate or 'unshaped'}.json"
+        self.launch(2, [self.pipeline, "bench", "comm", "--bytes", str(grad), "--out", str(f)]
+                    + (["--link-gbps", str(gbps(rate))] if rate else []),
+                    self.out_dir / f"comm-{rate or 'unshaped'}.log")
+        return json.loads(f.read_text())
+
+    def host_rates(self) -> dict:
+        """Raw TCP between the hosts, unshaped: idle, then while both train."""
+        idle = host_rate(self.agent, self.names, self.out_dir, self.env, tag="-idle")
+        load = Load(self.agent, self.names, self.out_dir, self.data, self.env)
+        try:
+            load.wait_busy()
+            t0 = cpu_times()
+            loaded = host_rate(self.agent, self.names, self.out_dir, self.env, tag="-loaded")
+            softirq = softirq_share(t0, cpu_times())
+        finally:
+            load.stop()
+        return {"idle_gbps": idle, "loaded_gbps": loaded, "softirq_share_loaded": softirq}
+
+
 def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None) -> dict:
+    """The model calibrated on the simulated hosts, then checked against training on each link
+    rate; met/MISSED is a figure of the result (`met`), not the exit status."""
     if os.geteuid() != 0:
         raise UserError("bench multinode needs root (network namespaces for the simulated hosts)")
     for r in rates + [calibrate]:
         gbps(r)
-    from pipeline.analysis import report
-
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    bindir = Path(sys.executable).parent
-    pipeline = str(bindir / "pipeline")
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2")
     if not data:
         from pipeline.data.synth import synth
 
         data = out_dir / "data"
         if not (data / "manifest.json").exists():
             synth(data, samples_train=20000, samples_val=1000, shards=2, seed=1, progress=lambda *_: None)
-    hosts = out_dir / "hosts"
-    _sh(["bash", str(LOCAL / "hosts-up.sh"), str(hosts), "2", "1"])
+    hosts = _Hosts(out_dir, data, steps)
+    hosts.up()
     try:
-        env.update(line.removeprefix("export ").split("=", 1) for line in (hosts / "env").read_text().splitlines())
-
-        def launch(ntasks: int, program: list[str], log: Path) -> str:
-            cmd = _sh([pipeline, "slurm", "command", "--hostfile", str(hosts / "hostfile"), "--ntasks",
-                       str(ntasks), "--", *program], env=env).split("\0")[:-1]
-            return _sh(cmd, env=env, log=log)
-
-        def shape(rate: str) -> None:
-            _sh(["bash", str(LOCAL / "hosts-shape.sh"), str(hosts), rate])
-
-        def train(name: str, ntasks: int) -> Path:
-            run_dir = out_dir / name
-            shutil.rmtree(run_dir, ignore_errors=True)
-            launch(ntasks, [pipeline, "train", "--run-dir", str(run_dir), "--set", f"data.dir={data}",
-                            "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=0",
-                            "--set", "log.timeline=true", "--set", "data.cache_mb=4096"], out_dir / f"{name}.log")
-            return run_dir
-
-        print("bench multinode: compute (1 rank on one host)", flush=True)
-        compute_run = train("compute", 1)
-        grad = json.loads(RunDir(compute_run).config.read_text())["gradient_bytes"]
-        compute_s = report.analyze([str(compute_run)])["runs"][0]["step_s"]["p50"]
-
-        shape("none")
-        agent = hosts / "agent"
-        names = [tuple(line.split()[:2]) for line in (hosts / "hosts").read_text().splitlines()]
-        print("bench multinode: host rate (raw TCP between the hosts, unshaped: idle, then while both train)",
-              flush=True)
-        idle_gbps = host_rate(agent, names, out_dir, env, tag="-idle")
-        load = Load(agent, names, out_dir, data, env)
-        try:
-            load.wait_busy()
-            t0 = cpu_times()
-            loaded_gbps = host_rate(agent, names, out_dir, env, tag="-loaded")
-            loaded_softirq = softirq_share(t0, cpu_times())
-        finally:
-            load.stop()
-        host = {"idle_gbps": idle_gbps, "loaded_gbps": loaded_gbps, "softirq_share_loaded": loaded_softirq}
-
-        def bench_comm(rate: str | None) -> dict:
-            f = out_dir / f"comm-{rate or 'unshaped'}.json"
-            launch(2, [pipeline, "bench", "comm", "--bytes", str(grad), "--out", str(f)]
-                   + (["--link-gbps", str(gbps(rate))] if rate else []), out_dir / f"comm-{rate or 'unshaped'}.log")
-            return json.loads(f.read_text())
-
-        print("bench multinode: alpha and latency (unshaped link)", flush=True)
-        fixed = bench_comm(None)
-        shape(calibrate)
-        print(f"bench multinode: efficiency ({calibrate} link)", flush=True)
-        cal = bench_comm(calibrate)
-        calibration = {"alpha_s": fixed["alpha_s"], "latency_s": fixed["latency_s"],
-                       "efficiency": cal["efficiency"], "calibrated_on": calibrate,
-                       "host_gbps": loaded_gbps, "host_measured": "raw TCP between the hosts, unshaped, while both train"}
-        (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=1))
-
-        rows = []
-        for rate in rates:
-            shape(rate)
-            print(f"bench multinode: training, 2 hosts x 1 rank, {rate} link", flush=True)
-            t0 = cpu_times()
-            run_dir = train(f"train-{rate}", 2)
-            irq = softirq_share(t0, cpu_times())
-            s = report.analyze([str(run_dir)], link_gbps=gbps(rate), comm_file=str(out_dir / "calibration.json"),
-                               compute_ms=compute_s * 1e3)["runs"][0]
-            m = s["comm_model"]
-            rows.append({"link": rate, "link_gbps": gbps(rate), "run_dir": str(run_dir),
-                         "predicted_comm_s": m["predicted_comm_s"], "measured_comm_s": m["measured_comm_s"],
-                         "comm_ratio": m["comm_ratio"], "predicted_step_s": m["predicted_step_s"],
-                         "measured_step_s": m["measured_step_s"], "step_ratio": m["step_ratio"],
-                         "ring_only_s": grad * 8 / (gbps(rate) * 1e9), "softirq_share": irq,
-                         "host_bound": m["network"]["host_gbps"] is not None
-                         and m["network"]["host_gbps"] < gbps(rate) * m["network"]["efficiency"],
-                         "phases_ms_per_step": {k: v["per_step_s"] * 1e3
-                                                for k, v in (s["communication"].get("phases") or {}).items()}})
+        res = _measure(hosts, out_dir, rates, calibrate)
     finally:
-        subprocess.run(["bash", str(LOCAL / "hosts-shape.sh"), str(hosts), "none"], capture_output=True)
-        subprocess.run(["bash", str(LOCAL / "hosts-down.sh"), str(hosts)], capture_output=True)
-
-    met = all(r["comm_ratio"] is not None and abs(r["comm_ratio"] - 1) <= TOLERANCE for r in rows)
-    res = {"gradient_bytes": grad, "compute_s": compute_s, "calibration": calibration, "host": host, "rows": rows,
-           "tolerance": TOLERANCE, "met": met}
+        hosts.down()
     (out_dir / "multinode.json").write_text(json.dumps(res, indent=1))
-    print(f"gradient {grad:,} B/step; compute {compute_s * 1e3:.2f} ms/step; alpha {fixed['alpha_s'] * 1e3:.3f} ms, "
-          f"latency {fixed['latency_s'] * 1e6:.1f} us (unshaped); efficiency {cal['efficiency']:.3f} ({calibrate})")
-    print(f"host rate (raw TCP, unshaped): idle {idle_gbps:.2f} Gbit/s, while both hosts train {loaded_gbps:.2f} Gbit/s"
-          f" (softirq {_pct(loaded_softirq)} of CPU time): the model's H; it bounds a link of B when "
-          f"H < B x efficiency")
+    _print_result(res, calibrate, out_dir)
+    return res
+
+
+def _measure(hosts: _Hosts, out_dir: Path, rates: list[str], calibrate: str) -> dict:
+    from pipeline.analysis import report
+
+    print("bench multinode: compute (1 rank on one host)", flush=True)
+    compute_run = hosts.train("compute", 1)
+    grad = json.loads(RunDir(compute_run).config.read_text())["gradient_bytes"]
+    compute_s = report.analyze([str(compute_run)])["runs"][0]["step_s"]["p50"]
+    hosts.shape("none")
+    print("bench multinode: host rate (raw TCP between the hosts, unshaped: idle, then while both train)",
+          flush=True)
+    host = hosts.host_rates()
+    print("bench multinode: alpha and latency (unshaped link)", flush=True)
+    fixed = hosts.comm(grad, None)
+    hosts.shape(calibrate)
+    print(f"bench multinode: efficiency ({calibrate} link)", flush=True)
+    cal = hosts.comm(grad, calibrate)
+    calibration = {"alpha_s": fixed["alpha_s"], "latency_s": fixed["latency_s"],
+                   "efficiency": cal["efficiency"], "calibrated_on": calibrate,
+                   "host_gbps": host["loaded_gbps"],
+                   "host_measured": "raw TCP between the hosts, unshaped, while both train"}
+    (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=1))
+    rows = []
+    for rate in rates:
+        hosts.shape(rate)
+        print(f"bench multinode: training, 2 hosts x 1 rank, {rate} link", flush=True)
+        t0 = cpu_times()
+        run_dir = hosts.train(f"train-{rate}", 2)
+        irq = softirq_share(t0, cpu_times())
+        s = report.analyze([str(run_dir)], link_gbps=gbps(rate), comm_file=str(out_dir / "calibration.json"),
+                           compute_ms=compute_s * 1e3)["runs"][0]
+        rows.append(_row(rate, run_dir, s, grad, irq))
+    met = all(r["comm_ratio"] is not None and abs(r["comm_ratio"] - 1) <= TOLERANCE for r in rows)
+    return {"gradient_bytes": grad, "compute_s": compute_s, "calibration": calibration, "host": host, "rows": rows,
+            "tolerance": TOLERANCE, "met": met}
+
+
+def _row(rate: str, run_dir: Path, s: dict, grad: int, irq: float) -> dict:
+    m = s["comm_model"]
+    return {"link": rate, "link_gbps": gbps(rate), "run_dir": str(run_dir),
+            "predicted_comm_s": m["predicted_comm_s"], "measured_comm_s": m["measured_comm_s"],
+            "comm_ratio": m["comm_ratio"], "predicted_step_s": m["predicted_step_s"],
+            "measured_step_s": m["measured_step_s"], "step_ratio": m["step_ratio"],
+            "ring_only_s": grad * 8 / (gbps(rate) * 1e9), "softirq_share": irq,
+            "host_bound": m["network"]["host_gbps"] is not None
+            and m["network"]["host_gbps"] < gbps(rate) * m["network"]["efficiency"],
+            "phases_ms_per_step": {k: v["per_step_s"] * 1e3
+                                   for k, v in (s["communication"].get("phases") or {}).items()}}
+
+
+def _print_result(res: dict, calibrate: str, out_dir: Path) -> None:
+    cal, host, rows = res["calibration"], res["host"], res["rows"]
+    print(f"gradient {res['gradient_bytes']:,} B/step; compute {res['compute_s'] * 1e3:.2f} ms/step; alpha "
+          f"{cal['alpha_s'] * 1e3:.3f} ms, latency {cal['latency_s'] * 1e6:.1f} us (unshaped); efficiency "
+          f"{cal['efficiency']:.3f} ({calibrate})")
+    print(f"host rate (raw TCP, unshaped): idle {host['idle_gbps']:.2f} Gbit/s, while both hosts train "
+          f"{host['loaded_gbps']:.2f} Gbit/s (softirq {_pct(host['softirq_share_loaded'])} of CPU time): the "
+          f"model's H; it bounds a link of B when H < B x efficiency")
     print("link       ring S/B ms  predicted ms  measured ms  pred/meas  step pred ms  step meas ms  pred/meas")
     for r in rows:
         print(f"{r['link']:<9}  {r['ring_only_s'] * 1e3:>11.2f}  {r['predicted_comm_s'] * 1e3:>12.2f}  "
@@ -244,6 +279,21 @@ def run(out: str, rates: list[str], calibrate: str, steps: int, data: str | None
     for r in rows:
         print(f"  {r['link']} timeline per step: " + ", ".join(f"{k} {v:.2f} ms" for k, v in
                                                              sorted(r["phases_ms_per_step"].items())))
-    print(f"communication within {TOLERANCE:.0%} of the model at every link: {'met' if met else 'MISSED'}"
+    print(f"communication within {TOLERANCE:.0%} of the model at every link: {'met' if res['met'] else 'MISSED'}"
           f" ({out_dir / 'multinode.json'})")
-    return res
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="runs/multinode")
+    p.add_argument("--rates", default="100mbit,1gbit", help="links to validate on (default 100mbit,1gbit)")
+    p.add_argument("--calibrate", default="400mbit", help="link the efficiency is measured on (default 400mbit)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--data", help="dataset (default: a small synthetic one made under --out)")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    run(a.out, [r for r in a.rates.split(",") if r], a.calibrate, a.steps, a.data)
+    return 0  # it measured: met or MISSED is in its table and its JSON

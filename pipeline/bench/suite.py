@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import measure
+from pipeline import config, measure
 from pipeline.analysis import logs
 from pipeline.errors import UserError
 from pipeline.measure import median_range
@@ -420,3 +420,21 @@ def allreduce_rows(tuned: dict, default: dict, gloo: dict | None) -> list[dict]:
             row["hvd_gloo_busbw_gbps"] = g[r["bytes"]]["hvd_busbw_gbps"]
         rows.append(row)
     return rows
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--quick", action="store_true", help="one repeat, fewer steps (make bench BENCH=quick)")
+    p.add_argument("--ranks", help="rank counts, e.g. 1,2,4 (default: 1, 2 and the core count up to 8)")
+    p.add_argument("--repeats", type=int, help="default 5 (quick: 2)")
+    p.add_argument("--steps", type=int, help="steps per run (default 300; quick: 100)")
+    config.flag(p, "--batch-size", "train.batch_size")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    ranks = [int(x) for x in a.ranks.split(",")] if a.ranks else None
+    run(a.out, quick=a.quick, ranks=ranks, repeats=a.repeats, steps=a.steps, batch=a.batch_size)
+    return 0

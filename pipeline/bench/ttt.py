@@ -126,3 +126,21 @@ def report(r: dict) -> list[str]:
                f"median {s(r['median_s'])} s, max {s(r['max_s'])} s; did not converge: {r['not_converged']} of "
                f"{r['count']}")
     return out
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="a config with the mlperf section on (configs/cosmoflow.yaml)")
+    p.add_argument("--runs", type=int, default=10, help="seeded runs (default 10, as MLPerf HPC asks for CosmoFlow)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks per run, under mpirun (default 2)")
+    p.add_argument("--time-limit", type=float, default=1800.0, help="seconds per run; past it the run counts as not "
+                                                                    "converged (default 1800)")
+    p.add_argument("--out", default="runs/ttt", help="one run directory per seed here, and ttt.json")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every run")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    r = run(a.config, a.out, runs=a.runs, ranks=a.ranks, limit_s=a.time_limit, sets=a.set or [])
+    return 0 if r["score_s"] is not None else 1

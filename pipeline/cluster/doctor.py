@@ -251,3 +251,20 @@ def _table(reports: list[dict], t1, t64, size: int, run_dir: Path | None) -> str
 
     lines.append(f"allreduce over {size} rank(s): 1 MiB {rate(t1, 1 << 20)}; 64 MiB {rate(t64, 64 << 20)}")
     return "\n".join(lines)
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    from pipeline.train.trainer import run_arguments
+
+    run_arguments(p, what="doctor")
+    p.add_argument("--system-json", metavar="FILE", help="also write MLCommons' system description of these "
+                                                         "machines here (python -m mlperf_logging.system_desc_checker)")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    from pipeline import config
+
+    return run(config.load(a.config, a.set or []), a.run_dir, system_json=a.system_json)

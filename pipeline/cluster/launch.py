@@ -107,3 +107,33 @@ def command(launcher: str, env: dict, hostnames: list[str], program: list[str], 
         if name in PASS_NAMES or name.startswith(PASS_PREFIXES):
             cmd += ["-x", name]
     return cmd + list(program)
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    import argparse
+
+    p.add_argument("--launcher", default="mpirun", choices=["mpirun", "srun"])
+    p.add_argument("--ntasks", type=int, default=0, help="use the first N tasks only (default: all)")
+    p.add_argument("--hostfile", help="hosts and slots from this OpenMPI hostfile instead of SLURM's variables")
+    p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    import os
+    import sys
+
+    env = dict(os.environ)
+    program = a.program[1:] if a.program[:1] == ["--"] else a.program
+    if a.hostfile:
+        hosts, counts = hostfile(a.hostfile)
+        cmd = command(a.launcher, env, hosts, program, a.ntasks, counts=counts)
+    else:
+        if "SLURM_JOB_NODELIST" not in env:
+            raise UserError("not inside a SLURM allocation (SLURM_JOB_NODELIST is not set); give --hostfile")
+        cmd = command(a.launcher, env, expand_hostnames(env["SLURM_JOB_NODELIST"]), program, a.ntasks)
+    # NUL-separated, so the batch script can run it with any arguments intact (mapfile -d '').
+    sys.stdout.write("\0".join(cmd) + "\0")
+    return 0

@@ -301,3 +301,29 @@ def write_report(path: str | Path, board: dict) -> Path:
                     f"<pre>{html.escape(body)}</pre>{img}<h2>JSON</h2><pre>"
                     f"{html.escape(json.dumps(board, indent=1, default=str))}</pre></body></html>")
     return path
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def analyze_arguments(p) -> None:
+    """pipeline analyze: run directories (pipeline/analysis/report.py), or a sweep's leaderboard."""
+    from pipeline.analysis import report
+
+    report.add_arguments(p)
+    p.add_argument("--leaderboard", metavar="DIR", help="a sweep directory (pipeline sweep --out): one row per "
+                                                        "point, ranked by time to --target, the Pareto front marked")
+    p.set_defaults(func=analyze_cli)
+
+
+def analyze_cli(a) -> int:
+    from pipeline.analysis import report
+    from pipeline.emit import emit
+
+    if not a.leaderboard:
+        return report.cli(a)
+    if a.run_dirs:
+        raise UserError("--leaderboard DIR takes the sweep directory alone, not run directories besides it")
+    board = build(a.leaderboard, a.target)
+    if a.report:
+        board["report"] = str(write_report(a.report, board))
+    return emit(board, a.json, text)

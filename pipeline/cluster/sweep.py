@@ -152,26 +152,7 @@ def run(config: str | None, out: str, grid_specs: list[str], grid_file: str | No
             resolved[p.name] = config_mod.load(config, list(sets) + p.sets())
         except UserError as e:
             raise UserError(f"point {p.name}: {e}") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_json(out_dir / MANIFEST) or {"submissions": [], "points": {}}
-    manifest.update(config=str(Path(config).resolve()) if config else None, sets=list(sets), target=target,
-                    grid={**manifest.get("grid", {}), **grid})
-    for p in pts:
-        d = out_dir / p.name
-        d.mkdir(exist_ok=True)
-        text = config_mod.dumps(resolved[p.name])
-        old = (d / POINT_CONFIG).read_text() if (d / POINT_CONFIG).exists() else None
-        if old is None or point_state(d)[0] == "pending":
-            atomic_write_text(d / POINT_CONFIG, text)
-            atomic_write_text(d / POINT_FILE, json.dumps({"knobs": dict(p.knobs), "ranks": p.ranks,
-                                                          "repeat": p.repeat, "sets": list(sets) + p.sets()},
-                                                         default=str) + "\n")
-        elif old != text:
-            # A point that ran keeps the config it ran with (its run directory says what that was).
-            print(f"sweep: {p.name} already ran with another config (the config or --set changed); kept as it "
-                  f"was: use another --out to compare settings", file=log)
-        manifest["points"][p.name] = {"knobs": dict(p.knobs), "ranks": p.ranks, "repeat": p.repeat}
-    _save(out_dir, manifest)
+    manifest = _write_points(out_dir, config, sets, pts, resolved, grid, target, log)
 
     active = active_jobs(manifest) if not local else {}
     todo, counts = [], {}
@@ -197,6 +178,34 @@ def run(config: str | None, out: str, grid_specs: list[str], grid_file: str | No
         print("sweep: nothing to submit", file=log)
         return 0
     return _submit(out_dir, manifest, todo, sbatch_args, max_parallel, target, log)
+
+
+def _write_points(out_dir: Path, config: str | None, sets: list[str], pts: list[Point], resolved: dict, grid: dict,
+                  target: str, log) -> dict:
+    """Each point's run directory with its config (a point that ran keeps the one it ran with),
+    and the sweep's manifest; returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_json(out_dir / MANIFEST) or {"submissions": [], "points": {}}
+    manifest.update(config=str(Path(config).resolve()) if config else None, sets=list(sets), target=target,
+                    grid={**manifest.get("grid", {}), **grid})
+    for p in pts:
+        d = out_dir / p.name
+        d.mkdir(exist_ok=True)
+        text = config_mod.dumps(resolved[p.name])
+        old = (d / POINT_CONFIG).read_text() if (d / POINT_CONFIG).exists() else None
+        if old is None or point_state(d)[0] == "pending":
+            atomic_write_text(d / POINT_CONFIG, text)
+            atomic_write_text(d / POINT_FILE, json.dumps({"knobs": dict(p.knobs), "ranks": p.ranks,
+                                                          "repeat": p.repeat, "sets": list(sets) + p.sets()},
+                                                         default=str) + "\n")
+        elif old != text:
+            # A point that ran keeps the config it ran with (its run directory says what that was).
+            print(f"sweep: {p.name} already ran with another config (the config or --set changed); kept as it "
+                  f"was: use another --out to compare settings", file=log)
+        manifest["points"][p.name] = {"knobs": dict(p.knobs), "ranks": p.ranks, "repeat": p.repeat}
+    _save(out_dir, manifest)
+    return manifest
+
 
 
 def _default_target(config: str | None, sets: list[str]) -> str:
@@ -354,3 +363,37 @@ def status(out: str, log=sys.stdout) -> int:
     for name, st, why in rows:
         print(f"  {st:<8}  {name}" + (f"  ({why})" if why else ""), file=log)
     return 0
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML config every point starts from")
+    p.add_argument("--out", help="the sweep directory: one run directory per point, sweep.json, the leaderboard")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a knob and its values (repeatable)")
+    p.add_argument("--grid-file", metavar="FILE", help="YAML: KEY: [V1, V2] per knob (values may contain commas)")
+    p.add_argument("--ranks", default="1", help="rank counts, e.g. 1,2,4: one job array each (default 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting for every point")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each point (the leaderboard shows the median)")
+    p.add_argument("--sbatch-args", default="", help="more sbatch options, e.g. \"--partition=gpu --time=02:00:00\"")
+    p.add_argument("--max-parallel", type=int, default=0, help="array tasks running at once (%%K; default: all)")
+    p.add_argument("--target", help="the leaderboard's quality target, METRIC>=X or METRIC<=X (default: the "
+                                    "config's mlperf.target, else val_accuracy>=0.9)")
+    p.add_argument("--local", action="store_true", help="run the points here in turn under mpirun, not as jobs")
+    p.add_argument("--retry-failed", action="store_true", help="run failed points again (default: leave them)")
+    p.add_argument("--status", metavar="DIR", help="say what is pending, queued, running, finished and failed")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    if a.status:
+        return status(a.status)
+    if not a.out:
+        raise UserError("pipeline sweep: give --out DIR (or --status DIR)")
+    try:
+        ranks = [int(x) for x in a.ranks.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--ranks {a.ranks!r}: expected rank counts such as 1,2,4") from None
+    return run(a.config, a.out, a.grid or [], a.grid_file, ranks, a.set or [], repeats=a.repeats,
+               sbatch_args=a.sbatch_args, max_parallel=a.max_parallel, target=a.target, local=a.local,
+               retry_failed=a.retry_failed)

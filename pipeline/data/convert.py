@@ -26,7 +26,7 @@ from typing import BinaryIO, Callable, Iterator
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.data.shards import SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, write_manifest
+from pipeline.data.shards import DEFAULT_CHUNK, SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, write_manifest
 
 FORMATS = ("npz", "idx", "cifar10")
 BLOCK = 4096  # samples read, converted and written at a time
@@ -308,7 +308,7 @@ def holdout_mask(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def convert(fmt: str, src: str | Path, out: str | Path, shards: int = 4, val_shards: int = 1,
-            val_fraction: float | None = None, seed: int = 0, chunk_samples: int = 256,
+            val_fraction: float | None = None, seed: int = 0, chunk_samples: int = DEFAULT_CHUNK,
             compression: str = "none", x_dtype: str = "uint8", progress=print) -> Path:
     if fmt not in SOURCES:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -366,3 +366,26 @@ def convert(fmt: str, src: str | Path, out: str | Path, shards: int = 4, val_sha
     mb = sum(i.bytes for infos in written.values() for i in infos) / 2**20
     progress(f"wrote {path}: train={n_train} val={n_val} ({mb:.0f} MiB) in {time.perf_counter() - t0:.1f}s")
     return path
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    from pipeline.data.synth import writer_arguments
+
+    p.add_argument("--format", required=True, choices=["npz", "idx", "cifar10"])
+    p.add_argument("--src", required=True, help="npz file; IDX directory; CIFAR-10 directory or .tar.gz")
+    p.add_argument("--out", required=True, help="dataset directory to create")
+    p.add_argument("--shards", type=int, default=4, help="training shards (default 4)")
+    p.add_argument("--val-shards", type=int, default=1, help="validation shards (default 1)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="hold out this fraction of training samples when the source has no test split (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out draw")
+    writer_arguments(p)
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    convert(a.format, a.src, a.out, a.shards, a.val_shards, a.val_fraction, a.seed, a.chunk_samples,
+            a.compression, a.dtype)
+    return 0

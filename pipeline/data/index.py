@@ -173,3 +173,29 @@ def index(sources: list[str], out: str | Path, x_key: str, y_key: str, per_file:
              f"of shape {shape} {first['x_dtype']}, targets {tuple(y_shape)} {first['y_dtype']}; "
              f"wrote {path} in {time.perf_counter() - t0:.1f}s")
     return path
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    p.add_argument("src", nargs="+", metavar="SRC", help="files, directories (every .h5/.hdf5 below) or globs")
+    p.add_argument("--out", required=True, help="directory for manifest.json (the files stay where they are)")
+    p.add_argument("--x", required=True, metavar="KEY", help="the input dataset, e.g. full or climate/data")
+    p.add_argument("--y", required=True, metavar="KEY", help="the target dataset, e.g. unitPar or climate/labels_0")
+    p.add_argument("--per-file", choices=["many", "one"], default="many",
+                   help="many (default): axis 0 is the sample axis of both keys; one: each file is one sample")
+    p.add_argument("--subvolume", type=int, metavar="S",
+                   help="each S-cube (or S-square) of a file's x is one sample with the file's y")
+    vs = p.add_mutually_exclusive_group()
+    vs.add_argument("--val-fraction", type=float, help="validation files, drawn by file (default 0.1)")
+    vs.add_argument("--val", nargs="+", metavar="SRC", help="the validation files instead")
+    p.add_argument("--num-classes", type=int, help="the targets are class ids 0..C-1 (else values: regression)")
+    p.add_argument("--checksums", action="store_true", help="record each file's sha256 (reads every byte)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation draw")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    index(a.src, a.out, a.x, a.y, a.per_file, a.subvolume, a.val_fraction, a.val, a.num_classes, a.checksums,
+          a.seed)
+    return 0

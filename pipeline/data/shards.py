@@ -399,3 +399,32 @@ def split_counts(total: int, shards: int) -> list[int]:
     """Sample counts per shard, as equal as possible (the first ones take the remainder)."""
     base, extra = divmod(total, shards)
     return [base + (i < extra) for i in range(shards)]
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def verify_arguments(p) -> None:
+    from pipeline import config
+
+    p.add_argument("dir")
+    p.add_argument("--fast", action="store_true", help="skip the sha256 checksums")
+    config.flag(p, "--root", "data.root")
+    p.set_defaults(func=verify_cli)
+
+
+def verify_cli(a) -> int:
+    """pipeline data verify: one line per problem and exit 2, or one line saying all match."""
+    import sys
+
+    from pipeline.errors import EXIT_USER_ERROR
+
+    m = load_manifest(a.dir, a.root or None)
+    problems = list(verify(m, checksums=not a.fast))
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        return EXIT_USER_ERROR
+    n = sum(len(m.shards(s)) for s in m.splits)
+    counts = ", ".join(f"{s}={m.num_samples(s)}" for s in m.splits)
+    print(f"{m.dir}: {n} {'files' if m.indexed else 'shards'} match the manifest ({counts})")
+    return 0

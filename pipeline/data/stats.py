@@ -52,3 +52,18 @@ def stats(data_dir: str | Path, root: str | None = None, progress=print) -> dict
     progress(f"wrote {path}: mean {np.round(mean, 4).tolist()} std {np.round(doc['std'], 4).tolist()} over "
              f"{doc['samples']} training samples in {time.perf_counter() - t0:.1f}s")
     return doc
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def add_arguments(p) -> None:
+    from pipeline import config
+
+    p.add_argument("dir")
+    config.flag(p, "--root", "data.root")
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    stats(a.dir, a.root or None)
+    return 0

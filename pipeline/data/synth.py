@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.data.shards import SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, shard_name, write_manifest
+from pipeline.data.shards import DEFAULT_CHUNK, SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, write_manifest
 
 MAX_SHIFT = 3
 
@@ -74,7 +74,7 @@ def samples(protos: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.nd
 
 def synth(out: str | Path, samples_train: int = 20000, samples_val: int = 2000, shards: int = 4,
           val_shards: int = 1, shape: tuple[int, int, int] = (28, 28, 1), num_classes: int = 10,
-          seed: int = 0, chunk_samples: int = 256, compression: str = "none", x_dtype: str = "uint8",
+          seed: int = 0, chunk_samples: int = DEFAULT_CHUNK, compression: str = "none", x_dtype: str = "uint8",
           progress=print) -> Path:
     if samples_train <= 0:
         raise UserError(f"--samples must be > 0, got {samples_train}")
@@ -117,3 +117,52 @@ def synth(out: str | Path, samples_train: int = 20000, samples_val: int = 2000, 
                           synth={"seed": seed, "max_shift": MAX_SHIFT})
     progress(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
     return path
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def _shape(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W,C or F integers, got {text!r}") from None
+
+
+def writer_arguments(p) -> None:
+    """The shard writer's options, shared by data synth and data convert."""
+    p.add_argument("--chunk-samples", type=int, default=DEFAULT_CHUNK,
+                   help=f"HDF5 chunk length in samples (default {DEFAULT_CHUNK})")
+    p.add_argument("--compression", default="none", help="none | lzf | gzip | gzip:LEVEL (default none)")
+    p.add_argument("--dtype", default="uint8", help="stored pixel type: uint8 | float16 | float32 (default uint8)")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--kind", choices=["images", "cosmoflow", "segmentation"], default="images",
+                   help="images (default): shards ready to train on; cosmoflow | segmentation: raw files in "
+                        "those layouts, to be indexed with pipeline data index (docs/your-data.md)")
+    p.add_argument("--out", required=True, help="dataset directory to create")
+    p.add_argument("--samples", type=int, default=None,
+                   help="training samples (default 20000); with --kind: files (cosmoflow 64, segmentation 240)")
+    p.add_argument("--val-samples", type=int, default=2000, help="validation samples (default 2000)")
+    p.add_argument("--shards", type=int, default=4, help="training shards (default 4)")
+    p.add_argument("--val-shards", type=int, default=1, help="validation shards (default 1)")
+    p.add_argument("--shape", type=_shape, default=None,
+                   help="H,W,C images (default 28,28,1), or F for tabular rows of F features; cosmoflow: the "
+                        "volume's side D (default 32); segmentation: H,W,C (default 64,64,4)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    writer_arguments(p)
+    p.set_defaults(func=cli)
+
+
+def cli(a) -> int:
+    if a.kind != "images":
+        from pipeline.data.synth_layouts import synth_layout
+
+        synth_layout(a.kind, a.out, a.samples, a.shape, a.seed)
+        return 0
+    synth(a.out, a.samples or 20000, a.val_samples, a.shards, a.val_shards, a.shape or (28, 28, 1), a.classes,
+          a.seed, a.chunk_samples, a.compression, a.dtype)
+    return 0

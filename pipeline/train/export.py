@@ -49,12 +49,8 @@ def _to_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
-def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, latency_runs: int = 200) -> dict:
-    import tensorflow as tf
-
-    run = RunDir(run_dir)
-    if not run.model.exists():
-        raise UserError(f"{run.path}: no {run.model.name} (written at the end of a finished pipeline train run)")
+def _classification_data(run: RunDir) -> str:
+    """The dataset a finished run trained on, checked to be one of class ids in shards."""
     try:
         cfg = json.loads(run.config.read_text())
         data_dir = cfg.get("dataset") or cfg["data"]["dir"]
@@ -66,9 +62,13 @@ def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, laten
     if m.indexed or m.num_classes is None or m.y_shape:
         raise UserError(f"{run.path}: pipeline export tflite compares int8 and float accuracy on class ids; "
                         f"{data_dir} is not a classification dataset in the pipeline's shard format")
-    model = tf.keras.models.load_model(run.model)
-    x, y = _val_arrays(data_dir, samples)
-    xf = _to_float(x)
+    return data_dir
+
+
+def _convert_int8(model, xf, calibration: int, out: Path) -> bytes:
+    """Full integer TFLite: int8 weights and activations, calibrated on `calibration` samples;
+    float input and output kept for callers. Written under a temporary name, then renamed."""
+    import tensorflow as tf
 
     def representative():
         for i in range(min(calibration, len(xf))):
@@ -77,14 +77,38 @@ def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, laten
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = representative
-    # Full integer: int8 weights and activations; float input and output kept for callers.
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     blob = conv.convert()
-    out = run.model_int8
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     tmp.write_bytes(blob)
     os.replace(tmp, out)
+    return blob
 
+
+def _median_latency(fn, xf, runs: int) -> float:
+    """Median of single-sample calls, after 10 to warm up."""
+    for i in range(10):
+        fn(xf[i % len(xf):i % len(xf) + 1])
+    times = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        fn(xf[i % len(xf):i % len(xf) + 1])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, latency_runs: int = 200) -> dict:
+    import tensorflow as tf
+
+    run = RunDir(run_dir)
+    if not run.model.exists():
+        raise UserError(f"{run.path}: no {run.model.name} (written at the end of a finished pipeline train run)")
+    data_dir = _classification_data(run)
+    model = tf.keras.models.load_model(run.model)
+    x, y = _val_arrays(data_dir, samples)
+    xf = _to_float(x)
+    out = run.model_int8
+    blob = _convert_int8(model, xf, calibration, out)
     interp = tf.lite.Interpreter(model_path=str(out), num_threads=1)
     interp.allocate_tensors()
     inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
@@ -96,25 +120,30 @@ def tflite_int8(run_dir: str, samples: int = 2000, calibration: int = 200, laten
 
     int8_pred = np.array([np.argmax(tflite_logits(xf[i:i + 1])) for i in range(len(xf))])
     float_pred = np.argmax(model.predict(xf, batch_size=256, verbose=0), axis=-1)
-
-    def latency(fn) -> float:
-        for i in range(10):
-            fn(xf[i % len(xf):i % len(xf) + 1])
-        times = []
-        for i in range(latency_runs):
-            t0 = time.perf_counter()
-            fn(xf[i % len(xf):i % len(xf) + 1])
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     serve = tf.function(lambda t: model(t, training=False))
     res = {
         "tflite": str(out), "tflite_bytes": len(blob), "keras_bytes": run.model.stat().st_size,
         "samples": int(len(y)), "float_accuracy": float(np.mean(float_pred == y)),
         "int8_accuracy": float(np.mean(int8_pred == y)),
-        "float_latency_ms": latency(lambda s: serve(s).numpy()) * 1e3,
-        "int8_latency_ms": latency(tflite_logits) * 1e3,
+        "float_latency_ms": _median_latency(lambda s: serve(s).numpy(), xf, latency_runs) * 1e3,
+        "int8_latency_ms": _median_latency(tflite_logits, xf, latency_runs) * 1e3,
         "latency_note": "median of single-sample calls; Keras model in a tf.function, TFLite on 1 thread",
     }
     atomic_write_text(run.export_record, json.dumps(res, indent=1) + "\n")
     return res
+
+
+# --- the command line (pipeline/cli.py dispatches) ---
+
+def tflite_arguments(p) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=int, default=2000, help="validation samples to compare on (2000)")
+    p.set_defaults(func=tflite_cli)
+
+
+def tflite_cli(a) -> int:
+    r = tflite_int8(a.run_dir, samples=a.samples)
+    print(f"{r['tflite']}: {r['tflite_bytes'] / 1024:.0f} KiB (Keras {r['keras_bytes'] / 1024:.0f} KiB); "
+          f"val accuracy int8 {r['int8_accuracy']:.4f} vs float {r['float_accuracy']:.4f} on {r['samples']} "
+          f"samples; single-sample latency int8 {r['int8_latency_ms']:.3f} ms vs float {r['float_latency_ms']:.3f} ms")
+    return 0
