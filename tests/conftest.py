@@ -7,8 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +73,80 @@ def small_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synth"
     synth(out, samples_train=8000, samples_val=1000, shards=3, seed=1, progress=lambda *_: None)
     return out
+
+
+# --- helpers several test modules use ---
+
+def start(np_: int, *args, **kw) -> subprocess.Popen:
+    mpi = require_tool("mpirun")
+    return subprocess.Popen([mpi, "-np", str(np_), sys.executable, "-m", "pipeline", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            stdin=subprocess.DEVNULL, cwd=ROOT, **kw)
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300.0):
+    """Polls CONDITION. The deadline is a hang guard (a run that never gets there fails the test
+    instead of CI's budget), not a speed check: what it waits for takes seconds here."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}:\n{out}\n{err}")
+        time.sleep(0.05)  # polling an observable condition, not waiting for luck
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def steps_done(run, rank: int) -> int:
+    p = run / "steps" / f"rank-{rank}.jsonl"
+    return p.read_text().count("\n") if p.exists() else 0
+
+
+def rank_pid(run, rank: int) -> int | None:
+    p = run / "ranks" / f"rank-{rank}.json"
+    try:
+        return json.loads(p.read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def write_run(d: Path, *, ranks: int, steps: int, batch: int = 32, step_s=0.05, data_s=None, seed=0,
+              noise=0.0, t0=1_700_000_000.0, metrics=()) -> Path:
+    """A run directory as the pipeline writes it. step_s/data_s: a number, or a function of
+    (rank, step) giving seconds. Every rank's step ends at the same time, as in lock step."""
+    rng = np.random.default_rng(seed)
+    (d / "steps").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"ranks": ranks, "global_batch": batch * ranks}))
+    files = [open(d / "steps" / f"rank-{r}.jsonl", "w") for r in range(ranks)]
+    t = t0
+    for s in range(1, steps + 1):
+        durs = [(step_s(r, s) if callable(step_s) else step_s) * (1 + noise * rng.standard_normal())
+                for r in range(ranks)]
+        t += max(durs)
+        for r, f in enumerate(files):
+            ds = (data_s(r, s) if callable(data_s) else data_s) if data_s is not None else 0.001
+            ds *= 1 + noise * abs(rng.standard_normal())
+            f.write(json.dumps({"step": s, "epoch": 1, "rank": r, "size": ranks, "time": t, "step_s": durs[r],
+                                "data_s": ds, "compute_s": durs[r] - ds, "samples": batch, "loss": 1.0 / s,
+                                "rss_mb": 400.0 + r}) + "\n")
+    for f in files:
+        f.close()
+    with open(d / "metrics.jsonl", "w") as f:
+        for m in metrics:
+            f.write(json.dumps(m) + "\n")
+    return d
+
+
+def assert_user_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
 
 
 # --- the fast layer's guard ---

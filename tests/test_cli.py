@@ -5,16 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import pipeline
-
-
-def assert_user_error(result, *words):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+from conftest import assert_user_error, pipeline
 
 
 def snapshot(directory):

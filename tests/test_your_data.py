@@ -15,8 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, mpirun, pipeline, read_jsonl, require_root
-from test_cli import assert_user_error
+from conftest import ROOT, assert_user_error, mpirun, pipeline, read_jsonl, require_root, write_run
 
 
 def digest_tree(d: Path) -> dict:
@@ -312,7 +311,6 @@ def test_layout_and_target_rules():
 
 
 def test_any_metric_as_the_target(tmp_path):
-    from test_analysis import write_run
 
     m = [{"epoch": e, "step": 10 * e, "time": 1_700_000_000.0 + e, "val_loss": 1.0, "val_mae": mae}
          for e, mae in ((1, 0.4), (2, 0.25), (3, 0.18))]

@@ -306,5 +306,6 @@ def cli(a) -> int:
         return 0 if all(r["met"] for r in rows) else 1
     if not a.dir:
         raise UserError("pipeline bench data: give a dataset directory, or --layouts")
-    run(a.dir, a.batch_size, a.repeats, a.read_block, a.shuffle_buffer, a.threads, a.json)
+    run(a.dir, batch_size=a.batch_size, repeats=a.repeats, read_block=a.read_block,
+        shuffle_buffer=a.shuffle_buffer, threads=a.threads, json_out=a.json)
     return 0

@@ -174,7 +174,7 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
     reports = d.allgather_object(me, name="doctor_reports")
     t1 = _timed_allreduce(d, 1 << 20)
     t64 = _timed_allreduce(d, 64 << 20)
-    fatal, warn = _verdict(reports, cfg, run_dir)
+    fatal, warn = verdict(reports, cfg, run_dir)
     if d.is_root:
         out.write(_table(reports, t1, t64, d.size, run_dir) + "\n")
         for w in warn:
@@ -193,7 +193,7 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
     return EXIT_USER_ERROR if fatal else 0
 
 
-def _verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], list[str]]:
+def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], list[str]]:
     fatal, warn = [], []
     r0 = reports[0]
     for r in reports:

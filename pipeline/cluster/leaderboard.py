@@ -59,9 +59,9 @@ def build(out_dir: str | Path, target: str | None = None) -> dict:
         if state == "failed" and p["sacct"] and not why.startswith("exit"):
             p["why"] = f"job {p['sacct'].get('state')}, exit {p['sacct'].get('exit_code')}: {why}"
         points.append(p)
-    rows = _group(points)
-    _efficiency(rows)
-    _pareto(rows)
+    rows = group_repeats(points)
+    mark_efficiency(rows)
+    mark_front(rows)
     rows.sort(key=lambda r: (r["time_to_target_s"] is None, _v(r["time_to_target_s"]) or 0.0,
                              -(_v(r["throughput_samples_per_s"]) or 0.0)))
     differ = [k for k in _all_keys(points) if len({json.dumps(p["knobs"].get(k), default=str) for p in points}) > 1]
@@ -85,7 +85,7 @@ FIGURES = ("throughput_samples_per_s", "step_p50_s", "data_wait_fraction", "fina
            "node_hours_to_target")
 
 
-def _group(points: list[dict]) -> list[dict]:
+def group_repeats(points: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for p in points:
         groups.setdefault(json.dumps([p["knobs"], p["ranks"]], sort_keys=True, default=str), []).append(p)
@@ -114,7 +114,7 @@ def _group(points: list[dict]) -> list[dict]:
     return rows
 
 
-def _efficiency(rows: list[dict]) -> None:
+def mark_efficiency(rows: list[dict]) -> None:
     """Scaling efficiency: throughput at R ranks / (R x the 1-rank point's with the same knobs)."""
     ones = {json.dumps(r["knobs"], sort_keys=True, default=str): r for r in rows if r["ranks"] == 1}
     for r in rows:
@@ -123,7 +123,7 @@ def _efficiency(rows: list[dict]) -> None:
         r["scaling_efficiency"] = t / (r["ranks"] * t1) if t and t1 else None
 
 
-def _pareto(rows: list[dict]) -> None:
+def mark_front(rows: list[dict]) -> None:
     """On the front: no other point reaches the target at most as late with at most as many
     node-hours, and better in one of them."""
     pts = [(i, _v(r["time_to_target_s"]), _v(r["node_hours_to_target"])) for i, r in enumerate(rows)]
@@ -162,7 +162,7 @@ def sacct(manifest: dict) -> tuple[dict[str, dict], str]:
         task = jid.split(".", 1)[0]
         j = jobs.setdefault(task, {"max_rss_mb": None})
         if "." not in jid:
-            j.update(job=task, elapsed_s=_seconds(elapsed), state=state.split()[0] if state else state,
+            j.update(job=task, elapsed_s=slurm_seconds(elapsed), state=state.split()[0] if state else state,
                      exit_code=code, nodes=nodes)
         mb = _rss_mb(rss)
         if mb is not None:
@@ -175,7 +175,7 @@ def sacct(manifest: dict) -> tuple[dict[str, dict], str]:
     return out, "sacct (SLURM accounting): elapsed, state, exit code, MaxRSS, nodes of each point's latest job"
 
 
-def _seconds(text: str) -> float | None:
+def slurm_seconds(text: str) -> float | None:
     """SLURM's [D-]HH:MM:SS (or MM:SS.mmm) as seconds."""
     try:
         days, _, rest = text.rpartition("-")

@@ -386,6 +386,6 @@ def add_arguments(p) -> None:
 
 
 def cli(a) -> int:
-    convert(a.format, a.src, a.out, a.shards, a.val_shards, a.val_fraction, a.seed, a.chunk_samples,
-            a.compression, a.dtype)
+    convert(a.format, a.src, a.out, shards=a.shards, val_shards=a.val_shards, val_fraction=a.val_fraction,
+            seed=a.seed, chunk_samples=a.chunk_samples, compression=a.compression, x_dtype=a.dtype)
     return 0

@@ -196,6 +196,6 @@ def add_arguments(p) -> None:
 
 
 def cli(a) -> int:
-    index(a.src, a.out, a.x, a.y, a.per_file, a.subvolume, a.val_fraction, a.val, a.num_classes, a.checksums,
-          a.seed)
+    index(a.src, a.out, a.x, a.y, per_file=a.per_file, subvolume=a.subvolume, val_fraction=a.val_fraction,
+          val=a.val, num_classes=a.num_classes, checksums=a.checksums, seed=a.seed)
     return 0

@@ -161,8 +161,9 @@ def cli(a) -> int:
     if a.kind != "images":
         from pipeline.data.synth_layouts import synth_layout
 
-        synth_layout(a.kind, a.out, a.samples, a.shape, a.seed)
+        synth_layout(a.kind, a.out, files=a.samples, shape=a.shape, seed=a.seed)
         return 0
-    synth(a.out, a.samples or 20000, a.val_samples, a.shards, a.val_shards, a.shape or (28, 28, 1), a.classes,
-          a.seed, a.chunk_samples, a.compression, a.dtype)
+    synth(a.out, samples_train=a.samples or 20000, samples_val=a.val_samples, shards=a.shards,
+          val_shards=a.val_shards, shape=a.shape or (28, 28, 1), num_classes=a.classes, seed=a.seed,
+          chunk_samples=a.chunk_samples, compression=a.compression, x_dtype=a.dtype)
     return 0

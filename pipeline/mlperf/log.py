@@ -48,7 +48,7 @@ def logs(run_dir: Path) -> list[Path]:
     return found + [p for _, p in sorted(numbered)]
 
 
-class _Sink(logging.Handler):
+class LineSink(logging.Handler):
     """The logger's only handler: lines held until the file is opened, then written and
     flushed one by one (a killed rank's log holds every event before the kill). A failed
     write (disk full) is said once and ends the log; training goes on."""
@@ -126,7 +126,7 @@ class MLPerfLogFile(MLPerfLog):
     def __init__(self, settings, t_start: float):
         from mlperf_logging.mllog.mllog import MLLogger
 
-        self._sink = _Sink()
+        self._sink = LineSink()
         logger = logging.getLogger(f"pipeline.mlperf.{id(self)}")
         logger.propagate = False
         logger.setLevel(logging.INFO)

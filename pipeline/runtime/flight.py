@@ -188,6 +188,13 @@ class Flight:
     def attach(self) -> None:
         pass
 
+    def state(self) -> dict:
+        return {"rank": None, "host": None, "pid": os.getpid(), "phase": None, "step": None, "waiting": None,
+                "phase_since": None}
+
+    def arm_backstop(self, seconds: float) -> None:
+        pass
+
     def event(self, kind: str, phase: str | None = None, step: int | None = None, label: str = "",
               waiting: str | None = None) -> None:
         pass

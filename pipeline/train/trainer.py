@@ -7,7 +7,7 @@ distribution context and checks the data once for all ranks; `plan` fixes, from 
 manifest alone, what every rank will do (identical step counts everywhere); `build` makes
 the model, optimizer, writers and input and resumes from the newest complete checkpoint;
 `loop` runs the steps; `summarize` and `finish` write each rank's summary and the model.
-Every stage can be called on its own (tests/test_train_inprocess.py). `run` wraps them so
+Every stage can be called on its own (tests/train/test_train_inprocess.py). `run` wraps them so
 that whatever happens, the signal handlers, the watchdog, the step log, the TensorBoard
 writer and Horovod are closed.
 

@@ -134,9 +134,9 @@ class TensorBoardFile(TensorBoard):
 
     def on_steps(self, records: list[dict]) -> None:
         for r in records:
-            self.step(r["step"], r["loss"], r["lr"])
+            self._step(r["step"], r["loss"], r["lr"])
 
-    def step(self, step: int, loss: float, lr: float) -> None:
+    def _step(self, step: int, loss: float, lr: float) -> None:
         self._losses.append(loss)
         if step % self.every:
             return

@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, env, mpirun, pipeline, read_jsonl
-from test_preemption import rank_pid, start, steps_done, wait_for
+from conftest import ROOT, env, mpirun, pipeline, rank_pid, read_jsonl, start, steps_done, wait_for
 from pipeline import config as config_mod
 from pipeline.analysis import mlperf_log
 from pipeline.mlperf.log import log_path, logs
@@ -184,9 +183,9 @@ def test_bench_ttt_scores_seeded_runs_and_reruns_nothing(tmp_path, cosmoflow):
 def test_a_full_disk_ends_the_log_with_one_warning_not_the_run(capsys):
     import logging
 
-    from pipeline.mlperf.log import _Sink
+    from pipeline.mlperf.log import LineSink
 
-    sink = _Sink()
+    sink = LineSink()
     log = logging.getLogger("test.mlperf.full")
     log.propagate = False
     log.addHandler(sink)

@@ -16,49 +16,13 @@ import time
 
 import pytest
 
-from conftest import ROOT, env, pipeline, read_jsonl, read_steps, require_tool
+from conftest import ROOT, env, pipeline, rank_pid, read_steps, require_tool, start, steps_done, wait_for
 from pipeline.train.checkpoint import latest
 from pipeline.errors import EXIT_REQUEUE
 
 # Promise (docs/checkpointing.md, "When a rank dies"): under mpirun a dead rank ends the whole job
 # within 30 s instead of leaving its peers hanging in an allreduce. Measured here: about 2 s (15x).
 KILL_BOUND_S = 30
-
-
-def start(np_: int, *args, **kw) -> subprocess.Popen:
-    mpi = require_tool("mpirun")
-    return subprocess.Popen([mpi, "-np", str(np_), sys.executable, "-m", "pipeline", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            stdin=subprocess.DEVNULL, cwd=ROOT, **kw)
-
-
-def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300.0):
-    """Polls CONDITION. The deadline is a hang guard (a run that never gets there fails the test
-    instead of CI's budget), not a speed check: what it waits for takes seconds here."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}:\n{out}\n{err}")
-        time.sleep(0.05)  # polling an observable condition, not waiting for luck
-    proc.kill()
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def steps_done(run, rank: int) -> int:
-    p = run / "steps" / f"rank-{rank}.jsonl"
-    return p.read_text().count("\n") if p.exists() else 0
-
-
-def rank_pid(run, rank: int) -> int | None:
-    p = run / "ranks" / f"rank-{rank}.json"
-    try:
-        return json.loads(p.read_text())["pid"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def common(data, run, *extra):

@@ -80,16 +80,16 @@ def _report(rank, host, **kw):
 def test_verdict_rules_on_reports():
     """The rules rank 0 applies to every rank's report: what is fatal (exit 2) and what only warns."""
     from pipeline import config
-    from pipeline.cluster.doctor import _verdict
+    from pipeline.cluster.doctor import verdict
 
     cfg = config.load(None)
-    fatal, warn = _verdict([_report(0, "a"), _report(1, "b")], cfg, None)
+    fatal, warn = verdict([_report(0, "a"), _report(1, "b")], cfg, None)
     assert fatal == [] and warn == []
-    fatal, warn = _verdict([_report(0, "a"), _report(1, "b", tensorflow="2.16.1", gpus=1,
+    fatal, warn = verdict([_report(0, "a"), _report(1, "b", tensorflow="2.16.1", gpus=1,
                                                      net={"up": {}, "mpi": ["docker0"], "nccl": ["docker0"]})], cfg, None)
     assert [f.split(":")[0] for f in fatal] == ["rank 1 on b", "rank 1 on b"]
     assert "tensorflow 2.16.1 but rank 0 runs 2.15.1" in fatal[0] and "2 ranks on this host but 1 GPU" in fatal[1]
     assert len(warn) == 1 and "docker0" in warn[0] and "NCCL_SOCKET_IFNAME" in warn[0]
-    fatal, warn = _verdict([_report(0, "a", net={"up": {"lo": "127.0.0.1"}, "mpi": ["lo"], "nccl": ["lo"]}),
+    fatal, warn = verdict([_report(0, "a", net={"up": {"lo": "127.0.0.1"}, "mpi": ["lo"], "nccl": ["lo"]}),
                             _report(1, "b")], cfg, None)
     assert fatal == [] and warn == ["rank 0 on a: no interface but loopback for MPI, and the job spans hosts"]

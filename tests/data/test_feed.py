@@ -2,7 +2,7 @@
 (pipeline/data/feed.py, pipeline/train/step.py `compile_calls`, pipeline/train/trainer.py `call_size`).
 
 One process, no launcher: a Horovod sum over one rank is the value itself, so the stop flag's
-path through the step is the one two ranks take (tests/test_preemption.py runs that under
+path through the step is the one two ranks take (tests/runtime/test_preemption.py runs that under
 mpirun).
 """
 

@@ -1,5 +1,5 @@
 """pipeline sweep's parts that need no cluster: the grid, the points' names and states, the
-leaderboard's ranking, and --local runs (the SLURM path: tests/test_slurm.py)."""
+leaderboard's ranking, and --local runs (the SLURM path: tests/cluster/test_slurm.py)."""
 
 from __future__ import annotations
 
@@ -61,10 +61,10 @@ def test_leaderboard_groups_repeats_scales_against_one_rank_and_marks_the_front(
                 "state": "finished", "why": "", "throughput_samples_per_s": thr, "step_p50_s": 0.01,
                 "data_wait_fraction": 0.01, "final_metric": 0.9, "time_to_target_s": ttt,
                 "node_hours_to_target": None if ttt is None else ttt * nodes / 3600, "nodes": nodes, "sacct": None}
-    rows = leaderboard._group([row(32, 1, 100, 10), row(32, 1, 120, 14, rep=1), row(32, 2, 160, 8, nodes=2),
+    rows = leaderboard.group_repeats([row(32, 1, 100, 10), row(32, 1, 120, 14, rep=1), row(32, 2, 160, 8, nodes=2),
                                row(64, 1, 90, 9), row(64, 2, 150, None, nodes=2)])
-    leaderboard._efficiency(rows)
-    leaderboard._pareto(rows)
+    leaderboard.mark_efficiency(rows)
+    leaderboard.mark_front(rows)
     by = {(r["knobs"]["bs"], r["ranks"]): r for r in rows}
     rep = by[(32, 1)]
     assert rep["repeats"] == 2 and rep["throughput_samples_per_s"] == {"value": 110, "min": 100, "max": 120, "of": 2}
@@ -72,7 +72,7 @@ def test_leaderboard_groups_repeats_scales_against_one_rank_and_marks_the_front(
     # Front: 64x1 (9 s, 9 node-s) and 32x2 (8 s, 16 node-s); 32x1 (12 s, 12 node-s) is beaten by 64x1.
     assert {k for k, r in by.items() if r["pareto"]} == {(64, 1), (32, 2)}
     assert by[(64, 2)]["pareto"] is False and by[(64, 2)]["time_to_target_s"] is None
-    assert leaderboard._seconds("1-00:00:02") == 86402 and leaderboard._seconds("01:02.500") == 62.5
+    assert leaderboard.slurm_seconds("1-00:00:02") == 86402 and leaderboard.slurm_seconds("01:02.500") == 62.5
     assert leaderboard._rss_mb("2048K") == 2 and leaderboard._rss_mb("") is None
 
 

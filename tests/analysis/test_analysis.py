@@ -9,35 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import mpirun, pipeline
+from conftest import mpirun, pipeline, write_run
 from pipeline.analysis import logs, report, summary, timeline
-
-
-def write_run(d: Path, *, ranks: int, steps: int, batch: int = 32, step_s=0.05, data_s=None, seed=0,
-              noise=0.0, t0=1_700_000_000.0, metrics=()) -> Path:
-    """A run directory as the pipeline writes it. step_s/data_s: a number, or a function of
-    (rank, step) giving seconds. Every rank's step ends at the same time, as in lock step."""
-    rng = np.random.default_rng(seed)
-    (d / "steps").mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"ranks": ranks, "global_batch": batch * ranks}))
-    files = [open(d / "steps" / f"rank-{r}.jsonl", "w") for r in range(ranks)]
-    t = t0
-    for s in range(1, steps + 1):
-        durs = [(step_s(r, s) if callable(step_s) else step_s) * (1 + noise * rng.standard_normal())
-                for r in range(ranks)]
-        t += max(durs)
-        for r, f in enumerate(files):
-            ds = (data_s(r, s) if callable(data_s) else data_s) if data_s is not None else 0.001
-            ds *= 1 + noise * abs(rng.standard_normal())
-            f.write(json.dumps({"step": s, "epoch": 1, "rank": r, "size": ranks, "time": t, "step_s": durs[r],
-                                "data_s": ds, "compute_s": durs[r] - ds, "samples": batch, "loss": 1.0 / s,
-                                "rss_mb": 400.0 + r}) + "\n")
-    for f in files:
-        f.close()
-    with open(d / "metrics.jsonl", "w") as f:
-        for m in metrics:
-            f.write(json.dumps(m) + "\n")
-    return d
 
 
 def test_percentiles_and_throughput_follow_their_definitions(tmp_path):
