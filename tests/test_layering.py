@@ -6,7 +6,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 # The declared order, lowest first. A module's layer is its package under pipeline/ (the base

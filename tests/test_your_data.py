@@ -14,7 +14,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import ROOT, assert_user_error, mpirun, pipeline, read_jsonl, require_root, write_run
 
 
@@ -294,9 +293,9 @@ def test_read_only_sources_staged_copies_and_changed_files(raw, tmp_path):
 
 
 def test_layout_and_target_rules():
-    from pipeline.train import checkpoint
-    from pipeline.target import parse as parse_target
     from pipeline.data.layout import Layout
+    from pipeline.target import parse as parse_target
+    from pipeline.train import checkpoint
 
     lay = Layout("full", "unitPar", "one", 16, (32, 48, 32, 4))
     assert lay.grid == (2, 3, 2) and lay.samples_in_file((32, 48, 32, 4)) == 12

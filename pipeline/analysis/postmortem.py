@@ -21,8 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.runtime import flight
 from pipeline.rundir import RunDir, is_header
+from pipeline.runtime import flight
 
 _ENDED = ("done", "stop")
 

@@ -8,10 +8,9 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.analysis import commmodel
 from pipeline import target as target_mod
+from pipeline.analysis import commmodel, logs, mlperf_log, plots, postmortem, summary as summary_mod
 from pipeline.errors import UserError
-from pipeline.analysis import logs, mlperf_log, plots, postmortem, summary as summary_mod
 from pipeline.mlperf.log import logs as mlperf_logs
 
 

@@ -69,8 +69,8 @@ def main(argv=None) -> int:
         rank, size = hvd.rank(), hvd.size()
     import tensorflow as tf
 
-    from pipeline.train import models
     from pipeline.runtime.dist import rank_threads
+    from pipeline.train import models
 
     threads = rank_threads(a.threads, hvd.local_size() if hvd else 1)
     tf.config.threading.set_intra_op_parallelism_threads(threads)

@@ -71,8 +71,8 @@ def _consumption(m, dist, batch_size: int, steps: int = 30, warmup: int = 5) -> 
     import numpy as np
     import tensorflow as tf
 
-    from pipeline.train import models
     from pipeline.data import reader
+    from pipeline.train import models
 
     model = models.build("cnn", m.shape, m.num_classes)
     opt = tf.keras.optimizers.Adam(1e-3)
@@ -152,8 +152,8 @@ class _Timer:
 def run(data_dir: str, batch_size: int = config.TrainConfig.batch_size, repeats: int = 3,
         read_block: int = config.DataConfig.read_block, shuffle_buffer: int = config.DataConfig.shuffle_buffer,
         threads: int = config.TrainConfig.threads, json_out: str | None = None, out=sys.stdout) -> dict:
-    from pipeline.runtime import dist as dist_mod
     from pipeline.data import reader, sharding, shards
+    from pipeline.runtime import dist as dist_mod
 
     m = shards.load_manifest(data_dir)
     shards.check_exist(m, ["train"])

@@ -14,10 +14,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from pipeline.bench.suite import Bench
+from pipeline.cluster.sweep import run_point
 from pipeline.errors import UserError
 from pipeline.measure import median_range
-from pipeline.cluster.sweep import run_point
-from pipeline.bench.suite import Bench
 
 KNOBS = [
     ("default (float32)", []),

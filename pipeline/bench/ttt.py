@@ -21,9 +21,10 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.analysis import mlperf_log
+from pipeline.cluster.sweep import run_point
+from pipeline.cluster.sweepstate import LOG_FILE
 from pipeline.errors import UserError
 from pipeline.mlperf.log import logs as mlperf_logs
-from pipeline.cluster.sweep import LOG_FILE, run_point
 
 RULESET = "3.0.0"
 

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.runtime import dist as dist_mod
-from pipeline.fsutil import atomic_write_text
 from pipeline.errors import EXIT_USER_ERROR
+from pipeline.fsutil import atomic_write_text
+from pipeline.runtime import dist as dist_mod
 
 # Interfaces that carry no traffic between hosts: loopback, and container or VM bridges.
 _LOCAL_ONLY = ("lo", "docker", "virbr", "br-", "veth", "cni", "flannel", "podman", "lxcbr")
@@ -157,8 +157,8 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
     params = 0
     if d.is_root:
         with contextlib.suppress(Exception):
-            from pipeline.train import models
             from pipeline.data import shards
+            from pipeline.train import models
 
             m = shards.load_manifest(cfg.data.dir, cfg.data.root or None)
             params = models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape,

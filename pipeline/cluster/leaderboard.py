@@ -20,10 +20,10 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from pipeline.cluster import sweepstate
 from pipeline import target as target_mod
-from pipeline.errors import UserError
 from pipeline.analysis import logs, summary as summary_mod
+from pipeline.cluster import sweepstate
+from pipeline.errors import UserError
 
 
 def build(out_dir: str | Path, target: str | None = None) -> dict:

@@ -37,10 +37,19 @@ from pathlib import Path
 import yaml
 
 from pipeline import config as config_mod
+from pipeline.cluster.sweepstate import (
+    EXIT_FILE,
+    LOG_FILE,
+    MANIFEST,
+    POINT_CONFIG,
+    POINT_FILE,
+    active_jobs,
+    point_state,
+    read_json,
+    slurm,
+)
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_write_text
-from pipeline.cluster.sweepstate import (EXIT_FILE, LOG_FILE, MANIFEST, POINT_CONFIG, POINT_FILE, active_jobs,
-                                        point_state, read_json, slurm)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 

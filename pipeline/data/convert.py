@@ -25,8 +25,15 @@ from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
+from pipeline.data.shards import (
+    DEFAULT_CHUNK,
+    X_DTYPES,
+    SplitWriter,
+    parse_compression,
+    prepare_out_dir,
+    write_manifest,
+)
 from pipeline.errors import UserError
-from pipeline.data.shards import DEFAULT_CHUNK, SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, write_manifest
 
 FORMATS = ("npz", "idx", "cifar10")
 BLOCK = 4096  # samples read, converted and written at a time

@@ -17,9 +17,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.errors import UserError
 from pipeline.data.layout import PER_FILE, Layout
-from pipeline.data.shards import HDF5_SIGNATURE, INDEXED, ShardInfo, open_shard, prepare_out_dir, sha256_file, write_manifest
+from pipeline.data.shards import (
+    HDF5_SIGNATURE,
+    INDEXED,
+    ShardInfo,
+    open_shard,
+    prepare_out_dir,
+    sha256_file,
+    write_manifest,
+)
+from pipeline.errors import UserError
 
 SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc")
 

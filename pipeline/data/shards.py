@@ -22,9 +22,9 @@ from typing import Iterable, Iterator
 import h5py
 import numpy as np
 
+from pipeline.data.layout import Layout
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_write_text, fsync_path, temp_name
-from pipeline.data.layout import Layout
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.fsutil import atomic_write_text
 from pipeline.data.shards import load_manifest, open_shard
+from pipeline.fsutil import atomic_write_text
 
 BATCH_BYTES = 64 << 20
 

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.shards import (
+    DEFAULT_CHUNK,
+    X_DTYPES,
+    SplitWriter,
+    parse_compression,
+    prepare_out_dir,
+    write_manifest,
+)
 from pipeline.errors import UserError
-from pipeline.data.shards import DEFAULT_CHUNK, SplitWriter, X_DTYPES, parse_compression, prepare_out_dir, write_manifest
 
 MAX_SHIFT = 3
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -17,7 +17,6 @@ from pipeline.fsutil import atomic_write_text
 from pipeline.rundir import RunDir
 
 
-
 def save_keras(model, run_dir: RunDir) -> Path:
     """RUN/model.keras, written under a temporary name and renamed: never half a model."""
     final = run_dir.model

@@ -29,22 +29,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.train import checkpoint, models
 from pipeline import config as config_mod, faultspec, measure
-from pipeline.runtime import dist as dist_mod, flight
-from pipeline.mlperf.hook import ABORTED, MLPerfHook, drop_page_cache
-from pipeline.train import step as step_mod
-from pipeline.train import writers as writers_mod
 from pipeline.data import feed as feed_mod, reader, sharding, shards
 from pipeline.errors import UserError
-from pipeline.train.evaluate import Evaluator
 from pipeline.fsutil import atomic_write_text
+from pipeline.mlperf.hook import ABORTED, MLPerfHook, drop_page_cache
+from pipeline.rundir import RunDir
+from pipeline.runtime import dist as dist_mod, flight
 from pipeline.runtime.hooks import FaultHook, FlightHook, Hooks, WatchdogHook, signal_name
 from pipeline.runtime.preempt import StopSignals, Watchdog
-from pipeline.rundir import RunDir
+from pipeline.train import checkpoint, models, step as step_mod, writers as writers_mod
+from pipeline.train.evaluate import Evaluator
 from pipeline.train.schedule import LR
-from pipeline.train.task import Task
 from pipeline.train.steplog import StepLog, rss_mb
+from pipeline.train.task import Task
 
 
 def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:

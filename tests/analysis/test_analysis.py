@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import mpirun, pipeline, write_run
+
 from pipeline.analysis import logs, report, summary, timeline
 
 

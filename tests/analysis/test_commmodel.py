@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import pipeline
-from pipeline.analysis import commmodel
-from pipeline.analysis import timeline
+
+from pipeline.analysis import commmodel, timeline
 from pipeline.errors import UserError
 
 

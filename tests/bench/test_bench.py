@@ -4,7 +4,6 @@ Speed is not asserted here (a shared machine is noisy); the memory bound of conv
 import json
 
 import pytest
-
 from conftest import mpirun, pipeline
 
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, env, read_jsonl, require_root, require_tool
 
 pytestmark = pytest.mark.multinode

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, env, mpirun, require_root, require_tool
 
 HOST = os.uname().nodename

@@ -3,8 +3,8 @@ environment (a second node cannot be started here)."""
 
 import pytest
 
-from pipeline.errors import UserError
 from pipeline.cluster.launch import command, tasks_per_node
+from pipeline.errors import UserError
 
 TWO_NODES = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4",
              "SLURM_CPUS_PER_TASK": "8", "PATH": "/opt/venv/bin:/usr/bin", "NCCL_IB_DISABLE": "0",

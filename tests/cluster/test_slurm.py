@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, read_jsonl, read_steps, require_root
 
 pytestmark = pytest.mark.slurm

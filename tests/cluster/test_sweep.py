@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import ROOT, pipeline
-from pipeline.cluster import sweep
-from pipeline.cluster import leaderboard, sweepstate
+
+from pipeline.cluster import leaderboard, sweep, sweepstate
 from pipeline.errors import UserError
 
 

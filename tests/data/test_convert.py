@@ -7,8 +7,8 @@ import tarfile
 import h5py
 import numpy as np
 import pytest
-
 from conftest import pipeline
+
 from pipeline.data import shards
 from pipeline.data.convert import BLOCK, convert, holdout_mask
 from pipeline.errors import UserError

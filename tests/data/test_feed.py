@@ -15,8 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.data import feed
-from pipeline.data import reader, shards
+from pipeline.data import feed, reader, shards
 from pipeline.data.sharding import assign
 from pipeline.train.trainer import call_size
 

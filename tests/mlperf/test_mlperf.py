@@ -11,12 +11,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, env, mpirun, pipeline, rank_pid, read_jsonl, start, steps_done, wait_for
+
 from pipeline import config as config_mod
 from pipeline.analysis import mlperf_log
-from pipeline.mlperf.log import log_path, logs
 from pipeline.errors import EXIT_REQUEUE
+from pipeline.mlperf.log import log_path, logs
 
 COSMOFLOW = ROOT / "configs" / "cosmoflow.yaml"
 

@@ -2,7 +2,6 @@ import json
 
 import pytest
 
-
 from pipeline.runtime.dist import Dist, rank_threads
 
 

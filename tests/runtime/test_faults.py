@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, env, pipeline, require_root, require_tool
-from pipeline.runtime import flight
+
 from pipeline.errors import EXIT_FAULT, EXIT_STALLED, EXIT_STOP_INCOMPLETE
+from pipeline.runtime import flight
 
 STEP_TIMEOUT = 10
 STARTUP_TIMEOUT = 30  # long enough that the healthy rank is surely in hvd.init by then

@@ -12,10 +12,10 @@ import sys
 import threading
 import time
 
-
 from conftest import ROOT, env, pipeline
-from pipeline.runtime import flight
+
 from pipeline.analysis import postmortem
+from pipeline.runtime import flight
 from pipeline.runtime.preempt import Watchdog
 
 

@@ -15,10 +15,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, env, pipeline, rank_pid, read_steps, require_tool, start, steps_done, wait_for
-from pipeline.train.checkpoint import latest
+
 from pipeline.errors import EXIT_REQUEUE
+from pipeline.train.checkpoint import latest
 
 # Promise (docs/checkpointing.md, "When a rank dies"): under mpirun a dead rank ends the whole job
 # within 30 s instead of leaving its peers hanging in an allreduce. Measured here: about 2 s (15x).

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
+from pipeline.config import CheckpointConfig
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import Checkpoints, CheckpointWriter, latest, list_complete, should_save
-from pipeline.config import CheckpointConfig
 
 
 @pytest.mark.parametrize("step, every, last, expected", [

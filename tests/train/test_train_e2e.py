@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import ROOT, mpirun, pipeline, read_jsonl, read_steps
 
 

@@ -12,6 +12,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 from conftest import read_jsonl, read_steps
+
 from pipeline import config, rundir
 
 
@@ -31,8 +32,8 @@ def _stages(data_dir: str, run_dir: str) -> dict:
     import contextlib
     import io
 
-    from pipeline.train import trainer as train
     from pipeline.rundir import RunDir
+    from pipeline.train import trainer as train
 
     cfg = _config(data_dir, "train.max_steps=6", "checkpoint.every_steps=3")
     rd = RunDir(run_dir)
@@ -126,8 +127,8 @@ def test_an_exception_in_the_loop_closes_everything(tmp_path, small_dataset):
 def _train(config_file: str | None, data_dir: str, run_dir: str) -> str:
     import io
 
-    from pipeline.train import checkpoint, trainer as train
     from pipeline import config
+    from pipeline.train import checkpoint, trainer as train
 
     cfg = config.load(config_file) if config_file else \
         _config(data_dir, "train.deterministic=true", "train.max_steps=8", "checkpoint.every_steps=0")

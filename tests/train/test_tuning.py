@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import mpirun, pipeline, read_jsonl, read_steps
 
 
