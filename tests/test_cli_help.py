@@ -54,7 +54,9 @@ def test_flags_that_mirror_a_config_key_take_it_from_the_config():
         for a in parser._actions:
             if a.dest not in keys or (" ".join(path), a.dest) in OTHER_MEANING:
                 continue
-            key = next(k for k in keys[a.dest] if f"(as {k};" in (a.help or ""))
+            key = next((k for k in keys[a.dest] if f"(as {k};" in (a.help or "")), None)
+            assert key, (f"pipeline {' '.join(path)} {a.option_strings or a.dest}: named like config key(s) "
+                         f"{keys[a.dest]} but not made by config.flag (or listed in OTHER_MEANING)")
             assert a.default == config.flag_default(key), (path, a.dest)
             assert f"default {config.flag_default(key)}" in a.help, (path, a.dest, a.help)
             mirrored.append((" ".join(path), a.dest))
