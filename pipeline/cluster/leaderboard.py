@@ -164,7 +164,7 @@ def sacct(manifest: dict) -> tuple[dict[str, dict], str]:
         if "." not in jid:
             j.update(job=task, elapsed_s=slurm_seconds(elapsed), state=state.split()[0] if state else state,
                      exit_code=code, nodes=nodes)
-        mb = _rss_mb(rss)
+        mb = slurm_rss_mb(rss)
         if mb is not None:
             j["max_rss_mb"] = max(j["max_rss_mb"] or 0.0, mb)
     out = {}
@@ -188,7 +188,7 @@ def slurm_seconds(text: str) -> float | None:
         return None
 
 
-def _rss_mb(text: str) -> float | None:
+def slurm_rss_mb(text: str) -> float | None:
     text = text.strip()
     if not text:
         return None

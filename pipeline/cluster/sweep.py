@@ -257,7 +257,7 @@ def _submit(out_dir: Path, manifest: dict, todo: list[Point], sbatch_args: str, 
         print(f"sweep: submitted job array {jid} ({len(names)} point(s) x {r} rank(s)): {' '.join(cmd)}", file=log)
     analysis = ["sbatch", "--parsable", f"--dependency=afterany:{':'.join(job_ids)}", "--ntasks=1",
                 f"--job-name=sweep-{out_dir.name}-leaderboard", f"--output={(out_dir / 'leaderboard.out').resolve()}",
-                *_where_to_run(extra),
+                *where_to_run(extra),
                 "--wrap", leaderboard_command(out_dir, target, env["PIPELINE"])]
     res = slurm(analysis, env)
     if res.returncode != 0:
@@ -269,7 +269,7 @@ def _submit(out_dir: Path, manifest: dict, todo: list[Point], sbatch_args: str, 
     return 0
 
 
-def _where_to_run(args: list[str]) -> list[str]:
+def where_to_run(args: list[str]) -> list[str]:
     """The partition, account and QOS options among --sbatch-args (the analysis job runs
     where the arrays may), with their values whether joined (--partition=x) or not (-p x)."""
     keep, names = [], ("--partition", "-p", "--account", "-A", "--qos", "-q")

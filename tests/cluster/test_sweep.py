@@ -72,7 +72,7 @@ def test_leaderboard_groups_repeats_scales_against_one_rank_and_marks_the_front(
     assert {k for k, r in by.items() if r["pareto"]} == {(64, 1), (32, 2)}
     assert by[(64, 2)]["pareto"] is False and by[(64, 2)]["time_to_target_s"] is None
     assert leaderboard.slurm_seconds("1-00:00:02") == 86402 and leaderboard.slurm_seconds("01:02.500") == 62.5
-    assert leaderboard._rss_mb("2048K") == 2 and leaderboard._rss_mb("") is None
+    assert leaderboard.slurm_rss_mb("2048K") == 2 and leaderboard.slurm_rss_mb("") is None
 
 
 @pytest.mark.mpi
@@ -102,7 +102,7 @@ def test_local_sweep_runs_each_point_once_and_writes_the_leaderboard(tmp_path, s
 
 
 def test_the_analysis_job_gets_the_arrays_partition_account_and_qos():
-    assert sweep._where_to_run(["-p", "gpu", "--time=02:00:00", "--account=x", "-Aproj", "--qos", "high",
+    assert sweep.where_to_run(["-p", "gpu", "--time=02:00:00", "--account=x", "-Aproj", "--qos", "high",
                                 "--mem=4G"]) == ["-p", "gpu", "--account=x", "-Aproj", "--qos", "high"]
 
 
