@@ -140,7 +140,7 @@ def points(grid: dict[str, list], ranks: list[int], repeats: int) -> list[Point]
 
 
 def sbatch_script() -> Path:
-    return Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+    return Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
 
 
 # --- the command ---

@@ -135,7 +135,7 @@ class MLPerfLogFile(MLPerfLog):
         # stack offset 3: the call site recorded in each line is the training code, not this
         # file or the hook.
         self._ml = MLLogger(logger=logger, default_stack_offset=3,
-                            root_dir=str(Path(__file__).resolve().parent.parent))
+                            root_dir=str(Path(__file__).resolve().parents[2]))
         for key, value in (("submission_benchmark", settings.benchmark), ("submission_org", settings.org),
                            ("submission_division", settings.division), ("submission_status", settings.status)):
             self.event(key, value)

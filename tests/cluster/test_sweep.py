@@ -128,3 +128,7 @@ def test_a_point_that_ran_keeps_its_config_when_the_settings_change(tmp_path, mo
     pending = json.loads((out / "train.batch_size=64,ranks=1" / sweepstate.POINT_CONFIG).read_text())
     assert pending["train"]["max_steps"] == 20  # not run yet: the new settings
     assert "train.batch_size=32,ranks=1 already ran with another config" in second.getvalue()
+
+
+def test_the_arrays_run_the_projects_train_sbatch():
+    assert sweep.sbatch_script() == ROOT / "slurm" / "train.sbatch" and sweep.sbatch_script().is_file()
