@@ -63,6 +63,7 @@ def test_bench_run_quick_writes_every_figure(tmp_path):
     assert a.returncode == 0 and json.loads(a.stdout)["runs"][0]["ranks"] == 2
 
 
+@pytest.mark.mpi
 def test_bench_knobs_runs_each_knob_fresh_against_the_default(tmp_path, monkeypatch):
     import io
 
