@@ -413,8 +413,9 @@ def _loop_resources(t: Trainer, resources: contextlib.ExitStack, watchdog: Watch
     staged = (t.staging_t0, time.time(), t.input.mode) if t.input.mode.startswith("in memory") else None
     ml.ready(plan.epoch_of, staged, dist.barrier)
     writers = t.writers
-    hooks = Hooks([FaultHook(t.fault, dist.rank, rec) if t.fault else None, FlightHook(rec),
-                   WatchdogHook(watchdog, t.cfg.train.step_timeout_s, t.cfg.train.stop_timeout_s),
+    # The watchdog before the recorder: a signal bounds the stop before the post-mortem is written.
+    hooks = Hooks([FaultHook(t.fault, dist.rank, rec) if t.fault else None,
+                   WatchdogHook(watchdog, t.cfg.train.step_timeout_s, t.cfg.train.stop_timeout_s), FlightHook(rec),
                    ml, writers.progress, writers.board])
     signals = resources.enter_context(StopSignals(
         dist.rank, on_signal=lambda signum: (_raise_flag(stop_flag), hooks.on_signal(signum))))
