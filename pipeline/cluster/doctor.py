@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import EXIT_USER_ERROR
+from pipeline.errors import EXIT_USER_ERROR, UserError
 from pipeline.fsutil import atomic_write_text
-from pipeline.runtime import dist as dist_mod
+from pipeline.runtime import dist as dist_mod, gpus
 
 # Interfaces that carry no traffic between hosts: loopback, and container or VM bridges.
 _LOCAL_ONLY = ("lo", "docker", "virbr", "br-", "veth", "cni", "flannel", "podman", "lxcbr")
@@ -151,7 +151,8 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
 
     me = {"rank": d.rank, "host": socket.gethostname(), "local_rank": d.local_rank, "local_size": d.local_size,
           **_versions(), "data_dir": cfg.data.dir, "manifest": _manifest_digest(cfg.data.dir),
-          "gpus": len(tf.config.list_physical_devices("GPU")), "net": interfaces()}
+          "gpus": d.gpus_visible, "gpu": d.gpu, "tf_gpus": len(tf.config.list_physical_devices("GPU")),
+          "gpu_allocated": d.gpu_allocated, "gpu_node": _gpus_on_the_node(), "net": interfaces()}
     # The model's size for the free-space check, from rank 0 (building it on every rank
     # costs every rank the time).
     params = 0
@@ -193,8 +194,20 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
     return EXIT_USER_ERROR if fatal else 0
 
 
+def _gpus_on_the_node() -> str | None:
+    """/dev/nvidiaN and `nvidia-smi -L`, whatever the job was given (gpus.on_the_node)."""
+    import subprocess
+
+    devices = [p for p in os.listdir("/dev") if p.startswith("nvidia")] if os.path.isdir("/dev") else []
+    lines: list[str] = []
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            lines = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout.splitlines()
+    return gpus.on_the_node(devices, lines)
+
+
 def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], list[str]]:
-    fatal, warn = [], []
+    fatal, warn = gpus.node_problems(reports)
     r0 = reports[0]
     for r in reports:
         who = f"rank {r['rank']} on {r['host']}"
@@ -212,8 +225,11 @@ def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], 
             elif r["rank"] == 0 and r["free_bytes"] < r["need_bytes"]:
                 fatal.append(f"{who}: {_mib(r['free_bytes'])} free where {run_dir} is, but checkpoint.keep + 1 = "
                              f"{cfg.checkpoint.keep + 1} checkpoints need {_mib(r['need_bytes'])}")
-        if r["gpus"] and r["local_size"] > r["gpus"]:
-            fatal.append(f"{who}: {r['local_size']} ranks on this host but {r['gpus']} GPU(s); start one rank per GPU")
+        try:  # the binding rule training applies (pipeline/runtime/gpus.py)
+            gpus.choose([str(i) for i in range(r["gpus"])], r["local_rank"], r["local_size"], rank=r["rank"],
+                        host=r["host"], environ={})
+        except UserError as e:
+            fatal.append(str(e))
         net = r["net"]
         bridges = [n for n in net["mpi"] + net["nccl"] if n.startswith(_LOCAL_ONLY[1:])]
         if bridges:

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.runtime import flight
+from pipeline.errors import UserError
+from pipeline.runtime import flight, gpus
 
 
 def rank_threads(requested: int, local_size: int, environ=None, cores: int | None = None,
@@ -67,6 +68,9 @@ class Dist:
     local_size: int = 1
     backend: str = "local"
     threads: int = 1
+    gpu: str | None = None           # the CUDA_VISIBLE_DEVICES entry this rank uses (None: CPU)
+    gpus_visible: int = 0            # the GPUs it saw before pinning
+    gpu_allocated: str | None = None  # what said the job was given GPUs (gpus.allocated)
     _hvd: Any = None
 
     @property
@@ -197,16 +201,46 @@ def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False, hor
 
     tf.config.threading.set_intra_op_parallelism_threads(d.threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, d.threads)))
-    # Any GPU: one per rank, chosen by local rank (the usual Horovod pinning).
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        if d.local_size > len(gpus):
-            # Sharing a GPU between ranks runs out of memory or serializes them; say so now.
-            from pipeline.errors import UserError
-
-            raise UserError(f"rank {d.rank}: {d.local_size} ranks on host {socket.gethostname()} but "
-                            f"{len(gpus)} GPU(s) visible; start one rank per GPU", quiet=d.local_rank != 0)
-        gpu = gpus[d.local_rank]
-        tf.config.set_visible_devices(gpu, "GPU")
-        tf.config.experimental.set_memory_growth(gpu, True)
+    pin_gpu(d, tf)
     return d
+
+
+def pin_gpu(d: Dist, tf, environ=os.environ) -> None:
+    """One GPU per rank, as the launcher bound them (pipeline/runtime/gpus.py), before
+    TensorFlow initialises CUDA. A CUDA_VISIBLE_DEVICES list is narrowed to the rank's entry
+    (the only way to hide a MIG instance or a GPU from CUDA itself); without one, TensorFlow's
+    list is narrowed with set_visible_devices. Then the ranks of each host compare the GPUs they
+    chose: two on one GPU run out of memory or serialize, so they stop with one line."""
+    host = socket.gethostname()
+    # Indices agree with nvidia-smi, NVML and SLURM, not CUDA's fastest-first order.
+    environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    d.gpu_allocated = gpus.allocated(environ)
+    from_env = gpus.visible_entries(environ)
+    if from_env is not None:
+        d.gpus_visible = len(from_env)
+        d.gpu = _choose(d, from_env, host, environ)
+        if d.gpu is not None:
+            environ["CUDA_VISIBLE_DEVICES"] = d.gpu
+        found = tf.config.list_physical_devices("GPU")
+        device = found[0] if found else None
+    else:
+        found = tf.config.list_physical_devices("GPU")
+        d.gpus_visible = len(found)
+        d.gpu = _choose(d, [str(i) for i in range(len(found))], host, environ)
+        device = found[int(d.gpu)] if d.gpu is not None else None
+        if device is not None:
+            tf.config.set_visible_devices(device, "GPU")
+    if device is not None:
+        tf.config.experimental.set_memory_growth(device, True)
+    chosen = d.allgather_object((d.rank, host, gpus.identity(d.gpu, from_env is not None)), name="gpus")
+    problems = gpus.shared(chosen)
+    if problems:
+        raise UserError(problems[0], quiet=d.rank != 0)
+
+
+def _choose(d: Dist, visible: list[str], host: str, environ) -> str | None:
+    """gpus.choose, said once per host (every rank of a host meets the same binding)."""
+    try:
+        return gpus.choose(visible, d.local_rank, d.local_size, rank=d.rank, host=host, environ=environ)
+    except UserError as e:
+        raise UserError(str(e), quiet=d.local_rank != 0) from None

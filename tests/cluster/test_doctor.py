@@ -84,10 +84,12 @@ def test_verdict_rules_on_reports():
     cfg = config.load(None)
     fatal, warn = verdict([_report(0, "a"), _report(1, "b")], cfg, None)
     assert fatal == [] and warn == []
-    fatal, warn = verdict([_report(0, "a"), _report(1, "b", tensorflow="2.16.1", gpus=1,
+    fatal, warn = verdict([_report(0, "a"), _report(1, "b", tensorflow="2.16.1", gpus=2, local_size=4,
                                                      net={"up": {}, "mpi": ["docker0"], "nccl": ["docker0"]})], cfg, None)
     assert [f.split(":")[0] for f in fatal] == ["rank 1 on b", "rank 1 on b"]
-    assert "tensorflow 2.16.1 but rank 0 runs 2.15.1" in fatal[0] and "2 ranks on this host but 1 GPU" in fatal[1]
+    assert "tensorflow 2.16.1 but rank 0 runs 2.15.1" in fatal[0] and "4 ranks on this host but 2 GPUs" in fatal[1]
+    # srun --gpus-per-task=1: each rank sees the one GPU bound to it; not a problem.
+    assert verdict([_report(0, "a", gpus=1), _report(1, "a", gpus=1)], cfg, None) == ([], [])
     assert len(warn) == 1 and "docker0" in warn[0] and "NCCL_SOCKET_IFNAME" in warn[0]
     fatal, warn = verdict([_report(0, "a", net={"up": {"lo": "127.0.0.1"}, "mpi": ["lo"], "nccl": ["lo"]}),
                             _report(1, "b")], cfg, None)
