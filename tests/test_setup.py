@@ -1,0 +1,68 @@
+"""`make env`'s choice of build, through its dry run on this machine's ready venv: told
+(GPU=cuda), found (GPU=auto with an nvidia-smi on PATH that lists a GPU, as a GPU node's
+does), or the CPU build when nothing shows a GPU. The dry run changes nothing in the venv."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+FAKE_SMI = '#!/bin/sh\n[ "$1" = -L ] && echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-8e0b6f1d-2c3a-4b5c-9d8e-7f6a5b4c3d2e)"\n'
+
+
+def venv_state() -> dict:
+    venv = ROOT / ".venv"
+    return {p.relative_to(venv).as_posix(): p.stat().st_mtime_ns for p in
+            [venv / "pipeline-env.json", venv / ".ready", *(venv / "lib").glob("python3*/site-packages/*")]
+            if p.exists()}
+
+
+def dry_run(tmp_path, gpu: str | None, smi: bool = False, device: bool = False) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GPU", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "NCCL_HOME", "NCCL_ROOT")}
+    dev = tmp_path / "dev"  # this machine's /dev stands aside: only what the test puts here counts
+    dev.mkdir()
+    if device:
+        (dev / "nvidia0").write_text("")
+    env["SETUP_DEV_DIR"] = str(dev)
+    if smi:
+        (tmp_path / "nvidia-smi").write_text(FAKE_SMI)
+        (tmp_path / "nvidia-smi").chmod(0o755)
+        env["PATH"] = f"{tmp_path}{os.pathsep}{env['PATH']}"
+    args = ["make", "-s", "env", "SETUP_DRY_RUN=1"] + ([f"GPU={gpu}"] if gpu else [])
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("gpu, smi, device, why", [
+    ("cuda", False, False, "(GPU=cuda)"),  # a login node, told
+    (None, True, False, "(GPU=auto: nvidia-smi -L lists 1 GPU(s))"),  # a GPU node's nvidia-smi
+    (None, False, True, "dev/nvidia0 exists)"),  # a device file, no nvidia-smi on PATH
+], ids=["told", "nvidia-smi", "device"])
+def test_a_gpu_build_names_cuda_tensorflow_nccl_and_where_nccl_comes_from(tmp_path, gpu, smi, device, why):
+    before = venv_state()
+    out = dry_run(tmp_path, gpu, smi, device)
+    assert "[setup] dry run: nothing is installed or changed" in out
+    assert "[setup] TensorFlow requirement: tensorflow[and-cuda]==2.15.1" in out
+    assert "HOROVOD_GPU_OPERATIONS=NCCL" in out and "HOROVOD_NCCL_HOME=" in out and "NCCL from: " in out
+    build = next(line for line in out.splitlines() if line.startswith("[setup] build: "))
+    assert build.startswith("[setup] build: nccl (GPU=") and build.endswith(why), build
+    assert venv_state() == before
+
+
+def test_nothing_that_shows_a_gpu_gives_the_cpu_build(tmp_path):
+    before = venv_state()
+    out = dry_run(tmp_path, None)
+    assert "[setup] TensorFlow requirement: tensorflow-cpu==2.15.1" in out
+    variables = out.split("build variables: ")[1].splitlines()[0]
+    assert variables.endswith("HOROVOD_GPU_OPERATIONS=") and "NCCL" not in variables
+    assert venv_state() == before
+
+
+def test_an_unknown_build_is_refused():
+    r = subprocess.run(["bash", "scripts/setup-env.sh"], cwd=ROOT, env={**os.environ, "GPU": "rocm"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "setup-env.sh: GPU must be cuda, none or auto, got 'rocm'"
