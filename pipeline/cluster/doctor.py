@@ -151,8 +151,7 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
 
     me = {"rank": d.rank, "host": socket.gethostname(), "local_rank": d.local_rank, "local_size": d.local_size,
           **_versions(), "data_dir": cfg.data.dir, "manifest": _manifest_digest(cfg.data.dir),
-          "gpus": d.gpus_visible, "gpu": d.gpu, "tf_gpus": len(tf.config.list_physical_devices("GPU")),
-          "gpu_allocated": d.gpu_allocated, "gpu_node": _gpus_on_the_node(), "net": interfaces()}
+          **_gpu_report(d, tf), "net": interfaces()}
     # The model's size for the free-space check, from rank 0 (building it on every rank
     # costs every rank the time).
     params = 0
@@ -194,16 +193,29 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
     return EXIT_USER_ERROR if fatal else 0
 
 
-def _gpus_on_the_node() -> str | None:
-    """/dev/nvidiaN and `nvidia-smi -L`, whatever the job was given (gpus.on_the_node)."""
+def _nvidia_smi(*args: str) -> str:
     import subprocess
 
+    if not shutil.which("nvidia-smi"):
+        return ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=20).stdout
+    return ""
+
+
+def _gpu_report(d, tf) -> dict:
+    """What this rank sees of GPUs: the binding (from dist), TensorFlow's list and the CUDA it
+    was built for, the driver's CUDA and what the node shows whatever the job was given."""
     devices = [p for p in os.listdir("/dev") if p.startswith("nvidia")] if os.path.isdir("/dev") else []
-    lines: list[str] = []
-    if shutil.which("nvidia-smi"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            lines = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout.splitlines()
-    return gpus.on_the_node(devices, lines)
+    listed = tf.config.list_physical_devices("GPU")
+    name = None
+    if listed:
+        with contextlib.suppress(Exception):
+            name = tf.config.experimental.get_device_details(listed[0]).get("device_name")
+    return {"gpus": d.gpus_visible, "gpu": d.gpu, "tf_gpus": len(listed), "gpu_name": name,
+            "cuda_built": tf.sysconfig.get_build_info().get("cuda_version") or None,
+            "driver_cuda": gpus.driver_cuda(_nvidia_smi()), "gpu_allocated": d.gpu_allocated,
+            "gpu_node": gpus.on_the_node(devices, _nvidia_smi("-L").splitlines())}
 
 
 def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], list[str]]:
@@ -240,6 +252,14 @@ def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], 
     return fatal, warn
 
 
+def _gpu_cell(r: dict) -> str:
+    """The rank's GPU: its CUDA_VISIBLE_DEVICES entry, name, TensorFlow's CUDA and the driver's."""
+    if not r.get("gpu"):
+        return "-"
+    return " ".join(x for x in (r["gpu"], r.get("gpu_name"), r.get("cuda_built") and f"CUDA {r['cuda_built']}",
+                                r.get("driver_cuda") and f"driver CUDA {r['driver_cuda']}") if x)
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -247,7 +267,7 @@ def _mib(n: int) -> str:
 def _table(reports: list[dict], t1, t64, size: int, run_dir: Path | None) -> str:
     lines = ["rank  host              python   tensorflow  horovod  ops            nccl  mpi"
              "                                       manifest          gpus/local  mpi if      nccl if"
-             + ("  run dir" if run_dir else "")]
+             + ("  run dir" if run_dir else "") + "  gpu"]
     for r in reports:
         net = r["net"]
         line = (f"{r['rank']:>4}  {r['host'][:16]:<16}  {r['python']:<7}  {r['tensorflow']:<10}  {r['horovod']:<7}  "
@@ -257,7 +277,7 @@ def _table(reports: list[dict], t1, t64, size: int, run_dir: Path | None) -> str
         if run_dir is not None:
             line += ("  writable, " + _mib(r["free_bytes"]) + " free" if r["run_dir_writable"]
                      else "  NOT writable")
-        lines.append(line)
+        lines.append(line + "  " + _gpu_cell(r))
 
     def rate(t, n):
         if t is None:

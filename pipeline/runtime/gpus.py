@@ -99,11 +99,29 @@ def on_the_node(devices: list[str], smi_lines: list[str]) -> str | None:
     return f"{len(numbered)} /dev/nvidia device(s)" if numbered else None
 
 
+def driver_cuda(smi_output: str) -> str | None:
+    """The newest CUDA the driver supports, from `nvidia-smi`'s header (`CUDA Version: 12.4`)."""
+    for line in smi_output.splitlines():
+        if "CUDA Version:" in line:
+            return line.split("CUDA Version:", 1)[1].split()[0].strip("|") or None
+    return None
+
+
+def driver_too_old(driver: str | None, built: str | None) -> bool:
+    """True when the driver cannot run what TensorFlow was built for: an older CUDA major
+    (within one major, CUDA's minor version compatibility covers it). Unknown: False."""
+    try:
+        return int(str(driver).split(".")[0]) < int(str(built).split(".")[0])
+    except ValueError:
+        return False
+
+
 def node_problems(reports: list[dict]) -> tuple[list[str], list[str]]:
     """(fatal, warnings), one line per host, from each rank's report of `gpu_allocated`
-    (allocated()), `tf_gpus` (the GPUs TensorFlow lists), `horovod_ops` and `gpu_node`
-    (on_the_node()): a CPU build on a GPU allocation, Horovod without NCCL there, and GPUs the
-    job left unused (a CPU job on a shared GPU node is legitimate: a warning)."""
+    (allocated()), `tf_gpus` (the GPUs TensorFlow lists), `driver_cuda` and `cuda_built`,
+    `horovod_ops` and `gpu_node` (on_the_node()): a CPU build on a GPU allocation, a driver
+    older than TensorFlow's CUDA, Horovod without NCCL there, and GPUs the job left unused (a
+    CPU job on a shared GPU node is legitimate: a warning)."""
     fatal: dict[str, str] = {}
     warn: dict[str, str] = {}
     for r in reports:
@@ -111,6 +129,9 @@ def node_problems(reports: list[dict]) -> tuple[list[str], list[str]]:
         if given and not r.get("tf_gpus"):
             fatal.setdefault(host, f"{host}: the job was given GPUs ({given}) but TensorFlow sees none: a CPU build of "
                                    f"TensorFlow, or CUDA libraries missing (docs/setup.md)")
+        elif r.get("tf_gpus") and driver_too_old(r.get("driver_cuda"), r.get("cuda_built")):
+            fatal.setdefault(host, f"{host}: the driver supports CUDA {r['driver_cuda']} but TensorFlow was built for "
+                                   f"CUDA {r['cuda_built']}: a newer driver, or a TensorFlow built for this one")
         elif (given or r.get("tf_gpus")) and r.get("horovod", "-") != "-" and \
                 "nccl" not in r.get("horovod_ops", "").split(","):
             fatal.setdefault(host, f"{host}: GPUs, but Horovod was built without NCCL (ops {r.get('horovod_ops')}): "

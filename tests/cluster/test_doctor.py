@@ -94,3 +94,21 @@ def test_verdict_rules_on_reports():
     fatal, warn = verdict([_report(0, "a", net={"up": {"lo": "127.0.0.1"}, "mpi": ["lo"], "nccl": ["lo"]}),
                             _report(1, "b")], cfg, None)
     assert fatal == [] and warn == ["rank 0 on a: no interface but loopback for MPI, and the job spans hosts"]
+
+
+def test_verdict_on_gpu_nodes():
+    """Hand-made reports of GPU hosts: what the doctor stops a job for, once per host."""
+    from pipeline import config
+    from pipeline.cluster.doctor import verdict
+
+    cfg = config.load(None)
+    cpu_build = dict(gpu_allocated="SLURM_JOB_GPUS=0,1", tf_gpus=0)
+    fatal, warn = verdict([_report(0, "gpu01", **cpu_build), _report(1, "gpu01", **cpu_build)], cfg, None)
+    assert len(fatal) == 1 and fatal[0].startswith("gpu01: the job was given GPUs (SLURM_JOB_GPUS=0,1) but TensorFlow "
+                                                   "sees none") and warn == []
+    no_nccl = dict(gpu_allocated="SLURM_STEP_GPUS=0", tf_gpus=1, gpus=1, horovod_ops="mpi,gloo")
+    fatal, _ = verdict([_report(0, "gpu01", **no_nccl)], cfg, None)
+    assert len(fatal) == 1 and "Horovod was built without NCCL" in fatal[0]
+    fatal, warn = verdict([_report(0, "gpu01", gpu_node="nvidia-smi lists 4 GPU(s)")], cfg, None)
+    assert fatal == [] and len(warn) == 1 and warn[0].startswith("gpu01: nvidia-smi lists 4 GPU(s) but this job")
+

@@ -7,7 +7,8 @@ the node's GPUs, MIG instances appear as MIG- UUIDs."""
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.runtime.gpus import allocated, choose, identity, node_problems, on_the_node, shared, visible_entries
+from pipeline.runtime.gpus import (allocated, choose, driver_cuda, driver_too_old, identity, node_problems, on_the_node,
+                                   shared, visible_entries)
 
 
 def pick(env, local_rank, local_size, tf_sees=0):
@@ -105,3 +106,19 @@ def test_gpus_only_on_the_node_warn():
     fatal, warn = node_problems([node("gpu01", gpu_node="nvidia-smi lists 4 GPU(s)")])
     assert fatal == [] and warn == ["gpu01: nvidia-smi lists 4 GPU(s) but this job was given none: it trains on the "
                                     "CPU (ask for them with --gpus-per-task or --gpus-per-node)"]
+
+
+SMI_HEADER = """Tue Dec  1 11:50:00 2026
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 550.54.15              Driver Version: 550.54.15      CUDA Version: 12.4     |
+|-----------------------------------------+------------------------+----------------------+
+"""
+
+
+def test_a_driver_older_than_tensorflows_cuda_is_fatal():
+    assert driver_cuda(SMI_HEADER) == "12.4" and driver_cuda("") is None
+    assert driver_too_old("11.8", "12.2") and not driver_too_old("12.0", "12.2") and not driver_too_old(None, "12.2")
+    fatal, _ = node_problems([node("gpu01", gpu_allocated="SLURM_JOB_GPUS=0", tf_gpus=1, horovod_ops="mpi,gloo,nccl",
+                                   driver_cuda="11.8", cuda_built="12.2")])
+    assert fatal == ["gpu01: the driver supports CUDA 11.8 but TensorFlow was built for CUDA 12.2: a newer driver, "
+                     "or a TensorFlow built for this one"]
