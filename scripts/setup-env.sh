@@ -49,7 +49,7 @@ case "$GPU" in
         else BUILD=cpu; EVIDENCE="GPU=auto: no GPU seen (nvidia-smi, /dev/nvidia*, SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES)"; fi ;;
     *) echo "setup-env.sh: GPU must be cuda, none or auto, got '$GPU'" >&2; exit 2 ;;
 esac
-SITE="$PWD/$VENV/lib/python3.11/site-packages"
+SITE="$(realpath -m "$VENV")/lib/python3.11/site-packages"  # absolute, whether VENV is or not
 if [ "$BUILD" = nccl ]; then
     TF_REQ="tensorflow[and-cuda]==$TF_VERSION"
     # The CUDA compiler and NCCL headers Horovod's NCCL operations build against: a site's
