@@ -7,7 +7,9 @@
 #   GPU=cuda|none|auto   the build: told, or (auto, the default) found from what this machine
 #                        shows: nvidia-smi -L, /dev/nvidiaN, SLURM_JOB_GPUS, a
 #                        CUDA_VISIBLE_DEVICES naming a device. A login node shows none of
-#                        them: say GPU=cuda there for GPU jobs.
+#                        them: say GPU=cuda there for GPU jobs. The GPU build needs a CUDA 12
+#                        compiler (module load cuda/12.x, or HOROVOD_CUDA_HOME); NCCL comes
+#                        from the site (NCCL_HOME) or the nvidia-nccl-cu12 wheel.
 #   SETUP_DRY_RUN=1      print what would be installed and built, and change nothing.
 #   SETUP_IF_NEEDED=1    (make env) do nothing when .venv/.ready is newer than the set-up files
 #                        and .venv/pipeline-env.json records the same request.
@@ -50,43 +52,67 @@ case "$GPU" in
     *) echo "setup-env.sh: GPU must be cuda, none or auto, got '$GPU'" >&2; exit 2 ;;
 esac
 SITE="$(realpath -m "$VENV")/lib/python3.11/site-packages"  # absolute, whether VENV is or not
+TF_CUDA=12.2  # the CUDA TensorFlow $TF_VERSION is built for (tf.sysconfig.get_build_info())
+CUDA_PROBLEM=""
+nvcc_release() { "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -1; }
 if [ "$BUILD" = nccl ]; then
     TF_REQ="tensorflow[and-cuda]==$TF_VERSION"
-    # The CUDA compiler and NCCL headers Horovod's NCCL operations build against: a site's
-    # modules (module load cuda nccl) when present, else the nvidia-* wheels that
-    # tensorflow[and-cuda] installs into the venv.
-    if command -v nvcc >/dev/null 2>&1 && nvcc --version >/dev/null 2>&1; then
+    # The CUDA compiler Horovod's NCCL operations build with: the site's (HOROVOD_CUDA_HOME,
+    # CUDA_HOME, or nvcc on PATH after `module load cuda`), of TensorFlow's CUDA major. PyPI's
+    # nvidia-cuda-nvcc-cu12 wheels carry ptxas but no nvcc, so there is no pip fallback.
+    if [ -n "${HOROVOD_CUDA_HOME:-${CUDA_HOME:-}}" ]; then
+        CUDA_HOME_USED=$(realpath -m "${HOROVOD_CUDA_HOME:-$CUDA_HOME}")
+        how="${HOROVOD_CUDA_HOME:+HOROVOD_CUDA_HOME}"; how=${how:-CUDA_HOME}
+    elif command -v nvcc >/dev/null 2>&1; then
         # nvcc says where its toolkit is (TOP), also behind a wrapper script on PATH.
-        top=$(cd /tmp && nvcc -dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
-        CUDA_HOME_USED=${CUDA_HOME:-$(realpath -m "${top:-$(dirname "$(command -v nvcc)")/..}")}
-        CUDA_FROM="site nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') at $CUDA_HOME_USED (TensorFlow $TF_VERSION is built for CUDA 12.2)"
+        top=$(cd /tmp && nvcc -dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1 || true)
+        CUDA_HOME_USED=$(realpath -m "${top:-$(dirname "$(command -v nvcc)")/..}"); how="nvcc on PATH"
     else
-        CUDA_HOME_USED="$SITE/nvidia/cuda_nvcc"; CUDA_FROM="pip wheel nvidia-cuda-nvcc-cu12 in $VENV"
+        CUDA_HOME_USED=""; how=""
     fi
+    CUDA_RELEASE=$([ -n "$CUDA_HOME_USED" ] && nvcc_release "$CUDA_HOME_USED/bin/nvcc" || true)
+    CUDA_FROM="site CUDA ${CUDA_RELEASE:-?} at ${CUDA_HOME_USED:-?} ($how)"
+    if [ -z "$CUDA_HOME_USED" ]; then
+        CUDA_PROBLEM="no CUDA compiler: GPU=cuda builds Horovod's NCCL operations with nvcc $TF_CUDA (TensorFlow $TF_VERSION's CUDA); load it (module load cuda/12.x) or set HOROVOD_CUDA_HOME to a CUDA 12 toolkit; PyPI's nvidia-cuda-nvcc-cu12 has no nvcc"
+    elif [ -z "$CUDA_RELEASE" ]; then
+        CUDA_PROBLEM="$CUDA_HOME_USED/bin/nvcc ($how) does not run: set HOROVOD_CUDA_HOME to a CUDA 12 toolkit"
+    elif [ "${CUDA_RELEASE%%.*}" != "${TF_CUDA%%.*}" ]; then
+        CUDA_PROBLEM="nvcc $CUDA_RELEASE at $CUDA_HOME_USED ($how), but TensorFlow $TF_VERSION is built for CUDA $TF_CUDA: Horovod's kernels would need another CUDA runtime and driver; load a CUDA 12 module or set HOROVOD_CUDA_HOME to a CUDA 12 toolkit"
+    fi
+    # NCCL: the site's (NCCL_HOME/NCCL_ROOT, or beside nvcc), else the nvidia-nccl-cu12 wheel
+    # that tensorflow[and-cuda] installs; that wheel has libnccl.so.2 but no libnccl.so to link
+    # against, so the link is made beside it, and the library is found at run time relative to
+    # Horovod's own (an rpath of $ORIGIN/../../nvidia/nccl/lib), whichever venv the wheel lands in.
+    NCCL_LINK_FIX=0
     if [ -n "${NCCL_HOME:-}" ] || [ -n "${NCCL_ROOT:-}" ]; then
-        NCCL_HOME_USED=${NCCL_HOME:-$NCCL_ROOT}; NCCL_FROM="site (NCCL_HOME/NCCL_ROOT)"
-    elif [ -f "$CUDA_HOME_USED/include/nccl.h" ]; then
-        NCCL_HOME_USED=$CUDA_HOME_USED; NCCL_FROM="site (nccl.h beside nvcc)"
+        NCCL_HOME_USED=${NCCL_HOME:-$NCCL_ROOT}; NCCL_FROM="site NCCL at $NCCL_HOME_USED (NCCL_HOME/NCCL_ROOT)"
+        NCCL_VARS=("HOROVOD_NCCL_HOME=$NCCL_HOME_USED")
+    elif [ -n "$CUDA_HOME_USED" ] && [ -f "$CUDA_HOME_USED/include/nccl.h" ]; then
+        NCCL_HOME_USED=$CUDA_HOME_USED; NCCL_FROM="site NCCL beside nvcc ($CUDA_HOME_USED/include/nccl.h)"
+        NCCL_VARS=("HOROVOD_NCCL_HOME=$NCCL_HOME_USED")
     else
-        NCCL_HOME_USED="$SITE/nvidia/nccl"; NCCL_FROM="pip wheel nvidia-nccl-cu12 in $VENV"
+        NCCL_HOME_USED="$SITE/nvidia/nccl"; NCCL_FROM="pip wheel nvidia-nccl-cu12 in $VENV ($NCCL_HOME_USED)"
+        NCCL_VARS=("HOROVOD_NCCL_INCLUDE=$NCCL_HOME_USED/include" "HOROVOD_NCCL_LIB=$NCCL_HOME_USED/lib"
+                   'LDFLAGS=-Wl,-rpath,$ORIGIN/../../nvidia/nccl/lib')
+        NCCL_LINK_FIX=1
     fi
-    HOROVOD_BUILD_ENV=(HOROVOD_GPU_OPERATIONS=NCCL "HOROVOD_CUDA_HOME=$CUDA_HOME_USED"
-                       "HOROVOD_NCCL_HOME=$NCCL_HOME_USED" HOROVOD_NCCL_LINK=SHARED)
+    HOROVOD_BUILD_ENV=(HOROVOD_GPU_OPERATIONS=NCCL "HOROVOD_CUDA_HOME=$CUDA_HOME_USED" "${NCCL_VARS[@]}"
+                       HOROVOD_NCCL_LINK=SHARED)
 else
     TF_REQ="tensorflow-cpu==$TF_VERSION"
-    CUDA_HOME_USED=""; NCCL_HOME_USED=""; CUDA_FROM="-"; NCCL_FROM="-"
+    CUDA_HOME_USED=""; NCCL_HOME_USED=""; CUDA_FROM="-"; NCCL_FROM="-"; NCCL_LINK_FIX=0
     HOROVOD_BUILD_ENV=(HOROVOD_GPU_OPERATIONS=)
 fi
 WHEELS=".cache/wheels/horovod-$HOROVOD_VERSION-tf$TF_VERSION-$BUILD"
 record() {
     "$VENV/bin/python" - "$RECORD" "$GPU" "$BUILD" "$EVIDENCE" "$TF_REQ" "$CUDA_HOME_USED" "$NCCL_HOME_USED" \
-        "$CUDA_FROM" "$NCCL_FROM" "$WHEELS" <<'PY'
+        "$CUDA_FROM" "$NCCL_FROM" "$WHEELS" "${CUDA_RELEASE:-}" <<'PY'
 import json, sys
-path, gpu, build, evidence, tf_req, cuda_home, nccl_home, cuda_from, nccl_from, wheels = sys.argv[1:]
+path, gpu, build, evidence, tf_req, cuda_home, nccl_home, cuda_from, nccl_from, wheels, cuda = sys.argv[1:]
 json.dump({"gpu_request": gpu, "gpu": "cuda" if build == "nccl" else "none", "gpu_evidence": evidence,
            "tf_requirement": tf_req,
-           "horovod": {"nccl": build == "nccl", "cuda_home": cuda_home or None, "nccl_home": nccl_home or None,
-                       "cuda_from": cuda_from, "nccl_from": nccl_from, "wheels": wheels}},
+           "horovod": {"nccl": build == "nccl", "cuda": cuda or None, "cuda_home": cuda_home or None,
+                       "nccl_home": nccl_home or None, "cuda_from": cuda_from, "nccl_from": nccl_from, "wheels": wheels}},
           open(path, "w"), indent=1)
 PY
 }
@@ -113,6 +139,7 @@ if [ "$DRY" = 1 ]; then
     log "TensorFlow requirement: $TF_REQ"
     log "Horovod $HOROVOD_VERSION build variables: HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 ${HOROVOD_BUILD_ENV[*]}"
     [ "$BUILD" = nccl ] && log "CUDA compiler from: $CUDA_FROM; NCCL from: $NCCL_FROM"
+    [ -n "$CUDA_PROBLEM" ] && log "would stop (exit 2): $CUDA_PROBLEM"
     log "Horovod wheel kept in $WHEELS; installed build now: $(recorded_build)"
     log "MPI: $MPI_SOURCE"
     exit 0
@@ -121,6 +148,11 @@ fi
 if [ "${SETUP_IF_NEEDED:-0}" = 1 ] && [ -f "$VENV/.ready" ] && [ "$(recorded_build)" = "$BUILD" ] \
         && [ -z "$(find scripts/setup-env.sh setup.cfg pyproject.toml -newer "$VENV/.ready" 2>/dev/null)" ]; then
     exit 0  # ready, for the same request (make env: a second make train builds nothing)
+fi
+
+if [ -n "$CUDA_PROBLEM" ]; then  # before anything is downloaded or changed
+    echo "setup-env.sh: GPU build ($EVIDENCE): $CUDA_PROBLEM" >&2
+    exit 2
 fi
 
 if [ "$MPI_SOURCE" = "Debian packages openmpi-bin libopenmpi-dev" ]; then
@@ -173,6 +205,10 @@ then
         log "building horovod==$HOROVOD_VERSION ($ops) into $WHEELS; first build takes minutes"
         [ "$BUILD" = nccl ] && log "CUDA compiler from: $CUDA_FROM; NCCL from: $NCCL_FROM"
         mkdir -p "$WHEELS"
+        if [ "$NCCL_LINK_FIX" = 1 ]; then
+            [ -f "$NCCL_HOME_USED/lib/libnccl.so.2" ] || { echo "setup-env.sh: $NCCL_HOME_USED/lib/libnccl.so.2 missing: tensorflow[and-cuda] did not bring nvidia-nccl-cu12" >&2; exit 2; }
+            ln -sfn libnccl.so.2 "$NCCL_HOME_USED/lib/libnccl.so"
+        fi
         env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
             HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 "${HOROVOD_BUILD_ENV[@]}" \
             MAKEFLAGS="-j$(nproc)" \

@@ -4,6 +4,7 @@ does), or the CPU build when nothing shows a GPU. The dry run changes nothing in
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +20,25 @@ def venv_state() -> dict:
             if p.exists()}
 
 
-def dry_run(tmp_path, gpu: str | None, smi: bool = False, device: bool = False) -> str:
+def fake_nvcc(tmp_path, release: str) -> Path:
+    """A CUDA toolkit folder whose bin/nvcc answers --version as NVIDIA's does."""
+    bin_dir = tmp_path / f"cuda-{release}" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "nvcc").write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Cuda compilation tools, release '
+                                  f'{release}, V{release}.140"\n')
+    (bin_dir / "nvcc").chmod(0o755)
+    return bin_dir
+
+
+def setup_env(tmp_path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GPU", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "NCCL_HOME", "NCCL_ROOT")}
+           if k not in ("GPU", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "NCCL_HOME", "NCCL_ROOT", "CUDA_HOME",
+                        "HOROVOD_CUDA_HOME")}
+    return {**env, **extra}
+
+
+def dry_run(tmp_path, gpu: str | None, smi: bool = False, device: bool = False, **extra) -> str:
+    env = setup_env(tmp_path, **extra)
     dev = tmp_path / "dev"  # this machine's /dev stands aside: only what the test puts here counts
     dev.mkdir()
     if device:
@@ -47,7 +64,7 @@ def test_a_gpu_build_names_cuda_tensorflow_nccl_and_where_nccl_comes_from(tmp_pa
     out = dry_run(tmp_path, gpu, smi, device)
     assert "[setup] dry run: nothing is installed or changed" in out
     assert "[setup] TensorFlow requirement: tensorflow[and-cuda]==2.15.1" in out
-    assert "HOROVOD_GPU_OPERATIONS=NCCL" in out and "HOROVOD_NCCL_HOME=" in out and "NCCL from: " in out
+    assert "HOROVOD_GPU_OPERATIONS=NCCL" in out and "HOROVOD_NCCL_" in out and "NCCL from: " in out
     build = next(line for line in out.splitlines() if line.startswith("[setup] build: "))
     assert build.startswith("[setup] build: nccl (GPU=") and build.endswith(why), build
     assert venv_state() == before
@@ -66,3 +83,26 @@ def test_an_unknown_build_is_refused():
     r = subprocess.run(["bash", "scripts/setup-env.sh"], cwd=ROOT, env={**os.environ, "GPU": "rocm"},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "setup-env.sh: GPU must be cuda, none or auto, got 'rocm'"
+
+
+def test_the_cuda_compiler_must_be_tensorflows_cuda_major(tmp_path):
+    """nvcc 12.x (TensorFlow 2.15.1 is built for 12.2) is used and said; nvcc 13 would give
+    Horovod's kernels another CUDA runtime than TensorFlow's: the dry run says the build would
+    stop, and the real run stops with exit 2 and one line before it installs anything."""
+    before = venv_state()
+    good = fake_nvcc(tmp_path, "12.4")
+    (tmp_path / "a").mkdir()
+    out = dry_run(tmp_path / "a", "cuda", HOROVOD_CUDA_HOME=str(good.parent))
+    assert f"CUDA compiler from: site CUDA 12.4 at {good.parent} (HOROVOD_CUDA_HOME)" in out
+    assert f"HOROVOD_CUDA_HOME={good.parent} " in out and "would stop" not in out
+
+    bad = fake_nvcc(tmp_path, "13.0")
+    env = setup_env(tmp_path, PATH=f"{bad}{os.pathsep}{os.environ['PATH']}", GPU="cuda")
+    (tmp_path / "b").mkdir()
+    out = dry_run(tmp_path / "b", "cuda", PATH=env["PATH"])
+    assert f"would stop (exit 2): nvcc 13.0 at {bad.parent} (nvcc on PATH), but TensorFlow 2.15.1 is built for " \
+           f"CUDA 12.2" in out
+    r = subprocess.run(["bash", "scripts/setup-env.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.startswith("setup-env.sh: GPU build (GPU=cuda): nvcc 13.0 at ") and r.stderr.count("\n") == 1
+    assert venv_state() == before

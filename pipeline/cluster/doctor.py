@@ -108,7 +108,7 @@ def _versions() -> dict:
 
         v["horovod_ops"] = ",".join(n for n in ("mpi", "gloo", "nccl", "ccl", "ddl", "cuda", "rocm")
                                     if getattr(hvd, f"{n}_built")()) or "none"
-        v["nccl"] = str(hvd.nccl_built() or "-")
+        v["nccl"] = gpus.nccl_version(hvd.nccl_built()) or "-"
     except ImportError:
         pass
     try:
@@ -212,7 +212,9 @@ def _gpu_report(d, tf) -> dict:
     if listed:
         with contextlib.suppress(Exception):
             name = tf.config.experimental.get_device_details(listed[0]).get("device_name")
+    query = _nvidia_smi("--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits") if d.gpu else ""
     return {"gpus": d.gpus_visible, "gpu": d.gpu, "tf_gpus": len(listed), "gpu_name": name,
+            "gpu_memory": gpus.memory(d.gpu, query, _nvidia_smi("-L").splitlines()) if d.gpu else None,
             "cuda_built": tf.sysconfig.get_build_info().get("cuda_version") or None,
             "driver_cuda": gpus.driver_cuda(_nvidia_smi()), "gpu_allocated": d.gpu_allocated,
             "gpu_node": gpus.on_the_node(devices, _nvidia_smi("-L").splitlines())}
@@ -253,10 +255,11 @@ def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], 
 
 
 def _gpu_cell(r: dict) -> str:
-    """The rank's GPU: its CUDA_VISIBLE_DEVICES entry, name, TensorFlow's CUDA and the driver's."""
+    """The rank's GPU: its CUDA_VISIBLE_DEVICES entry, name, memory, TensorFlow's CUDA and the driver's."""
     if not r.get("gpu"):
         return "-"
-    return " ".join(x for x in (r["gpu"], r.get("gpu_name"), r.get("cuda_built") and f"CUDA {r['cuda_built']}",
+    return " ".join(x for x in (r["gpu"], r.get("gpu_name"), r.get("gpu_memory"),
+                                r.get("cuda_built") and f"CUDA {r['cuda_built']}",
                                 r.get("driver_cuda") and f"driver CUDA {r['driver_cuda']}") if x)
 
 
@@ -265,13 +268,13 @@ def _mib(n: int) -> str:
 
 
 def _table(reports: list[dict], t1, t64, size: int, run_dir: Path | None) -> str:
-    lines = ["rank  host              python   tensorflow  horovod  ops            nccl  mpi"
+    lines = ["rank  host              python   tensorflow  horovod  ops            nccl     mpi"
              "                                       manifest          gpus/local  mpi if      nccl if"
              + ("  run dir" if run_dir else "") + "  gpu"]
     for r in reports:
         net = r["net"]
         line = (f"{r['rank']:>4}  {r['host'][:16]:<16}  {r['python']:<7}  {r['tensorflow']:<10}  {r['horovod']:<7}  "
-                f"{r['horovod_ops'][:13]:<13}  {r['nccl']:<4}  {r['mpi'][:40]:<40}  {r['manifest'][:16]:<16}  "
+                f"{r['horovod_ops'][:13]:<13}  {r['nccl']:<7}  {r['mpi'][:40]:<40}  {r['manifest'][:16]:<16}  "
                 f"{r['gpus']}/{r['local_size']:<9}  {','.join(net['mpi'])[:10] or '-':<10}  "
                 f"{','.join(net['nccl'])[:10] or '-':<10}")
         if run_dir is not None:

@@ -116,6 +116,40 @@ def driver_too_old(driver: str | None, built: str | None) -> bool:
         return False
 
 
+def memory(entry: str | None, query_csv: str, smi_lines: list[str]) -> str | None:
+    """The rank's device memory, from `nvidia-smi --query-gpu=index,uuid,memory.total
+    --format=csv,noheader,nounits` (MiB per GPU, matched by the rank's CUDA_VISIBLE_DEVICES
+    entry: an index or a GPU UUID) or, for a MIG instance, its profile in `nvidia-smi -L`
+    (`MIG 3g.40gb Device 0: (UUID: MIG-...)`). None when it cannot be told."""
+    if not entry:
+        return None
+    if entry.startswith("MIG-"):
+        for line in smi_lines:
+            if entry in line and line.strip().startswith("MIG "):
+                profile = line.split()[1]  # 3g.40gb
+                return f"MIG {profile}"
+        return None
+    for row in query_csv.splitlines():
+        cells = [c.strip() for c in row.split(",")]
+        if len(cells) >= 3 and entry in (cells[0], cells[1]) and cells[2].isdigit():
+            return f"{int(cells[2]) / 1024:.0f} GiB"
+    return None
+
+
+def nccl_version(code) -> str | None:
+    """NCCL's version code as Horovod's nccl_built() gives it (NCCL_VERSION_CODE: 21605 for
+    2.16.5 since NCCL 2.9, 2408 for 2.4.8 before) as dotted text; None without NCCL."""
+    try:
+        code = int(code)
+    except (TypeError, ValueError):
+        return None
+    if code <= 0:
+        return None
+    if code >= 10000:
+        return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"
+    return f"{code // 1000}.{code % 1000 // 100}.{code % 100}"
+
+
 def node_problems(reports: list[dict]) -> tuple[list[str], list[str]]:
     """(fatal, warnings), one line per host, from each rank's report of `gpu_allocated`
     (allocated()), `tf_gpus` (the GPUs TensorFlow lists), `driver_cuda` and `cuda_built`,

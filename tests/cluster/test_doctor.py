@@ -112,3 +112,17 @@ def test_verdict_on_gpu_nodes():
     fatal, warn = verdict([_report(0, "gpu01", gpu_node="nvidia-smi lists 4 GPU(s)")], cfg, None)
     assert fatal == [] and len(warn) == 1 and warn[0].startswith("gpu01: nvidia-smi lists 4 GPU(s) but this job")
 
+
+
+def test_the_table_shows_each_ranks_gpu_its_memory_and_nccl():
+    """A hand-made report of a GPU rank (no GPU here): its row names the device, memory, the
+    CUDA TensorFlow was built for, the driver's, and Horovod's NCCL as a release."""
+    from pipeline.cluster.doctor import _table
+
+    gpu = _report(0, "gpu01", gpus=1, gpu="GPU-1d3f1e22", gpu_name="NVIDIA H100 80GB HBM3", gpu_memory="80 GiB",
+                  cuda_built="12.2", driver_cuda="12.4", horovod_ops="mpi,gloo,nccl,cuda", nccl="2.16.5",
+                  mpi="Open MPI v4.1.4")
+    cpu = _report(1, "cpu01", horovod_ops="mpi,gloo", nccl="-", mpi="Open MPI v4.1.4")
+    rows = _table([gpu, cpu], None, None, 2, None).splitlines()
+    assert rows[1].endswith("GPU-1d3f1e22 NVIDIA H100 80GB HBM3 80 GiB CUDA 12.2 driver CUDA 12.4")
+    assert rows[1].split()[6] == "2.16.5" and rows[2].endswith("  -")

@@ -7,8 +7,8 @@ the node's GPUs, MIG instances appear as MIG- UUIDs."""
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.runtime.gpus import (allocated, choose, driver_cuda, driver_too_old, identity, node_problems, on_the_node,
-                                   shared, visible_entries)
+from pipeline.runtime.gpus import (allocated, choose, driver_cuda, driver_too_old, identity, memory, nccl_version,
+                                   node_problems, on_the_node, shared, visible_entries)
 
 
 def pick(env, local_rank, local_size, tf_sees=0):
@@ -122,3 +122,28 @@ def test_a_driver_older_than_tensorflows_cuda_is_fatal():
                                    driver_cuda="11.8", cuda_built="12.2")])
     assert fatal == ["gpu01: the driver supports CUDA 11.8 but TensorFlow was built for CUDA 12.2: a newer driver, "
                      "or a TensorFlow built for this one"]
+
+
+# `nvidia-smi --query-gpu=index,uuid,memory.total --format=csv,noheader,nounits` on a 4-GPU
+# H100 node, and `nvidia-smi -L` on an A100 split into MIG instances (formats from NVIDIA's
+# nvidia-smi documentation).
+QUERY = ("0, GPU-1d3f1e22-7c55-4b2e-9d61-2f1a0b6c8e01, 81559\n1, GPU-2e4a2f33-8d66-4c3f-ae72-3a2b1c7d9f12, 81559\n"
+         "2, GPU-3f5b3a44-9e77-4d4a-bf83-4b3c2d8eaf23, 81559\n3, GPU-4a6c4b55-af88-4e5b-c094-5c4d3e9fb034, 81559\n")
+MIG_L = ["GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77)",
+         "  MIG 3g.20gb     Device  0: (UUID: MIG-4f5e8a2c-1b3d-5e6f-8a9b-0c1d2e3f4a5b)",
+         "  MIG 2g.10gb     Device  1: (UUID: MIG-9a8b7c6d-5e4f-3a2b-1c0d-e9f8a7b6c5d4)"]
+
+
+def test_the_ranks_gpu_memory_is_found_by_index_uuid_or_mig_profile():
+    assert memory("2", QUERY, []) == "80 GiB"
+    assert memory("GPU-4a6c4b55-af88-4e5b-c094-5c4d3e9fb034", QUERY, []) == "80 GiB"
+    assert memory("MIG-9a8b7c6d-5e4f-3a2b-1c0d-e9f8a7b6c5d4", "", MIG_L) == "MIG 2g.10gb"
+    assert memory("7", QUERY, []) is None  # not on this node's list: unknown, not a guess
+    assert memory(None, QUERY, []) is None
+    assert memory("0", "", []) is None  # no nvidia-smi
+
+
+def test_nccl_version_codes_read_as_releases():
+    assert nccl_version(21605) == "2.16.5"  # NCCL >= 2.9 codes: major*10000 + minor*100 + patch
+    assert nccl_version(2408) == "2.4.8"  # before 2.9: major*1000 + minor*100 + patch
+    assert nccl_version(0) is None and nccl_version(None) is None and nccl_version(False) is None
