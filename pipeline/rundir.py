@@ -40,7 +40,9 @@ STEP_FIELDS = ("step", "epoch", "rank", "size", "time", "step_s", "data_s", "com
                "lr", "rss_mb")
 # What analysis needs from a step record, and what it uses when present.
 STEP_NEEDED = ("step", "step_s", "data_s", "compute_s", "samples")
-STEP_OPTIONAL = ("time", "loss", "rss_mb", "lr")
+STEP_OPTIONAL = ("time", "loss", "rss_mb", "lr", "suspended_s")
+# suspended_s: on the step that was running when a suspended rank ran again (seconds it did
+# not run); such steps are left out of every figure of `pipeline analyze`.
 # A header record opens each process's part of a step log: who wrote the steps and how.
 HEADER_KIND = "header"
 HEADER_FIELDS = ("kind", "rank", "size", "local_rank", "local_size", "host", "pid", "start_step", "precision",

@@ -9,6 +9,8 @@ the step log's last record. The rules, in order:
    its peers raise their own later).
 2. A rank that never started its recorder, then ranks stuck outside any collective (reading
    data, evaluating, writing a checkpoint, starting up) while their peers wait in one, then
+   ranks that stopped running while their peers went on (`stopped()`: the heartbeat in the
+   ring's header ended, or the rank itself found it had not run, while a peer's went on), then
    ranks that left no post-mortem while others did (killed, exited, stopped): the one
    furthest behind (step, then phase) stopped first.
 3. Otherwise every rank waited in the same collective: the hang is inside it (network, NCCL,
@@ -77,6 +79,8 @@ def _rank_state(rd: RunDir, rank: int, hosts: list) -> dict:
           "postmortem": (pm.get("reason") or "").split("\n")[0] if pm else None,
           "exit_code": pm.get("exit_code") if pm else None,
           "last_logged_step": logged.get("step") if logged else None,
+          "heartbeat": header.get("heartbeat"), "suspended_s": header.get("suspended_s"),
+          "resumed": header.get("resumed"), "postmortem_time": pm.get("time") if pm else None,
           "stacks": str(txt) if txt.exists() and txt.stat().st_size else None}
     if pm and pm.get("exception"):
         st["exception"] = {**pm["exception"], "time": pm.get("time")}
@@ -87,6 +91,47 @@ def _behind(st: dict) -> tuple:
     """Sort key: least progress first (step, then phase), then the oldest last event."""
     phase = st["phase"] if st["phase"] in flight.PHASES else "startup"
     return (st["step"] or 0, flight.PHASES.index(phase), st["last_event_time"] or 0.0)
+
+
+# A heartbeat this much older than a peer's end, or a gap this long in a rank's own running,
+# is a rank that stopped running (the heartbeat ticks about once a second).
+STOPPED_S = 3.0
+
+
+def _end(st: dict) -> float:
+    """When a rank was last seen running: its post-mortem or its last heartbeat."""
+    return max(st.get("postmortem_time") or 0.0, st.get("heartbeat") or 0.0, st.get("last_event_time") or 0.0)
+
+
+def stopped(ranks: list[dict]) -> list[tuple[dict, float, str]]:
+    """(rank, when it stopped running, why) for each rank that stopped running while a peer
+    went on: its heartbeat ended STOPPED_S or more before a peer's end and it left no
+    post-mortem (so its own watchdog did not end it), or it found on waking that it had not run
+    for STOPPED_S or more (`suspended_s`, `resumed` in its ring) from a time when a peer without
+    such a gap was running. Every rank with the same gap: the whole job was suspended, not one
+    rank."""
+    out = []
+    for r in ranks:
+        peers = [p for p in ranks if p is not r and p["left"] != "nothing"]
+        if r["left"] == "nothing" or not peers:
+            continue
+        if (r["suspended_s"] or 0) >= STOPPED_S and r["resumed"]:
+            t0 = r["resumed"] - r["suspended_s"]
+            running = [p for p in peers if not ((p["suspended_s"] or 0) >= STOPPED_S and p["resumed"]
+                                                and p["resumed"] - p["suspended_s"] < r["resumed"]
+                                                and p["resumed"] > t0)]
+            if running and max(_end(p) for p in running) > t0 + STOPPED_S:
+                out.append((r, t0, f"stopped running at {_when(t0)}, {max(_end(p) for p in running) - t0:.0f}s "
+                                   f"before its peers gave up, and ran again at {_when(r['resumed'])}: "
+                                   f"stopped, frozen or starved, not waiting"))
+                continue
+        beat = r["heartbeat"]
+        if beat and r["left"] == "events" and r["phase"] not in _ENDED:
+            later = max(_end(p) for p in peers)
+            if later - beat >= STOPPED_S:
+                out.append((r, beat, f"stopped running at {_when(beat)}, {later - beat:.0f}s before its peers gave "
+                                     f"up, and left no post-mortem: stopped, frozen or killed, not waiting"))
+    return out
 
 
 def analyze(run_dir: str | Path) -> dict:
@@ -122,12 +167,16 @@ def analyze(run_dir: str | Path) -> dict:
         never = [r for r in ranks if r["left"] == "nothing"]
         outside = [r for r in ranks if r["left"] != "nothing" and r["phase"] not in _ENDED and not r["waiting"]]
         silent = [r for r in ranks if r["left"] == "events" and r["phase"] not in _ENDED] if reported else []
+        halted = stopped(ranks)
         for group, why in ((never, "left nothing: its process never started its recorder, or the run directory "
                                    "is not shared"),
                            (outside, None),
+                           ([h[0] for h in halted], "stopped"),
                            (silent, "left no post-mortem while its peers did: killed, exited or stopped")):
             if group:
                 first = min(group, key=_behind)
+                if why == "stopped":  # the one that stopped running first
+                    first, _, why = min(halted, key=lambda h: h[1])
                 reason = why or "outside any collective" + \
                     (" while its peers wait in one" if len(ranks) > 1 else "")
                 if why is None and first["left"] == "events" and reported:

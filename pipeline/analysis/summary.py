@@ -146,6 +146,11 @@ def summarize(run: Run, target=0.9) -> dict:
     step_wall = np.nanmax(step_s, axis=1)
     t_end = np.nanmax(m.cols["time"], axis=1) if np.isfinite(m.cols["time"]).any() else np.full(len(m.steps), np.nan)
     steady, warm, n_segments = steady_mask(t_end, step_wall)
+    # A step that ran across a suspension (the job stopped, then continued) says nothing of speed.
+    sus = m.cols.get("suspended_s")
+    suspended = np.max(np.nan_to_num(sus, nan=0.0), axis=1) if sus is not None else np.zeros(len(m.steps))
+    steady &= suspended <= 0
+    out.update(suspended_steps=int((suspended > 0).sum()), suspended_s=round(float(suspended.sum()), 3))
     out.update(_speed(run, m, steady, step_wall))
     out.update({"warmup_steps": warm, "warmup_rule": f"{measure.WARMUP_RULE} of each of {n_segments} segment(s)",
                 "segments": n_segments})

@@ -5,7 +5,9 @@ compiled steps, evaluation, checkpoints, signals, exceptions) in a ring of fixed
 records in a memory-mapped file, `ranks/rank-R.events`. Recording one is a `struct.pack_into`
 into shared memory, no system call, and the file outlives the process however it ends
 (SIGKILL included): `pipeline postmortem` reads where a rank was even when it left nothing
-else.
+else. Its header carries the rank's heartbeat (stamped by the watchdog's tick about once a
+second) and its last suspension, so a rank that stopped running while its peers went on is
+told from one that waited with them.
 
 A post-mortem (`postmortem/rank-R.txt` and `.json`) is written when the watchdog fires, when
 the rank raises, and when a stop signal arrives (the launcher terminating ranks after one
@@ -34,18 +36,26 @@ import time
 import traceback
 from pathlib import Path
 
+from pipeline.runtime.backstop import Backstop
+
 POSTMORTEM = "postmortem"
 
 # Where a rank is, in the order a run goes through them. `allreduce` is only entered by a
 # `debug.fault` that stops a rank just before the call holding its step.
 PHASES = ("startup", "init", "setup", "data", "allreduce", "step", "eval", "checkpoint", "stop", "done")
-KINDS = ("phase", "wait", "call", "done", "signal", "exception", "stall", "fault")
+KINDS = ("phase", "wait", "call", "done", "signal", "exception", "stall", "fault", "suspended")
 
 _MAGIC = b"PLFLTR01"
 # magic, capacity, record size, rank, pid, start time, next record number, host
 _HEADER = struct.Struct("<8sIIiidQ64s")
 _HEADER_SIZE = 128
 _NEXT_AT = struct.calcsize("<8sIIiid")  # offset of the record counter inside the header
+# After it, the rank's heartbeat: the wall clock of the watchdog's last tick (about once a
+# second), the backstop's horizon (pipeline/runtime/backstop.py; 0: none), and the rank's last
+# suspension (how long, and the wall clock when it ran again).
+_BEAT = struct.Struct("<dffd")
+_BEAT_AT = _HEADER.size
+assert _BEAT_AT + _BEAT.size <= 128
 # time, step, phase, kind, waiting in a collective (0/1), label (utf-8, NUL-padded)
 _RECORD = struct.Struct("<dqBBB45s")
 CAPACITY = 512
@@ -79,6 +89,7 @@ class Recorder:
         self.phase, self.step, self.waiting, self.since = "startup", 0, "", self.start
         self.count = 0
         self.cost_s = 0.0
+        self.horizon_s, self.gap_s, self.gap_end = 0.0, 0.0, 0.0
         self._lock = threading.Lock()
         self.size = _HEADER_SIZE + capacity * _RECORD.size
         self.path: Path | None = None  # None: in memory only
@@ -130,6 +141,17 @@ class Recorder:
             struct.pack_into("<Q", self._mm, _NEXT_AT, self.count)
         self.cost_s += time.perf_counter() - t0
 
+    def beat(self, now: float | None = None) -> None:
+        """The heartbeat: this rank's threads still run (the watchdog's tick stamps it)."""
+        _BEAT.pack_into(self._mm, _BEAT_AT, time.time() if now is None else now, self.horizon_s, self.gap_s,
+                        self.gap_end)
+
+    def suspended(self, gap_s: float, resumed: float) -> None:
+        """The rank did not run for gap_s until `resumed` (wall clock): stopped, frozen, starved."""
+        self.gap_s, self.gap_end = gap_s, resumed
+        self.event("suspended", label=f"not running for {gap_s:.0f}s")
+        self.beat(resumed)
+
     @contextlib.contextmanager
     def wait(self, what: str):
         """Marks a collective: the rank waits for its peers until it returns."""
@@ -161,8 +183,11 @@ def read_events(path: Path) -> tuple[dict, list[dict]] | None:
     if len(data) < _HEADER_SIZE or data[:8] != _MAGIC:
         return None
     _, _cap, _rsize, rank, pid, start, count, host = _HEADER.unpack_from(data, 0)
+    beat, horizon, gap_s, gap_end = _BEAT.unpack_from(data, _BEAT_AT)
     header = {"rank": rank, "pid": pid, "start": start, "count": count,
-              "host": host.rstrip(b"\0").decode("utf-8", "replace")}
+              "host": host.rstrip(b"\0").decode("utf-8", "replace"),
+              "heartbeat": beat or None, "backstop_s": horizon or None,
+              "suspended_s": round(gap_s, 3) or None, "resumed": gap_end or None}
     return header, _records(data)
 
 
@@ -193,6 +218,12 @@ class Flight:
                 "phase_since": None}
 
     def arm_backstop(self, seconds: float) -> None:
+        pass
+
+    def heartbeat(self, backstop_s: float = 0.0) -> None:
+        pass
+
+    def suspended(self, gap_s: float, resumed: float) -> None:
         pass
 
     def event(self, kind: str, phase: str | None = None, step: int | None = None, label: str = "",
@@ -231,6 +262,7 @@ class FlightRecorder(Flight):
         self._stacks = None
         self._attached = False
         self._attach_lock = threading.Lock()
+        self._backstop = Backstop(rank)
         self._fault_was_enabled = faulthandler.is_enabled()
         faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
@@ -271,6 +303,7 @@ class FlightRecorder(Flight):
         rank alive: the writing thread is left behind)."""
         if exc is not None:
             self.event("exception", label=type(exc).__name__)
+        reason += self._resumed_note()
         now = time.time()
         record = {**self.state(), "reason": reason, "time": now, "exit_code": exit_code,
                   "phase_s": round(now - self.recorder.since, 3), "stacks": str(self.txt),
@@ -314,17 +347,34 @@ class FlightRecorder(Flight):
                 self._stacks.truncate()
         self.written = None
 
+    def heartbeat(self, backstop_s: float = 0.0) -> None:
+        """The watchdog's tick: the ring's heartbeat, and the backstop's (pipeline/runtime/backstop.py):
+        if this process then runs no Python for backstop_s (the GIL held in C code), its helper
+        sends SIGABRT and faulthandler writes every stack into the txt. 0: no backstop."""
+        self.recorder.horizon_s = backstop_s
+        self.recorder.beat()
+        self._backstop.beat(backstop_s)
+
     def arm_backstop(self, seconds: float) -> None:
-        """If this process cannot run Python for `seconds` (the GIL held in C code), faulthandler's
-        own thread dumps every stack into the txt and exits 1; re-armed while Python runs."""
-        if seconds > 0:
-            faulthandler.dump_traceback_later(seconds, exit=True, file=self._stacks or sys.__stderr__)
+        self.heartbeat(seconds)
+
+    def suspended(self, gap_s: float, resumed: float) -> None:
+        """This rank did not run for gap_s until `resumed`: said in the ring and in any
+        post-mortem it writes afterwards."""
+        self.recorder.suspended(gap_s, resumed)
+
+    def _resumed_note(self) -> str:
+        r = self.recorder
+        if not r.gap_s:
+            return ""
+        return (f" (this rank itself was not running for {r.gap_s:.0f}s until "
+                f"{time.strftime('%H:%M:%S', time.localtime(r.gap_end))}: stopped, frozen or starved)")
 
     def close(self) -> None:
         global _current
         if _current is self:
             _current = None
-        faulthandler.cancel_dump_traceback_later()
+        self._backstop.close()
         with contextlib.suppress(OSError, ValueError):
             faulthandler.disable()
             if self._fault_was_enabled:

@@ -162,6 +162,7 @@ class WatchdogHook(Hook):
     def __init__(self, watchdog, step_timeout_s: float, stop_timeout_s: float):
         self.watchdog, self.step_timeout_s, self.stop_timeout_s = watchdog, step_timeout_s, stop_timeout_s
         self._first = True
+        self._pending: list[tuple[float, float]] = []
 
     def on_call_done(self, last: int) -> None:
         if self._first:
@@ -171,6 +172,19 @@ class WatchdogHook(Hook):
 
     def on_signal(self, signum: int) -> None:
         self.watchdog.stopping(self.stop_timeout_s)
+
+    def on_steps(self, records: list[dict]) -> None:
+        """A suspension goes on the step that was running when the rank ran again (the first
+        that ended after it): `suspended_s`, which `pipeline analyze` leaves out of its figures."""
+        self._pending += self.watchdog.take_suspended()
+        keep = []
+        for resumed, gap in self._pending:
+            hit = next((r for r in records if r["time"] >= resumed - 1.0), None)
+            if hit is None:
+                keep.append((resumed, gap))
+            else:
+                hit["suspended_s"] = round(hit.get("suspended_s", 0.0) + gap, 3)
+        self._pending = keep
 
     def on_phase(self, phase: str, step: int) -> None:
         if phase == "stop":

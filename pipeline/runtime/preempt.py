@@ -17,8 +17,19 @@ import time
 from pipeline.errors import EXIT_STALLED, EXIT_STOP_INCOMPLETE
 
 # When Python itself cannot run for the watchdog's timeout plus this long (the GIL held in C
-# code), faulthandler's own thread writes the stacks and exits 1.
+# code), the backstop's helper has faulthandler write the stacks (pipeline/runtime/backstop.py).
 BACKSTOP_S = 30.0
+# A watchdog tick this much later than due, while the process's CPU time grew by less than a
+# tenth of the gap, means the process itself did not run: suspended (SIGSTOP, `scontrol
+# suspend`, gang scheduling), frozen or starved. A thread merely kept from the GIL is not.
+SUSPEND_MIN_S = 2.0
+
+
+def suspension(gap_s: float, tick_s: float, cpu_s: float) -> float:
+    """How long the process did not run between two watchdog ticks gap_s apart (due every
+    tick_s) during which it used cpu_s of CPU time; 0.0 when it ran."""
+    late = gap_s - tick_s
+    return late if late > SUSPEND_MIN_S and cpu_s < gap_s / 10 else 0.0
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -101,6 +112,11 @@ class Watchdog:
     also bounds the collective part of the stop (every rank must end its call at the same
     step): a peer that is gone cannot take part, and the rank exits EXIT_STOP_INCOMPLETE.
     When it fires, the flight recorder (if any) writes the rank's post-mortem first.
+
+    A suspension (the process did not run at all for a while: `suspension()`) is no stall:
+    every deadline moves by its length, the flight recorder notes it, and `take_suspended()`
+    hands it to the step log. A rank frozen alone is still caught: its peers' deadlines do not
+    move. Each tick stamps the flight recorder's heartbeat.
     """
 
     def __init__(self, timeout_s: float, rank: int, on_stall=None, what: str = "step", flight=None):
@@ -111,6 +127,8 @@ class Watchdog:
         self._deadline: float | None = None
         self._stop_bound = 0.0
         self._done = threading.Event()
+        self._suspended: list[tuple[float, float]] = []  # (wall clock when it ran again, seconds)
+        self._lock = threading.Lock()
         self._on_stall = on_stall or self._exit
         self._thread = threading.Thread(target=self._run, name="step-watchdog", daemon=True)
         if timeout_s > 0 or flight is not None:
@@ -133,9 +151,35 @@ class Watchdog:
         """Every rank ended its call at the same step: the collective part of the stop is done."""
         self._deadline = None
 
+    def take_suspended(self) -> list[tuple[float, float]]:
+        """The suspensions since the last call: (wall clock when the rank ran again, seconds)."""
+        with self._lock:
+            out, self._suspended = self._suspended, []
+        return out
+
+    def _resume(self, gap: float) -> None:
+        self._last += gap
+        if self._deadline is not None:
+            self._deadline += gap
+        resumed = time.time()
+        with self._lock:
+            self._suspended.append((resumed, gap))
+        if self.flight is not None:
+            self.flight.suspended(gap, resumed)
+        print(f"rank {self.rank}: not running for {gap:.0f}s (suspended, stopped or starved); the watchdog's "
+              f"deadlines move by as much", file=sys.stderr, flush=True)
+
+    def _tick_s(self) -> float:
+        return min(1.0, self.timeout_s / 4) if self.timeout_s > 0 else 1.0
+
     def _run(self) -> None:
-        while not self._done.wait(min(1.0, self.timeout_s / 4) if self.timeout_s > 0 else 1.0):
-            now = time.monotonic()
+        prev, cpu0 = time.monotonic(), time.process_time()
+        while not self._done.wait(tick := self._tick_s()):
+            now, cpu = time.monotonic(), time.process_time()
+            gap = suspension(now - prev, tick, cpu - cpu0)
+            prev, cpu0 = now, cpu
+            if gap:
+                self._resume(gap)
             if self._deadline is not None and now > self._deadline:
                 self._on_stall(-1.0)
                 return
@@ -143,8 +187,8 @@ class Watchdog:
             if self.timeout_s > 0 and idle > self.timeout_s:
                 self._on_stall(idle)
                 return
-            if self.flight is not None and self.timeout_s > 0:
-                self.flight.arm_backstop(self.timeout_s + BACKSTOP_S)
+            if self.flight is not None:
+                self.flight.heartbeat(self.timeout_s + BACKSTOP_S if self.timeout_s > 0 else 0.0)
 
     def _exit(self, idle: float) -> None:
         where = ""

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, env, pipeline, require_root, require_tool
+from conftest import ROOT, env, pipeline, rank_pid, require_root, require_tool, start, steps_done, wait_for
 
 from pipeline.errors import EXIT_FAULT, EXIT_STALLED, EXIT_STOP_INCOMPLETE
 from pipeline.runtime import flight
@@ -148,3 +148,23 @@ def test_sigterm_with_a_hung_peer_exits_77_within_the_stop_bound(tmp_path, small
     pm = json.loads((run / "postmortem" / "rank-0.json").read_text())
     assert pm["exit_code"] == EXIT_STOP_INCOMPLETE and "within 3s (train.stop_timeout_s)" in pm["reason"]
     assert _postmortem(run)["first"]["rank"] == 1
+
+
+@pytest.mark.mpi
+def test_a_rank_stopped_from_outside_is_named_as_the_one_that_stopped_running(tmp_path, small_dataset):
+    """SIGSTOP to rank 1 alone, from outside the project (as a cgroup freeze, a stray `kill
+    -STOP` or a swapped-out node does): rank 0's watchdog ends the job at train.step_timeout_s,
+    and `pipeline postmortem` names rank 1 by its heartbeat, which stopped while rank 0's went
+    on, whether or not mpirun's teardown woke it to write a post-mortem of its own."""
+    run = tmp_path / "run"
+    proc = start(2, *_args(small_dataset, run, "", "--set", "train.max_steps=100000"))  # no debug.fault
+    wait_for(lambda: steps_done(run, 1) > 40 and rank_pid(run, 1), "rank 1's first steps", proc)
+    os.kill(rank_pid(run, 1), signal.SIGSTOP)
+    t_stop = time.time()
+    out, err = proc.communicate(timeout=10 * STEP_TIMEOUT)  # a safety net: the job must end by itself
+    assert proc.returncode == EXIT_STALLED, out + err
+    _stalled_by_the_watchdog(run, 0, "train.step_timeout_s", STEP_TIMEOUT)
+    pm = _postmortem(run)
+    assert pm["first"]["rank"] == 1, pm["lines"]
+    assert pm["first"]["reason"].startswith("stopped running at"), pm["first"]["reason"]
+    assert "not waiting" in pm["first"]["reason"] and abs(pm["ranks"][1]["heartbeat"] - t_stop) < 60
