@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_jsonl, read_steps, require_root
+from conftest import ROOT, mpirun, read_jsonl, read_steps, require_root
 
 pytestmark = pytest.mark.slurm
 
@@ -206,3 +206,47 @@ def test_sweep_submits_one_array_per_rank_count_and_ranks_the_points(slurm, tmp_
     assert failed[0]["time_to_target_s"] is None and board["rows"][-1] is failed[0]
     st = subprocess.run([PIPELINE, "sweep", "--status", str(out)], capture_output=True, text=True, env=env)
     assert "4 finished, 1 failed" in st.stdout and "failed    train.batch_size=32,debug.fault=" in st.stdout
+
+
+def test_a_suspended_job_resumes_and_finishes_as_if_never_stopped(slurm, tmp_path, small_dataset):
+    """`scontrol suspend` stops every task of the job (SIGSTOP) for three step timeouts, then
+    `scontrol resume` continues them: the job completes, every step logged once, no
+    post-mortem, the suspension on one step of each rank's log and left out of analyze's
+    figures, and the final checkpoint equals an uninterrupted run's (train.deterministic)."""
+    steps, timeout_s, suspend_s = 1500, 10, 30
+    common = ["--set", f"data.dir={small_dataset}", "--set", "train.batch_size=32", "--set", "train.deterministic=true",
+              "--set", f"train.max_steps={steps}", "--set", f"train.step_timeout_s={timeout_s}",
+              "--set", "train.epochs=20", "--set", "checkpoint.every_steps=500"]
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    r = sbatch(slurm, ["--run-dir", run, *common], wait=False, output=log)
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+    step_log = run / "steps" / "rank-1.jsonl"
+    deadline = time.monotonic() + 300  # hang guards: step 100 comes within seconds here
+    while not (step_log.exists() and step_log.read_text().count("\n") >= 100):
+        assert time.monotonic() < deadline, f"the job never reached step 100: {job(slurm, jid)}"
+        time.sleep(0.1)  # polling the step log, an observable condition
+    subprocess.run(["scontrol", "suspend", jid], env=slurm, check=True)
+    assert job(slurm, jid)["JobState"] == "SUSPENDED"
+    time.sleep(suspend_s)  # the length of the suspension itself
+    subprocess.run(["scontrol", "resume", jid], env=slurm, check=True)
+    while job(slurm, jid).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < deadline + 600, f"job {jid} did not finish: {job(slurm, jid)}"
+        time.sleep(0.2)
+    info, text = job(slurm, jid), log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, text)
+    assert not (run / "postmortem").exists(), text
+    for rank in (0, 1):
+        logged = read_steps(run / "steps" / f"rank-{rank}.jsonl")
+        assert [x["step"] for x in logged] == list(range(1, steps + 1)), "no repeated or missing step"
+        marked = [x for x in logged if "suspended_s" in x]
+        assert len(marked) == 1 and suspend_s - 5 < marked[0]["suspended_s"] < suspend_s + 60, marked
+    a = json.loads(subprocess.run([PIPELINE, "analyze", str(run), "--json"], capture_output=True, text=True).stdout)
+    s = a["runs"][0]
+    assert s["suspended_steps"] == 1 and s["step_s"]["max"] < suspend_s - 5, s["step_s"]
+    straight = tmp_path / "straight"
+    ref = mpirun(2, "train", "--run-dir", straight, *common, timeout=900)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    d = [subprocess.run([PIPELINE, "checkpoint", "digest", str(x)], capture_output=True, text=True).stdout
+         for x in (run, straight)]
+    assert d[0] == d[1] and d[0].strip(), d
