@@ -40,6 +40,8 @@ VERBS = (
     (("checkpoint", "digest"), "pipeline.train.checkpoint:digest_arguments",
      "step and sha256 of the newest complete checkpoint's variables"),
     (("checkpoint", "list"), "pipeline.train.checkpoint:list_arguments", "complete checkpoints, oldest first"),
+    (("checkpoint", "verify"), "pipeline.train.checkpoint:verify_arguments",
+     "read every complete checkpoint back (sizes, sha256, TensorFlow's checksums); exit 2 if one is damaged"),
     (("predict",), "pipeline.analysis.commmodel:predict_arguments",
      "communication, step time and scaling efficiency at 2-512 ranks (docs/multinode.md)"),
     (("slurm", "command"), "pipeline.cluster.launch",

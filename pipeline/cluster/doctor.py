@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline.errors import EXIT_USER_ERROR, UserError
 from pipeline.fsutil import atomic_write_text
+from pipeline.rundir import RunDir
 from pipeline.runtime import dist as dist_mod, gpus
 
 # Interfaces that carry no traffic between hosts: loopback, and container or VM bridges.
@@ -222,6 +223,11 @@ def _gpu_report(d, tf) -> dict:
 
 def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], list[str]]:
     fatal, warn = gpus.node_problems(reports)
+    if run_dir is not None:
+        from pipeline.train.checkpoint import list_damaged
+
+        warn += [f"{p}: a damaged checkpoint, set aside ({why}); never resumed from, never pruned"
+                 for p, why in list_damaged(RunDir(run_dir).checkpoints)]
     r0 = reports[0]
     for r in reports:
         who = f"rank {r['rank']} on {r['host']}"

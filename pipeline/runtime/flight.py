@@ -142,9 +142,12 @@ class Recorder:
         self.cost_s += time.perf_counter() - t0
 
     def beat(self, now: float | None = None) -> None:
-        """The heartbeat: this rank's threads still run (the watchdog's tick stamps it)."""
+        """The heartbeat: this rank's threads still run (the watchdog's tick stamps it). Its
+        cost counts with the events' (part of the step log's cost the bench reports)."""
+        t0 = time.perf_counter()
         _BEAT.pack_into(self._mm, _BEAT_AT, time.time() if now is None else now, self.horizon_s, self.gap_s,
                         self.gap_end)
+        self.cost_s += time.perf_counter() - t0
 
     def suspended(self, gap_s: float, resumed: float) -> None:
         """The rank did not run for gap_s until `resumed` (wall clock): stopped, frozen, starved."""

@@ -8,10 +8,16 @@ added, then the directory is renamed into place; a crash at any point leaves eit
 set or the old set plus one complete new checkpoint. Leftover temporaries are removed on the
 next start. Only directories named step-N holding a meta.json with "complete": true are ever
 chosen for resume.
+
+meta.json also holds each file's size and sha256, taken at save time. A checkpoint damaged
+after it was written (a bad disk, a partial copy to or from scratch) fails `problem()` or
+TensorFlow's own checksums on restore: rank 0 moves it aside to damaged-step-N/ (with a
+damaged.json saying why; never chosen, never pruned) and resumes from the one before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +34,7 @@ from pipeline.rundir import RunDir
 
 STATE = "state"
 META = "meta.json"
+DAMAGED = "damaged.json"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
@@ -106,6 +113,86 @@ def to_prune(refs: list[CheckpointRef], keep: int, keep_best: str = "", mode: st
     return [r for r in refs if r.step not in keepers]
 
 
+def file_facts(directory: Path) -> dict:
+    """{file name: {"size", "sha256"}} of a checkpoint's state files."""
+    facts = {}
+    for f in sorted(directory.iterdir()):
+        if f.name.startswith(STATE):
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            facts[f.name] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+    return facts
+
+
+def problem(ref: CheckpointRef, deep: bool = False) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None: a file missing, of another
+    size or another sha256 than at save time (meta.json's "files"); with `deep`, or where the
+    meta predates those facts, also every tensor read back through TensorFlow's checksums."""
+    files = ref.meta.get("files")
+    if isinstance(files, dict) and files:
+        for name, want in files.items():
+            f = ref.path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want.get("size"):
+                return f"{name} is {f.stat().st_size} bytes where {want.get('size')} were written"
+        now = file_facts(ref.path)
+        for name, want in files.items():
+            if now.get(name, {}).get("sha256") != want.get("sha256"):
+                return f"{name} does not match the sha256 taken when it was written"
+        if not deep:
+            return None
+    try:
+        _tensors(ref)
+    except Exception as e:  # noqa: BLE001 - TensorFlow's DataLossError, NotFoundError, an OSError: all say damaged
+        return f"TensorFlow cannot read it: {_first_line(e)}"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _tensors(ref: CheckpointRef):
+    """(key, value) of every model and optimizer variable, read through TensorFlow."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(ref.prefix)
+    keys = sorted(k for k in reader.get_variable_to_shape_map()
+                  if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE") and k.split("/")[0] in ("model", "optimizer"))
+    return [(key, reader.get_tensor(key)) for key in keys]
+
+
+def set_aside(ref: CheckpointRef, why: str) -> Path:
+    """Moves a damaged checkpoint to damaged-step-N/ beside the others, with damaged.json."""
+    dest = ref.path.with_name(f"damaged-{ref.path.name}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = ref.path.with_name(f"damaged-{ref.path.name}-{n}")
+    os.rename(ref.path, dest)
+    with contextlib.suppress(OSError):
+        atomic_write_text(dest / DAMAGED, json.dumps({"step": ref.step, "reason": why, "time": time.time(),
+                                                      "was": str(ref.path)}, indent=1) + "\n")
+    return dest
+
+
+def list_damaged(directory: Path) -> list[tuple[Path, str]]:
+    """(folder, why) of the checkpoints set aside as damaged."""
+    out = []
+    if directory.is_dir():
+        for p in sorted(directory.glob("damaged-step-*")):
+            try:
+                why = json.loads((p / DAMAGED).read_text()).get("reason", "?")
+            except (OSError, ValueError):
+                why = "no damaged.json"
+            out.append((p, why))
+    return out
+
+
 class CheckpointWriteError(Exception):
     """A checkpoint could not be written (disk full, quota, file size limit, I/O error)."""
 
@@ -138,6 +225,10 @@ class Checkpoints:
     def latest(self) -> CheckpointRef | None:
         return None
 
+    def restore_newest(self, state, say) -> CheckpointRef | None:
+        """Rank 0's: restores the newest intact checkpoint into `state`; None (fresh) elsewhere."""
+        return None
+
     def save(self, ckpt, step: int, epoch: int, extra: dict | None = None) -> CheckpointRef | None:
         return None
 
@@ -158,6 +249,31 @@ class CheckpointWriter(Checkpoints):
 
     def latest(self) -> CheckpointRef | None:
         return latest(self.directory)
+
+    def restore_newest(self, state, say) -> CheckpointRef | None:
+        """Restores the newest complete checkpoint that is intact (`problem()`, then TensorFlow's
+        own checksums while reading); each damaged one is said in one line and set aside. None:
+        there was none (a fresh start). All damaged: a UserError naming what was tried."""
+        refs = list_complete(self.directory)
+        tried = []
+        for ref in reversed(refs):
+            why = problem(ref)
+            if why is None:
+                try:
+                    state.read(ref.prefix).assert_existing_objects_matched()
+                    return ref
+                except Exception as e:  # noqa: BLE001 - DataLossError, NotFoundError, OSError: damaged
+                    if isinstance(e, (AssertionError, ValueError)) and "matched" in str(e).lower():
+                        raise  # another model's checkpoint: not damage, a mistake to report as it is
+                    why = f"TensorFlow cannot read it: {_first_line(e)}"
+            dest = set_aside(ref, why)
+            tried.append(f"{ref.path.name} ({why})")
+            say(f"pipeline: checkpoint {ref.path} is damaged ({why}); set aside as {dest.name}, "
+                f"trying the one before")
+        if tried:
+            raise UserError(f"{self.directory}: every checkpoint is damaged, none to resume from: {'; '.join(tried)} "
+                            f"(set aside as damaged-step-N/; move them back or start a new run directory)")
+        return None
 
     def save(self, ckpt, step: int, epoch: int, extra: dict | None = None) -> CheckpointRef | None:
         """Writes `ckpt` (a tf.train.Checkpoint) as step-`step`; returns its ref."""
@@ -192,7 +308,8 @@ class CheckpointWriter(Checkpoints):
         for f in tmp.iterdir():
             fsync_path(f)
         meta = {"complete": True, "step": step, "epoch": epoch, "time": time.time(),
-                "writer": {"host": socket.gethostname(), "pid": os.getpid()}, **(extra or {})}
+                "writer": {"host": socket.gethostname(), "pid": os.getpid()}, "files": file_facts(tmp),
+                **(extra or {})}
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=2)
             f.flush()
@@ -219,14 +336,17 @@ def digest(run_dir: str | Path) -> tuple[int, str]:
     ref = latest(run.checkpoints)
     if ref is None:
         raise UserError(f"{run.checkpoints}: no complete checkpoint")
-    import tensorflow as tf
-
-    reader = tf.train.load_checkpoint(ref.prefix)
+    why = problem(ref)
+    if why is None:
+        try:
+            tensors = _tensors(ref)
+        except Exception as e:  # noqa: BLE001 - TensorFlow's DataLossError and kin: the file is damaged
+            why = f"TensorFlow cannot read it: {_first_line(e)}"
+    if why is not None:
+        raise UserError(f"{ref.path}: damaged checkpoint ({why}); `pipeline checkpoint verify {run.path}` "
+                        f"checks them all")
     h = hashlib.sha256()
-    keys = sorted(k for k in reader.get_variable_to_shape_map()
-                  if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE") and k.split("/")[0] in ("model", "optimizer"))
-    for key in keys:
-        value = reader.get_tensor(key)
+    for key, value in tensors:
         h.update(key.encode())
         h.update(str(value.dtype).encode() + str(value.shape).encode())
         h.update(value.tobytes())
@@ -258,6 +378,34 @@ def digest_arguments(p) -> None:
 def digest_cli(a) -> int:
     step, sha = digest(a.run_dir)
     print(f"step {step} sha256 {sha}")
+    return 0
+
+
+def verify_arguments(p) -> None:
+    p.add_argument("run_dir")
+    p.set_defaults(func=verify_cli)
+
+
+def verify_cli(a) -> int:
+    """Every complete checkpoint read back (sizes, sha256, TensorFlow's checksums); nothing is
+    moved. Exit 2 when one is damaged."""
+    run = RunDir(a.run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"{run.path}: run directory not found")
+    refs = list_complete(run.checkpoints)
+    if not refs:
+        raise UserError(f"{run.checkpoints}: no complete checkpoint")
+    bad = []
+    for r in refs:
+        why = problem(r, deep=True)
+        print(f"step {r.step:>8} {'ok' if why is None else 'DAMAGED: ' + why}  {r.path}")
+        if why is not None:
+            bad.append(r)
+    for p, why in list_damaged(run.checkpoints):
+        print(f"set aside         {p}: {why}")
+    if bad:
+        raise UserError(f"{run.checkpoints}: {len(bad)} of {len(refs)} checkpoint(s) damaged (newest: "
+                        f"{bad[-1].path.name})")
     return 0
 
 

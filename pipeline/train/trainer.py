@@ -298,10 +298,14 @@ def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers) -> None:
 def _resume(ckpts, state, model, opt, dist, rd: RunDir, cfg, plan: RunPlan, console) -> int:
     """Rank 0 picks the newest complete checkpoint and tells the others; every rank then holds
     rank 0's weights and optimizer state. Returns the step resumed after (0: fresh)."""
-    ref = ckpts.latest()
-    start = dist.broadcast_object(ref.step if ref else 0, name="resume_step")
-    if ref is not None:
-        state.read(ref.prefix).assert_existing_objects_matched()
+    ref, error = None, None
+    try:  # a damaged checkpoint is set aside and the one before tried (pipeline/train/checkpoint.py)
+        ref = ckpts.restore_newest(state, console.print)
+    except UserError as e:
+        error = str(e)
+    start = dist.broadcast_object(error or (ref.step if ref else 0), name="resume_step")
+    if isinstance(start, str):  # rank 0 found none intact: every rank stops, the line said once
+        raise UserError(start, quiet=dist.rank != 0)
     dist.broadcast_variables(model.variables + opt.variables)
     if cfg.log.timeline:
         # Written by rank 0 with every rank's negotiation ticks; a resumed run gets its own file.
@@ -433,9 +437,10 @@ def _evaluate_and_save(t: Trainer, s: LoopState, hooks: Hooks, epoch: int) -> bo
         evaluated = {k: v for k, v in record.items() if k.startswith("val_")}
         # Every rank has the same figures (averaged over all), so all end here together.
         reason = hooks.on_eval(record)
-    if t.checkpoints.due(s.step, plan.total, bool(evaluated)) or reason:
+    saving = t.checkpoints.due(s.step, plan.total, bool(evaluated)) or bool(reason)
+    if saving:
         hooks.on_phase("checkpoint", s.step)
-    ref = t.checkpoints.save_if_due(t.state, s.step, epoch, plan.total, evaluated, force=bool(reason))
+    ref = _save(t, s, epoch, evaluated, bool(reason)) if saving else None
     if ref is not None and (s.step == plan.total or reason):
         t.writers.console.print(f"checkpoint: {ref.path}")
     if reason:
@@ -446,6 +451,21 @@ def _evaluate_and_save(t: Trainer, s: LoopState, hooks: Hooks, epoch: int) -> bo
         # An evaluation or a save is not part of the next step's time.
         s.last_end = step_mod.now_us()
     return False
+
+
+def _save(t: Trainer, s: LoopState, epoch: int, evaluated: dict, force: bool):
+    """Rank 0 writes the checkpoint due now and tells every rank whether it could: a failed
+    write (a full disk) ends every rank with one line naming rank 0's failure."""
+    failure = None
+    try:
+        ref = t.checkpoints.save_if_due(t.state, s.step, epoch, t.plan.total, evaluated, force=force)
+    except checkpoint.CheckpointWriteError as e:
+        ref, failure = None, str(e)
+    failure = t.dist.broadcast_object(failure, name="checkpoint_written")
+    if failure:
+        raise checkpoint.CheckpointWriteError(failure if t.dist.rank == 0 else f"rank 0 could not write its checkpoint: "
+                                                                     f"{failure}")
+    return ref
 
 
 # A call lasts about this long at most: the step log, the progress line and the watchdog hear

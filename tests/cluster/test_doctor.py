@@ -126,3 +126,15 @@ def test_the_table_shows_each_ranks_gpu_its_memory_and_nccl():
     rows = _table([gpu, cpu], None, None, 2, None).splitlines()
     assert rows[1].endswith("GPU-1d3f1e22 NVIDIA H100 80GB HBM3 80 GiB CUDA 12.2 driver CUDA 12.4")
     assert rows[1].split()[6] == "2.16.5" and rows[2].endswith("  -")
+
+
+def test_damaged_checkpoints_set_aside_are_listed(tmp_path):
+    from pipeline import config
+    from pipeline.cluster.doctor import verdict
+
+    aside = tmp_path / "checkpoints" / "damaged-step-00000020"
+    aside.mkdir(parents=True)
+    (aside / "damaged.json").write_text(json.dumps({"step": 20, "reason": "state.index is missing"}))
+    fatal, warn = verdict([_report(0, "a")], config.load(None), tmp_path)
+    assert fatal == [] and warn == [f"{aside}: a damaged checkpoint, set aside (state.index is missing); never "
+                                    f"resumed from, never pruned"]

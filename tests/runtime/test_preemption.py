@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, env, pipeline, rank_pid, read_steps, require_tool, start, steps_done, wait_for
+from conftest import (ROOT, assert_user_error, env, mpirun, pipeline, rank_pid, read_steps, require_root, require_tool,
+                      start, steps_done, wait_for)
 
 from pipeline.errors import EXIT_REQUEUE
-from pipeline.train.checkpoint import latest
+from pipeline.train.checkpoint import latest, list_complete
 
 # Promise (docs/checkpointing.md, "When a rank dies"): under mpirun a dead rank ends the whole job
 # within 30 s instead of leaving its peers hanging in an allreduce. Measured here: about 2 s (15x).
@@ -170,3 +172,77 @@ def test_watchdog_fires_when_steps_stop():
     assert fired.wait(10), "no stall reported"
     assert idle[0] > 0.2
     w.close()
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2 + 1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.mpi
+def test_a_damaged_checkpoint_is_skipped_and_with_none_intact_resuming_stops_in_one_line(tmp_path, small_dataset):
+    """Two bytes flipped in the newest checkpoint after it was written (TensorFlow's own
+    checksum is what finds it: meta.json as an earlier version wrote it, without sha256s):
+    `checkpoint digest` and `verify` say so in one line and move nothing; a 2-rank resume
+    names it, sets it aside and resumes from the one before; with every checkpoint damaged,
+    the resume stops with exit 2 and one line."""
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "model.name=mlp",
+            "--set", "checkpoint.every_steps=10", "--set", "checkpoint.keep=5"]
+    first = mpirun(2, *args, "--set", "train.max_steps=20")
+    assert first.returncode == 0, first.stderr
+    newest = run / "checkpoints" / "step-00000020"
+    meta = json.loads((newest / "meta.json").read_text())
+    (newest / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    _flip_bytes(next(newest.glob("state.data-*")))
+
+    assert_user_error(pipeline("checkpoint", "digest", run), "step-00000020", "damaged checkpoint",
+                      "TensorFlow cannot read it")
+    verify = pipeline("checkpoint", "verify", run)
+    assert_user_error(verify, "1 of 2 checkpoint(s) damaged")
+    assert "ok" in verify.stdout.splitlines()[0] and "DAMAGED: TensorFlow cannot read it" in verify.stdout
+    assert newest.is_dir(), "digest and verify move nothing"
+
+    resumed = mpirun(2, *args, "--set", "train.max_steps=30")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"checkpoint {newest} is damaged (TensorFlow cannot read it" in resumed.stdout
+    assert "resuming after step 10" in resumed.stdout and "Traceback" not in resumed.stderr
+    why = json.loads((run / "checkpoints" / "damaged-step-00000020" / "damaged.json").read_text())
+    assert why["step"] == 20 and "TensorFlow cannot read it" in why["reason"]
+    assert latest(run / "checkpoints").step == 30
+
+    assert [r.step for r in list_complete(run / "checkpoints")] == [10, 20, 30]  # 20 written again
+    for ref in list_complete(run / "checkpoints"):
+        _flip_bytes(next(ref.path.glob("state.data-*")))
+    stopped = mpirun(2, *args, "--set", "train.max_steps=40")
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("pipeline: error:")]
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert len(errors) == 1 and "every checkpoint is damaged" in errors[0], stopped.stderr
+    assert all(f"step-{n:08d} (state.data" in errors[0] for n in (10, 20, 30)), errors[0]
+
+
+@pytest.mark.mpi
+@pytest.mark.root
+def test_a_full_disk_at_a_checkpoint_ends_every_rank_with_one_line(tmp_path, small_dataset):
+    """A real full disk: the checkpoints folder on a 2 MiB tmpfs, room for one checkpoint of
+    this model (1.3 MB) but not two. Rank 0's second write fails with ENOSPC: rank 0 and
+    rank 1 each end with one line naming rank 0's failure, no traceback, and the first
+    checkpoint stays the newest complete one."""
+    require_root("a tmpfs mount (a small disk that fills up)", "root")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(run / "checkpoints")], check=True)
+    try:
+        failed = mpirun(2, "train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "model.name=mlp",
+                        "--set", "checkpoint.every_steps=10", "--set", "checkpoint.keep=5",
+                        "--set", "train.max_steps=20")
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stdout + failed.stderr
+        errors = [line for line in failed.stderr.splitlines() if line.startswith("pipeline: error:")]
+        assert len(errors) == 2, failed.stderr
+        assert sum("rank 0 could not write its checkpoint: " in e for e in errors) == 1
+        assert all("step-00000020: checkpoint write failed" in e and "step-00000010" in e for e in errors), errors
+        assert latest(run / "checkpoints").step == 10
+    finally:
+        subprocess.run(["umount", str(run / "checkpoints")], check=True)

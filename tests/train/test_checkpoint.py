@@ -114,3 +114,67 @@ def test_retention_keeps_the_last_k_and_the_best():
 def test_the_writer_owns_the_save_rule(tmp_path, every, keep_best, step, evaluated, expected):
     w = Checkpoints(CheckpointConfig(every_steps=every, keep_best=keep_best))
     assert w.due(step, last_step=100, evaluated=evaluated) is expected
+
+
+def _flip(path, at=None):
+    """Two bytes of a written file changed in place, as a bad disk or a partial copy leaves it."""
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if at is None else at
+    data[i] ^= 0xFF
+    data[i + 1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path, state):
+    v, ckpt = state
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=5))
+    for step in (10, 20):
+        v.assign([float(step)] * 3)
+        w.save(ckpt, step, 0)
+    newest = latest(tmp_path / "ck")
+    assert set(newest.meta["files"]) == {p.name for p in newest.path.glob("state*")}
+    _flip(next(newest.path.glob("state.data-*")))
+    assert "does not match the sha256" in checkpoint.problem(newest)
+    said = []
+    v.assign([0.0] * 3)
+    ref = w.restore_newest(ckpt, said.append)
+    assert ref.step == 10 and v.numpy().tolist() == [10.0, 10.0, 10.0]
+    assert len(said) == 1 and "step-00000020 is damaged" in said[0] and "damaged-step-00000020" in said[0]
+    assert [r.step for r in list_complete(tmp_path / "ck")] == [10]  # never chosen again
+    (aside, why), = checkpoint.list_damaged(tmp_path / "ck")
+    assert aside.name == "damaged-step-00000020" and "sha256" in why
+    assert json.loads((aside / "damaged.json").read_text())["step"] == 20
+
+
+def test_tensorflows_own_checksums_catch_what_no_sha256_was_kept_for(tmp_path, state):
+    """A checkpoint of an earlier version (no "files" in meta.json): TensorFlow's checksum on
+    restore says it is damaged (DataLossError) and it is set aside the same way."""
+    v, ckpt = state
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=5))
+    for step in (10, 20):
+        v.assign([float(step)] * 3)
+        w.save(ckpt, step, 0)
+    newest = latest(tmp_path / "ck")
+    meta = {k: x for k, x in newest.meta.items() if k != "files"}
+    (newest.path / "meta.json").write_text(json.dumps(meta))
+    data = next(newest.path.glob("state.data-*"))
+    import numpy as np
+
+    _flip(data, at=data.read_bytes().index(np.full(3, 20.0, np.float32).tobytes()))  # inside v's bytes
+    assert "TensorFlow cannot read it" in checkpoint.problem(latest(tmp_path / "ck"))
+    ref = w.restore_newest(ckpt, lambda line: None)
+    assert ref.step == 10 and v.numpy().tolist() == [10.0, 10.0, 10.0]
+
+
+def test_with_every_checkpoint_damaged_resuming_is_a_user_error_naming_each(tmp_path, state):
+    v, ckpt = state
+    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=5))
+    for step in (10, 20):
+        w.save(ckpt, step, 0)
+    for ref in list_complete(tmp_path / "ck"):
+        os.truncate(next(ref.path.glob("state.data-*")), 3)
+    with pytest.raises(checkpoint.UserError) as e:
+        w.restore_newest(ckpt, lambda line: None)
+    msg = str(e.value)
+    assert "every checkpoint is damaged" in msg and "step-00000020 (state.data" in msg and "step-00000010" in msg
+    assert "3 bytes where" in msg
