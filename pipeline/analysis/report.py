@@ -35,7 +35,9 @@ def text_summary(s: dict) -> list[str]:
         return lines
     st = s["step_s"]
     lines += [
-        f"warm-up: {s['warmup_steps']} steps left out ({s['warmup_rule']}); {s['steady_steps']} steady steps",
+        f"warm-up: {s['warmup_steps']} steps left out ({s['warmup_rule']}); {s['steady_steps']} steady steps"
+        + (f"; {s['suspended_steps']} step(s) across a suspension left out ({s['suspended_s']:.0f} s not running)"
+           if s.get("suspended_steps") else ""),
         f"throughput: {_num(s['throughput_samples_per_s'])} samples/s (global)",
         f"step time ms: p50 {_ms(st['p50'])}  p90 {_ms(st['p90'])}  p99 {_ms(st['p99'])}  max {_ms(st['max'])}  "
         f"mean {_ms(st['mean'])}",

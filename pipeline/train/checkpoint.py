@@ -256,7 +256,7 @@ class CheckpointWriter(Checkpoints):
         there was none (a fresh start). All damaged: a UserError naming what was tried."""
         refs = list_complete(self.directory)
         tried = []
-        for ref in reversed(refs):
+        for n, ref in enumerate(reversed(refs)):
             why = problem(ref)
             if why is None:
                 try:
@@ -268,8 +268,8 @@ class CheckpointWriter(Checkpoints):
                     why = f"TensorFlow cannot read it: {_first_line(e)}"
             dest = set_aside(ref, why)
             tried.append(f"{ref.path.name} ({why})")
-            say(f"pipeline: checkpoint {ref.path} is damaged ({why}); set aside as {dest.name}, "
-                f"trying the one before")
+            say(f"pipeline: checkpoint {ref.path} is damaged ({why}); set aside as {dest.name}"
+                + (", trying the one before" if n + 1 < len(refs) else ""))
         if tried:
             raise UserError(f"{self.directory}: every checkpoint is damaged, none to resume from: {'; '.join(tried)} "
                             f"(set aside as damaged-step-N/; move them back or start a new run directory)")

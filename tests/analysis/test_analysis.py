@@ -255,3 +255,23 @@ def test_runs_are_compared_like_with_like(tmp_path):
     res = report.analyze([one_t1, bf16], compare=True)
     assert res["compare_setup_differs"] == {"precision": ["float32", "mixed_bfloat16"]}
     assert "differ in: precision float32 vs mixed_bfloat16" in report.text(res)
+
+
+def test_a_step_across_a_suspension_is_left_out_of_every_figure(tmp_path):
+    """Step 50 of 100 ran across a 30 s suspension (suspended_s on each rank's record, as the
+    watchdog writes it): throughput and percentiles are those of the run without it."""
+    from pipeline.analysis.logs import load
+    from pipeline.analysis.summary import summarize
+
+    plain = summarize(load(write_run(tmp_path / "a", ranks=2, steps=100, step_s=0.05)))
+    run = write_run(tmp_path / "b", ranks=2, steps=100, step_s=lambda r, s: 30.05 if s == 50 else 0.05)
+    for r in range(2):
+        p = run / "steps" / f"rank-{r}.jsonl"
+        recs = [json.loads(x) for x in p.read_text().splitlines()]
+        recs[49]["suspended_s"] = 30.0 - 0.01 * r
+        p.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    s = summarize(load(run))
+    assert (s["suspended_steps"], s["suspended_s"]) == (1, 30.0)
+    assert s["step_s"]["max"] == pytest.approx(0.05) and s["steady_steps"] == plain["steady_steps"] - 1
+    assert s["throughput_samples_per_s"] == pytest.approx(plain["throughput_samples_per_s"])
+    assert plain["suspended_steps"] == 0

@@ -166,3 +166,41 @@ def test_a_bad_debug_fault_is_a_user_error(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "debug.fault: phase must be one of" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _beating(run, rank, beat, gap=None, pm_at=None):
+    """A rank's ring waiting in the call of step 35, its heartbeat last at `beat`, and a
+    suspension (seconds, resumed at) it found on waking; a post-mortem written at `pm_at`."""
+    rec = flight.Recorder(run, rank)
+    rec.host = "h"
+    rec.event("call", "step", 35, waiting="call of steps 35-66")
+    if gap:
+        rec.suspended(*gap)
+    rec.beat(beat)
+    rec.close()
+    if pm_at:
+        _pm(run, rank, "stalled", t=pm_at)
+
+
+def test_rules_the_rank_that_stopped_running_while_its_peers_went_on(tmp_path):
+    t = 1_800_000_000.0
+    # Rank 1 frozen at t, woken by mpirun's teardown at t + 21 (SIGCONT, then SIGTERM): it wrote
+    # a post-mortem too, but its own ring says it did not run from t to t + 21.
+    a = tmp_path / "a"
+    _beating(a, 0, t + 21, pm_at=t + 21)
+    _beating(a, 1, t + 21.5, gap=(21.0, t + 21), pm_at=t + 21.5)
+    res = postmortem.analyze(a)
+    assert res["first"]["rank"] == 1 and res["first"]["reason"].startswith("stopped running at "), res["lines"]
+    assert "21s before its peers gave up" in res["first"]["reason"] and "not waiting" in res["first"]["reason"]
+    # Rank 1 frozen and never woken (killed while stopped): its heartbeat ends at t, no post-mortem.
+    b = tmp_path / "b"
+    _beating(b, 0, t + 21, pm_at=t + 21)
+    _beating(b, 1, t)
+    res = postmortem.analyze(b)
+    assert res["first"]["rank"] == 1 and "left no post-mortem" in res["first"]["reason"], res["lines"]
+    # The whole job suspended (every rank the same gap), then a real hang: nobody is blamed for the gap.
+    c = tmp_path / "c"
+    for r in range(2):
+        _beating(c, r, t + 60, gap=(30.0, t + 30), pm_at=t + 60)
+    res = postmortem.analyze(c)
+    assert res["first"] is None and "inside it" in res["reason"]
