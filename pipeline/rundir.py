@@ -49,7 +49,14 @@ HEADER_FIELDS = ("kind", "rank", "size", "local_rank", "local_size", "host", "pi
                  "jit_compile", "compression", "backward_passes_per_step", "batch_size", "threads", "backend",
                  "steps_per_call", "fault", "time")
 # One evaluation in metrics.jsonl.
-METRIC_FIELDS = ("epoch", "step", "time", "val_loss", "val_accuracy", "eval_s")
+METRIC_FIELDS = ("epoch", "step", "time", "val_loss", "val_accuracy", "val_samples", "eval_s")
+# val_samples counts what was evaluated; every other val_<name> is a figure of the model.
+VAL_COUNT = "val_samples"
+
+
+def is_metric(key: str) -> bool:
+    """A validation figure (val_loss, val_accuracy, val_<metric>), not the sample count."""
+    return key.startswith("val_") and key != VAL_COUNT
 # ranks/rank-R.json at the end of a run.
 SUMMARY_FIELDS = ("rank", "size", "host", "threads", "pid", "status", "start_step", "end_step", "steps_run",
                   "loop_s", "train_s", "warmup_steps", "samples_per_s", "step_log_s", "step_log_overhead",

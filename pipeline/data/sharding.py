@@ -3,7 +3,8 @@
 Every rank gets the same number of samples (a contiguous range of the split's global index
 space, which may span shards), so every rank runs the same number of steps: ranks that
 disagree on the step count hang in Horovod's allreduce. The remainder that does not divide
-evenly is dropped and reported once.
+evenly is dropped and reported once. Validation drops nothing: every sample is evaluated
+once, the first ranks taking one more (evaluation's only collective is its final sum).
 """
 
 from __future__ import annotations
@@ -27,21 +28,31 @@ def assign(shard_counts: Sequence[int], rank: int, size: int, batch_size: int | 
     """Rank `rank` of `size` gets samples [rank * per, (rank + 1) * per) of the split.
 
     With a batch size and drop_last, each rank's share is cut to whole batches so that
-    steps_per_epoch is the same on every rank; without drop_last (evaluation) a rank keeps
-    its partial last batch.
+    steps_per_epoch is the same on every rank. Without drop_last (evaluation, where no
+    collective runs per batch) every sample is some rank's exactly once: the first
+    `total % size` ranks take one more, and a rank keeps its partial last batch.
     """
     if size < 1 or not 0 <= rank < size:
         raise ValueError(f"rank {rank} is not in [0, {size})")
     total = sum(shard_counts)
     per = total // size
     steps = 0
+    if not drop_last:
+        extra = total % size
+        lo = rank * per + min(rank, extra)
+        per += rank < extra
+        hi = lo + per
+        steps = -(-per // batch_size) if batch_size else 0
+        return Plan(rank, size, per, steps, 0, _ranges(shard_counts, lo, hi))
     if batch_size:
-        if drop_last:
-            steps = per // batch_size
-            per = steps * batch_size
-        else:
-            steps = -(-per // batch_size)
+        steps = per // batch_size
+        per = steps * batch_size
     lo, hi = rank * per, (rank + 1) * per
+    return Plan(rank, size, per, steps, total - per * size, _ranges(shard_counts, lo, hi))
+
+
+def _ranges(shard_counts: Sequence[int], lo: int, hi: int) -> tuple[tuple[int, int, int], ...]:
+    """(shard index, start, stop) of the global sample range [lo, hi)."""
     ranges = []
     offset = 0
     for i, n in enumerate(shard_counts):
@@ -49,7 +60,7 @@ def assign(shard_counts: Sequence[int], rank: int, size: int, batch_size: int | 
         if a < b:
             ranges.append((i, a - offset, b - offset))
         offset += n
-    return Plan(rank, size, per, steps, total - per * size, tuple(ranges))
+    return tuple(ranges)
 
 
 def total_steps(steps_per_epoch: int, epochs: int, max_steps: int = 0) -> int:

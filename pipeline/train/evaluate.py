@@ -29,24 +29,27 @@ class Evaluator:
         self._step = eval_step
 
     def __call__(self) -> dict:
-        """{"val_loss", "val_<metric>"..., "eval_s"}; every rank must call it at the same step."""
+        """{"val_loss", "val_<metric>"..., "val_samples", "eval_s"}; every rank must call it at
+        the same step."""
         t0 = time.perf_counter()
         # BatchNorm statistics (if any) are per rank; average them so every replica evaluates
         # (and later checkpoints) the same model.
         self.dist.average_variables(self.model.non_trainable_variables)
         for _, m in self.metrics:
             m.reset_state()
-        loss_sum, count = 0.0, 0.0
+        loss_sum, count, samples = 0.0, 0.0, 0
         for xb, yb in self.inp.eval_batches(self.batch_size):
             s, n = self._step(xb, yb)
             loss_sum += float(s)
             count += float(n)
-        # One allreduce for the loss and every metric's state.
+            samples += len(yb)
+        # One allreduce for the loss, the samples evaluated and every metric's state.
         states = [v for _, m in self.metrics for v in m.variables]
-        flat = [np.asarray([loss_sum, count])] + [np.asarray(v.numpy(), np.float64).ravel() for v in states]
+        flat = [np.asarray([loss_sum, count, samples], np.float64)] + \
+            [np.asarray(v.numpy(), np.float64).ravel() for v in states]
         summed = self.dist.allreduce_sum(np.concatenate(flat))
-        loss_sum, count = summed[0], summed[1]
-        pos = 2
+        loss_sum, count, samples = summed[0], summed[1], int(round(summed[2]))
+        pos = 3
         for v in states:
             n = int(np.prod(v.shape))
             v.assign(summed[pos:pos + n].reshape(v.shape).astype(v.dtype.as_numpy_dtype))
@@ -54,5 +57,6 @@ class Evaluator:
         out = {"val_loss": float(loss_sum / count) if count else float("nan")}
         for name, m in self.metrics:
             out[f"val_{name}"] = float(m.result()) if count else float("nan")
+        out["val_samples"] = samples  # every validation sample, once (pipeline/data/sharding.py)
         out["eval_s"] = round(time.perf_counter() - t0, 3)
         return out

@@ -34,7 +34,7 @@ from pipeline.data import feed as feed_mod, reader, sharding, shards
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_write_text
 from pipeline.mlperf.hook import ABORTED, MLPerfHook, drop_page_cache
-from pipeline.rundir import RunDir
+from pipeline.rundir import VAL_COUNT, RunDir, is_metric
 from pipeline.runtime import dist as dist_mod, flight
 from pipeline.runtime.hooks import FaultHook, FlightHook, Hooks, WatchdogHook, signal_name
 from pipeline.runtime.preempt import StopSignals, Watchdog
@@ -434,7 +434,7 @@ def _evaluate_and_save(t: Trainer, s: LoopState, hooks: Hooks, epoch: int) -> bo
     if plan.evaluates_after(s.step):
         hooks.on_phase("eval", s.step)
         record = _evaluate(t, s, s.step, epoch)
-        evaluated = {k: v for k, v in record.items() if k.startswith("val_")}
+        evaluated = {k: v for k, v in record.items() if is_metric(k)}
         # Every rank has the same figures (averaged over all), so all end here together.
         reason = hooks.on_eval(record)
     saving = t.checkpoints.due(s.step, plan.total, bool(evaluated)) or bool(reason)
@@ -558,7 +558,7 @@ def _evaluate(t: Trainer, s: LoopState, step: int, epoch: int) -> dict:
     record = {"epoch": epoch, "step": step, "time": time.time(), **figures}
     t.writers.metrics.write(record)
     t.writers.console.print(f"epoch {epoch} step {step}: " + " ".join(
-        f"{k} {v:.4f}" for k, v in figures.items() if k.startswith("val_")))
+        f"{k} {v:.4f}" for k, v in figures.items() if is_metric(k)) + f" ({figures[VAL_COUNT]} samples)")
     s.last_eval_step = step
     return record
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import config
 from pipeline.fsutil import atomic_write_text
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, is_metric
 from pipeline.runtime.hooks import Hook
 from pipeline.train.export import save_keras
 
@@ -153,7 +153,7 @@ class TensorBoardFile(TensorBoard):
         tf, w = self._writer()
         with w.as_default(step=record["step"]):
             for k, v in record.items():
-                if k.startswith("val_"):
+                if is_metric(k):
                     tf.summary.scalar(f"eval/{k}", v)
         w.flush()
         return False

@@ -31,9 +31,17 @@ def test_every_rank_gets_equal_disjoint_shares(size, shard_counts, batch):
     assert len(seen) == total - plans[0].dropped
 
 
-def test_eval_plan_keeps_partial_batches():
+def test_eval_plan_keeps_partial_batches_and_every_sample_once():
     p = assign([1000], 1, 3, batch_size=64, drop_last=False)
-    assert p.samples_per_rank == 333 and p.steps_per_epoch == 6 and p.dropped == 1
+    assert p.samples_per_rank == 333 and p.steps_per_epoch == 6 and p.dropped == 0
+    for counts, size in (([1000], 3), ([7, 0, 5, 1], 4), ([3], 5), ([10, 11], 2)):
+        plans = [assign(counts, r, size, batch_size=4, drop_last=False) for r in range(size)]
+        seen = []
+        for pl in plans:
+            seen += [sum(counts[:i]) + j for i, a, b in pl.ranges for j in range(a, b)]
+        assert sorted(seen) == list(range(sum(counts))), (counts, size)  # each sample once, in rank order
+        assert seen == sorted(seen) and max(pl.samples_per_rank for pl in plans) - \
+            min(pl.samples_per_rank for pl in plans) <= 1
 
 
 def test_fewer_samples_than_ranks_gives_zero_steps_everywhere():

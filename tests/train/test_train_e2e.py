@@ -89,6 +89,30 @@ def test_more_ranks_than_shards_uneven_total_streaming(tmp_path):
     assert [x["step"] for x in logs[0]] == [x["step"] for x in logs[1]] == list(range(1, 63))
     s = summaries(run)
     assert s[0]["weights_sha256"] == s[1]["weights_sha256"]
+    # Every one of the 101 validation samples counted once (51 + 50, not 50 + 50): the metrics
+    # equal one process's over the whole split with the final model.
+    last = read_jsonl(run / "metrics.jsonl")[-1]
+    assert last["step"] == 62 and last["val_samples"] == 101
+    ref = _whole_split_figures(data, run / "model.keras")
+    assert last["val_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6)
+    assert last["val_loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+def _whole_split_figures(data, model_path) -> dict:
+    """Accuracy and mean cross-entropy of a saved classifier over the whole validation split,
+    in this one process, with the reader's own scaling."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline.data import reader, shards
+    from pipeline.data.sharding import assign
+
+    m = shards.load_manifest(data)
+    x, y = reader.read_share(m, "val", assign([s.num_samples for s in m.shards("val")], 0, 1, drop_last=False))
+    logits = tf.keras.models.load_model(model_path)(reader.to_float(x), training=False).numpy()
+    y = y.ravel()
+    return {"accuracy": float(np.mean(np.argmax(logits, -1) == y)),
+            "loss": float(np.mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)))}
 
 
 @pytest.mark.mpi
