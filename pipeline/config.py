@@ -50,6 +50,9 @@ def is_user_builder(name: str) -> bool:
     return bool(sep and path and func.isidentifier())
 
 
+BUILTIN_OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "lars")
+
+
 def known_model(name: str) -> bool:
     return name in BUILTIN_MODELS or is_user_builder(name) or \
         (name.startswith(APPLICATIONS_PREFIX) and len(name) > len(APPLICATIONS_PREFIX))
@@ -100,7 +103,19 @@ class TrainConfig:
                              zero="run all epochs")
     seed: int = setting(42, "seeds the weights and the batch order")
     deterministic: bool = setting(False, "TensorFlow's op determinism")
-    optimizer: Literal["adam", "sgd"] = setting("adam", "adam, or sgd with momentum 0.9")
+    optimizer: str = setting("adam", f"{', '.join(BUILTIN_OPTIMIZERS)}, or your own as path/to/file.py:function "
+                                     "or package.module:function, called as function(learning_rate, train) "
+                                     "(docs/training.md)")
+    momentum: float = setting(0.9, "sgd's and lars's momentum", ge=0, le=1)
+    nesterov: bool = setting(False, "sgd: Nesterov momentum")
+    weight_decay: float = setting(0.0, "decoupled weight decay (adamw, lamb and lars as their papers define it; "
+                                       "sgd and adam: Keras's decoupled decay, w -= lr * weight_decay * w)", ge=0)
+    betas: list[float] = setting(None, "adam, adamw and lamb: [beta_1, beta_2]", factory=lambda: [0.9, 0.999])
+    epsilon: float = setting(1e-7, "adam, adamw and lamb: the denominator's epsilon", gt=0)
+    lars_trust: float = setting(0.001, "lars: the trust coefficient eta", gt=0)
+    clip_global_norm: float = setting(0.0, "clip the averaged gradient (after loss unscaling and the micro-batch "
+                                           "average, the same on every rank) to this global norm", ge=0,
+                                      zero="no clipping")
     lr: float = setting(0.001, "per-rank base rate; scaled by the number of ranks (scale_lr)", gt=0)
     scale_lr: bool = setting(True, "multiply lr by the number of ranks")
     warmup_steps: int = setting(100, "steps of linear warm-up to the scaled rate", ge=0)
@@ -134,6 +149,12 @@ class TrainConfig:
                                  factory=list)
 
     def validate(self) -> None:
+        _require(self.optimizer in BUILTIN_OPTIMIZERS or is_user_builder(self.optimizer),
+                 f"train.optimizer must be one of {', '.join(BUILTIN_OPTIMIZERS)} or path/to/file.py:function or "
+                 f"package.module:function, got {self.optimizer!r}")
+        _require(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+                 f"train.betas must be [beta_1, beta_2], each in [0, 1), got {self.betas!r}")
+        self.betas = [float(b) for b in self.betas]
         _require(self.lr_schedule != "step" or self.lr_step_every > 0,
                  "train.lr_step_every must be > 0 with train.lr_schedule: step")
         _require(self.loss != "", "train.loss must name a Keras loss, e.g. mse")

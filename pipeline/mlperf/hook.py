@@ -15,6 +15,11 @@ from pipeline.runtime.hooks import Hook
 __all__ = ["MLPerfHook", "drop_page_cache", "ABORTED", "SUCCESS"]
 
 
+# train.optimizer as MLPerf HPC's closed rules spell it (mlperf-logging's hpc_3.0.0 rules:
+# CosmoFlow's sgd, DeepCAM's Adam, AdamW or LAMB, OpenCatalyst's AdamW); a user's own as named.
+OPT_NAMES = {"sgd": "sgd", "adam": "Adam", "adamw": "AdamW", "lamb": "LAMB", "lars": "LARS"}
+
+
 class MLPerfHook(Hook):
     """One attempt's events, in order, once each. `settings` is the config's mlperf section."""
 
@@ -57,14 +62,14 @@ class MLPerfHook(Hook):
             ("global_batch_size", plan.global_batch),
             ("gradient_accumulation_steps", plan.passes),
             ("gradient_accumulation_frequency", plan.passes),
-            ("opt_name", t.optimizer),
+            ("opt_name", OPT_NAMES.get(t.optimizer, t.optimizer)),
             ("opt_base_learning_rate", peak),
             ("opt_learning_rate_warmup_epochs", t.warmup_steps / spe),
             ("opt_learning_rate_warmup_factor", peak / t.lr),
             ("opt_learning_rate_decay_schedule", t.lr_schedule),
             ("opt_learning_rate_decay_boundary_epochs", boundaries),
             ("opt_learning_rate_decay_factor", t.lr_step_factor if t.lr_schedule == "step" else 1.0),
-            ("opt_weight_decay", 0.0),
+            ("opt_weight_decay", t.weight_decay),
             ("dropout", float(cfg.model.args.get("dropout", 0.0) or 0.0)),
             ("seed", t.seed),
             ("train_samples", plan.train_samples),

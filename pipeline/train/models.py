@@ -155,6 +155,12 @@ assert set(MODELS) | set(TASK_MODELS) == set(BUILTIN_MODELS), "pipeline/config.p
 
 def _user_builder(name: str):
     """The function named by model.name: a .py file's or an importable module's."""
+    return load_function(name, "model.name")
+
+
+def load_function(name: str, key: str):
+    """The function `name` names (path/to/file.py:function or package.module:function), for
+    config key `key` (named in the one-line errors)."""
     import importlib
     import importlib.util
 
@@ -164,22 +170,22 @@ def _user_builder(name: str):
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
-            raise UserError(f"model.name {name!r}: no such file {path}")
-        spec = importlib.util.spec_from_file_location(f"pipeline_user_model_{path.stem}", path)
+            raise UserError(f"{key} {name!r}: no such file {path}")
+        spec = importlib.util.spec_from_file_location(f"pipeline_user_{key.split('.')[-1]}_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except Exception as e:
-            raise UserError(f"model.name {name!r}: {path} failed to load ({type(e).__name__}: "
+            raise UserError(f"{key} {name!r}: {path} failed to load ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as e:
-            raise UserError(f"model.name {name!r}: cannot import {where} ({e})") from None
+            raise UserError(f"{key} {name!r}: cannot import {where} ({e})") from None
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise UserError(f"model.name {name!r}: {where} has no function {func!r}")
+        raise UserError(f"{key} {name!r}: {where} has no function {func!r}")
     return fn
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 
 def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: str = "none",
-                    jit_compile: bool = False, loss_scale: bool = False, prepare_x=None):
+                    jit_compile: bool = False, loss_scale: bool = False, prepare_x=None, clip_global_norm: float = 0.0):
     """loss_fn(y, prediction) -> the batch's scalar loss; prepare_x turns the stored input into
-    what the model sees (default: uint8 to [0, 1], other types to float32)."""
+    what the model sees (default: uint8 to [0, 1], other types to float32). clip_global_norm > 0
+    clips the gradient the update uses: averaged over the micro-batches and the ranks, and
+    unscaled, so every rank clips the same numbers the same way."""
     import tensorflow as tf
 
     from pipeline.data.reader import to_float
@@ -62,6 +64,8 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
             grads = dist.average_gradients(grads, compression)
         if loss_scale:
             grads = opt.get_unscaled_gradients(grads)
+        if clip_global_norm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, clip_global_norm)
         # Any rank's stop request reaches every rank in this same step.
         stops = dist.sum_in_step(stop)
         updated = opt.apply_gradients(zip(grads, variables))

@@ -38,7 +38,7 @@ from pipeline.rundir import VAL_COUNT, RunDir, is_metric
 from pipeline.runtime import dist as dist_mod, flight
 from pipeline.runtime.hooks import FaultHook, FlightHook, Hooks, WatchdogHook, signal_name
 from pipeline.runtime.preempt import StopSignals, Watchdog
-from pipeline.train import checkpoint, models, step as step_mod, writers as writers_mod
+from pipeline.train import checkpoint, models, optimizers, step as step_mod, writers as writers_mod
 from pipeline.train.evaluate import Evaluator
 from pipeline.train.schedule import LR
 from pipeline.train.steplog import StepLog, rss_mb
@@ -246,8 +246,8 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
     ml.hyperparameters(cfg, plan, hosts, dist.size)
 
     lr = LR.from_config(cfg.train, dist.size, plan.total)
-    opt = tf.keras.optimizers.Adam(lr.keras()) if cfg.train.optimizer == "adam" else \
-        tf.keras.optimizers.SGD(lr.keras(), momentum=0.9)
+    with _said_by_rank0(dist):
+        opt = optimizers.build(cfg.train, lr.keras())
     if precision == "mixed_float16":
         # float16 gradients underflow without a loss scale; Keras adjusts it dynamically.
         opt = tf.keras.mixed_precision.LossScaleOptimizer(opt)
@@ -263,7 +263,8 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
     writers.console.print(f"pipeline: input {inp.mode}")
     train_step = step_mod.make_train_step(model, opt, task.loss, dist, passes=plan.passes,
                                           compression=cfg.horovod.compression, jit_compile=cfg.train.jit_compile,
-                                          loss_scale=precision == "mixed_float16", prepare_x=task.prepare_x)
+                                          loss_scale=precision == "mixed_float16", prepare_x=task.prepare_x,
+                                          clip_global_norm=cfg.train.clip_global_norm)
     return Trainer(cfg, rd, dist, plan, precision, model, opt, state, lr, ckpts, writers, inp, train_step,
                    Evaluator(model, inp, cfg.train.batch_size, dist, task), start, faultspec.parse(cfg.debug.fault),
                    ml, staging_t0)

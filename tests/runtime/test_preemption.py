@@ -34,7 +34,10 @@ def common(data, run, *extra):
 
 @pytest.mark.mpi
 def test_sigterm_then_resume_is_bitwise_identical(tmp_path, small_dataset):
-    n = ["--set", "train.max_steps=160", "--set", "checkpoint.every_steps=50"]
+    """With LAMB (its own optimizer slots, weight decay) and gradient clipping: what a resume
+    must restore exactly beyond the weights."""
+    n = ["--set", "train.max_steps=160", "--set", "checkpoint.every_steps=50", "--set", "train.optimizer=lamb",
+         "--set", "train.weight_decay=0.01", "--set", "train.clip_global_norm=1.0"]
     straight = tmp_path / "straight"
     r = subprocess.run([require_tool("mpirun"), "-np", "2", sys.executable, "-m", "pipeline",
                         *map(str, common(small_dataset, straight, *n))],
