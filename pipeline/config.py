@@ -118,10 +118,29 @@ class TrainConfig:
                                       zero="no clipping")
     lr: float = setting(0.001, "per-rank base rate; scaled by the number of ranks (scale_lr)", gt=0)
     scale_lr: bool = setting(True, "multiply lr by the number of ranks")
-    warmup_steps: int = setting(100, "steps of linear warm-up to the scaled rate", ge=0)
-    lr_schedule: Literal["constant", "cosine", "step"] = setting("constant", "after warm-up")
+    lr_scaling: Literal["", "linear", "sqrt", "none"] = setting(
+        "", "the peak rate: lr x (global batch / lr_base_batch), or its square root, or lr itself; '' (the "
+            "default): scale_lr decides")
+    lr_base_batch: int = setting(0, "lr_scaling: the global batch lr is given for", ge=0,
+                                 zero="one rank's batch (x backward passes)")
+    warmup_steps: int = setting(100, "steps of linear warm-up from lr to the peak rate", ge=0)
+    warmup_epochs: float = setting(0.0, "warm-up in epochs instead (MLPerf's opt_learning_rate_warmup_epochs); "
+                                        "set it or warmup_steps", ge=0, zero="use warmup_steps")
+    warmup_factor: float = setting(0.0, "the peak rate as lr x this (MLPerf's warm-up factor), whatever "
+                                        "scale_lr and lr_scaling say", ge=0, zero="from lr_scaling or scale_lr")
+    lr_schedule: Literal["constant", "cosine", "step", "multistep", "polynomial"] = setting(
+        "constant", "after warm-up")
     lr_step_every: int = setting(0, "step schedule: multiply by lr_step_factor every this many steps")
     lr_step_factor: float = setting(0.1, "step schedule's factor", gt=0, le=1)
+    lr_boundaries: list[float] = setting(None, "multistep: where the rate decays, in lr_boundary_unit",
+                                         factory=list)
+    lr_boundary_unit: Literal["epochs", "steps"] = setting("epochs", "multistep: the unit of lr_boundaries")
+    lr_decay_factors: list[float] = setting(None, "multistep: the multiplier of the peak rate from each boundary "
+                                                  "on (CosmoFlow's form)", factory=list)
+    lr_decay_gamma: float = setting(0.0, "multistep: the rate times gamma once more at each boundary (DeepCAM's "
+                                         "form)", ge=0, zero="use lr_decay_factors")
+    lr_power: float = setting(1.0, "polynomial: the power of the decay (1: linear)", gt=0)
+    lr_end: float = setting(0.0, "polynomial: the rate at the last step", ge=0)
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = setting(
         "float32", "float32, mixed_float16 (GPUs; loss scaling) or mixed_bfloat16 (CPUs with bf16 support)")
     jit_compile: bool = setting(False, "XLA-compile the training step")
@@ -155,6 +174,19 @@ class TrainConfig:
         _require(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
                  f"train.betas must be [beta_1, beta_2], each in [0, 1), got {self.betas!r}")
         self.betas = [float(b) for b in self.betas]
+        _require(not (self.warmup_epochs > 0 and self.warmup_steps not in (0, 100)),
+                 "train.warmup_epochs and train.warmup_steps are both set: give one")
+        if self.lr_schedule == "multistep":
+            b = self.lr_boundaries
+            _require(bool(b) and all(isinstance(x, (int, float)) and x > 0 for x in b) and list(b) == sorted(set(b)),
+                     f"train.lr_boundaries must be increasing numbers > 0 with train.lr_schedule: multistep, got {b!r}")
+            _require((len(self.lr_decay_factors) == len(b)) != (self.lr_decay_gamma > 0),
+                     f"train.lr_schedule: multistep needs train.lr_decay_factors (one per boundary: {len(b)}) or "
+                     f"train.lr_decay_gamma, not both")
+            _require(all(isinstance(f, (int, float)) and f > 0 for f in self.lr_decay_factors),
+                     "train.lr_decay_factors must be numbers > 0")
+        self.lr_boundaries = [float(x) for x in self.lr_boundaries]
+        self.lr_decay_factors = [float(x) for x in self.lr_decay_factors]
         _require(self.lr_schedule != "step" or self.lr_step_every > 0,
                  "train.lr_step_every must be > 0 with train.lr_schedule: step")
         _require(self.loss != "", "train.loss must name a Keras loss, e.g. mse")

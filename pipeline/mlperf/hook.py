@@ -47,14 +47,20 @@ class MLPerfHook(Hook):
     def cache_cleared(self, files: int, dropped: bool) -> None:
         self.log.event("cache_clear", dropped, metadata={"files": files})
 
-    def hyperparameters(self, cfg, plan, hosts: list[str], size: int) -> None:
+    def hyperparameters(self, cfg, plan, hosts: list[str], lr) -> None:
+        """The run's settings as MLPerf HPC's keys, from the learning-rate rule the run uses
+        (`lr`: pipeline/train/schedule.py's LR, every length in steps), never constants."""
         t = cfg.train
         spe = plan.steps_per_epoch
-        peak = t.lr * size if t.scale_lr else t.lr
-        boundaries = []
-        if t.lr_schedule == "step":
+        peak = lr.peak
+        boundaries, factor = [], 1.0
+        if lr.schedule == "step":
             # lr_at decays at every multiple of lr_step_every, counted from step 0.
-            boundaries = [k / spe for k in range(t.lr_step_every, plan.total, t.lr_step_every)]
+            boundaries = [k / spe for k in range(lr.step_every, plan.total, lr.step_every)]
+            factor = lr.step_factor
+        elif lr.schedule == "multistep":
+            boundaries = [b / spe for b in lr.boundaries]
+            factor = list(lr.decay_factors) if lr.decay_factors else lr.gamma
         # Built only where the log writes: describing the platform asks TensorFlow for its GPUs,
         # after joining the job (not before the rank's threads are set).
         self.log.events(lambda: (
@@ -64,11 +70,11 @@ class MLPerfHook(Hook):
             ("gradient_accumulation_frequency", plan.passes),
             ("opt_name", OPT_NAMES.get(t.optimizer, t.optimizer)),
             ("opt_base_learning_rate", peak),
-            ("opt_learning_rate_warmup_epochs", t.warmup_steps / spe),
+            ("opt_learning_rate_warmup_epochs", lr.warmup_steps / spe),
             ("opt_learning_rate_warmup_factor", peak / t.lr),
-            ("opt_learning_rate_decay_schedule", t.lr_schedule),
+            ("opt_learning_rate_decay_schedule", lr.schedule),
             ("opt_learning_rate_decay_boundary_epochs", boundaries),
-            ("opt_learning_rate_decay_factor", t.lr_step_factor if t.lr_schedule == "step" else 1.0),
+            ("opt_learning_rate_decay_factor", factor),
             ("opt_weight_decay", t.weight_decay),
             ("dropout", float(cfg.model.args.get("dropout", 0.0) or 0.0)),
             ("seed", t.seed),

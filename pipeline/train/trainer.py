@@ -243,9 +243,9 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
         model = models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape, args=cfg.model.args,
                              output_dtype="float32" if precision != "float32" else None)
     hosts = _write_config(cfg, rd, dist, plan, model, writers)
-    ml.hyperparameters(cfg, plan, hosts, dist.size)
+    lr = LR.from_config(cfg.train, dist.size, plan.total, plan.steps_per_epoch, plan.global_batch, plan.update_batch)
+    ml.hyperparameters(cfg, plan, hosts, lr)
 
-    lr = LR.from_config(cfg.train, dist.size, plan.total)
     with _said_by_rank0(dist):
         opt = optimizers.build(cfg.train, lr.keras())
     if precision == "mixed_float16":
