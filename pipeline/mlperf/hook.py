@@ -20,6 +20,24 @@ __all__ = ["MLPerfHook", "drop_page_cache", "ABORTED", "SUCCESS"]
 OPT_NAMES = {"sgd": "sgd", "adam": "Adam", "adamw": "AdamW", "lamb": "LAMB", "lars": "LARS"}
 
 
+def deepcam_keys(t, lr) -> list[tuple]:
+    """The keys MLPerf HPC's closed DeepCAM rules ask for (hpc_3.0.0 closed_deepcam*.yaml), from
+    the run's own settings: the optimizer's, the schedule's (multistep milestones in steps, or
+    cosine annealing), and LAMB's."""
+    out = [("batchnorm_group_size", 1),  # BatchNorm statistics are each rank's own while training
+           ("opt_lr", lr.peak), ("opt_betas", list(t.betas)), ("opt_eps", t.epsilon),
+           ("scheduler_type", {"multistep": "multistep", "cosine": "cosine_annealing"}.get(lr.schedule, lr.schedule)),
+           ("scheduler_lr_warmup_steps", lr.warmup_steps), ("scheduler_lr_warmup_factor", lr.peak / t.lr)]
+    if lr.schedule == "multistep":
+        out += [("scheduler_milestones", list(lr.boundaries)),
+                ("scheduler_decay_rate", lr.gamma if lr.gamma else (list(lr.decay_factors) or [1.0])[0])]
+    elif lr.schedule == "cosine":
+        out += [("scheduler_t_max", max(1, lr.total_steps - lr.warmup_steps)), ("scheduler_eta_min", 0.0)]
+    if t.optimizer == "lamb":
+        out += [("opt_bias_correction", True), ("opt_grad_averaging", True), ("opt_max_grad_norm", t.clip_global_norm)]
+    return out
+
+
 class MLPerfHook(Hook):
     """One attempt's events, in order, once each. `settings` is the config's mlperf section."""
 
@@ -81,7 +99,8 @@ class MLPerfHook(Hook):
             ("train_samples", plan.train_samples),
             ("eval_samples", sum(x.num_samples for x in plan.manifest.shards("val"))),
             ("number_of_nodes", len(set(hosts))),
-            ("accelerators_per_node", len(gpu_names()))))
+            ("accelerators_per_node", len(gpu_names())),
+            *(deepcam_keys(t, lr) if self.settings.benchmark == "deepcam" else ())))
 
     def ready(self, epoch_of, staged: tuple[float, float, str] | None, barrier) -> None:
         """What the loop's start needs: the epoch of a step, the share's staging times (when it
