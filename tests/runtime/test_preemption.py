@@ -61,6 +61,9 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, small_dataset):
     assert f"resuming after step {stop.step}" in resumed.stdout
     a, b = pipeline("checkpoint", "digest", straight), pipeline("checkpoint", "digest", run)
     assert a.stdout.startswith("step 160 ") and a.stdout == b.stdout, (a.stdout, b.stdout)
+    # Clipped the same way on both ranks: their weights and optimizer slots end equal.
+    sha = {json.loads((run / "ranks" / f"rank-{r}.json").read_text())["weights_sha256"] for r in (0, 1)}
+    assert len(sha) == 1
     # The same per-step losses after the resume point, on both ranks.
     for rank in (0, 1):
         want = {x["step"]: x["loss"] for x in read_steps(straight / "steps" / f"rank-{rank}.jsonl")}
