@@ -140,6 +140,17 @@ def write_run(d: Path, *, ranks: int, steps: int, batch: int = 32, step_s=0.05, 
     return d
 
 
+def train_section(**over):
+    """The default config's train section with some keys changed, checked as a config file's."""
+    from pipeline import config
+
+    cfg = config.load(None)
+    for k, v in over.items():
+        setattr(cfg.train, k, v)
+    cfg.train.validate()
+    return cfg.train
+
+
 def assert_user_error(result, *words):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -200,6 +200,15 @@ def test_a_full_disk_ends_the_log_with_one_warning_not_the_run(capsys):
     assert sink.broken and sink.file is None and err.count("write failed (No space left on device)") == 1
 
 
+def _closed_run(run, config_name: str, data) -> tuple[str, dict]:
+    """Two epochs of a recipe config on 2 ranks: the checker's output and the log's values."""
+    r = mpirun(2, "train", "--config", ROOT / "configs" / config_name, "--run-dir", run, "--set", f"data.dir={data}",
+               "--set", "train.epochs=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    c = checker(run / "mlperf.log")
+    return c.stdout + c.stderr, {e["key"]: e["value"] for e in mlperf_log.events(run / "mlperf.log")}
+
+
 def _failed_rules(out: str) -> set[str]:
     """The keys whose rules MLCommons' checker says failed."""
     import re
@@ -216,15 +225,9 @@ def test_the_closed_recipes_meet_mlperfs_closed_rules_but_for_what_this_machine_
     from pipeline.data.index import index
     from pipeline.data.synth_layouts import synth_layout
 
-    run = tmp_path / "cosmo"
-    r = mpirun(2, "train", "--config", ROOT / "configs" / "cosmoflow-closed.yaml", "--run-dir", run,
-               "--set", f"data.dir={cosmoflow}", "--set", "train.epochs=2")
-    assert r.returncode == 0, r.stdout + r.stderr
-    c = checker(run / "mlperf.log")
-    out = c.stdout + c.stderr
+    out, events = _closed_run(tmp_path / "cosmo", "cosmoflow-closed.yaml", cosmoflow)
     assert "Compliance checks: hpc_3.0.0/closed_cosmoflow.yaml" in out, out
     assert _failed_rules(out) <= {"eval_error"}, out
-    events = {e["key"]: e["value"] for e in mlperf_log.events(run / "mlperf.log")}
     assert (events["opt_name"], events["opt_learning_rate_warmup_epochs"]) == ("sgd", 4.0)
     assert events["opt_learning_rate_decay_boundary_epochs"] == [32.0, 64.0]
     assert events["opt_learning_rate_decay_factor"] == [0.25, 0.125] and events["dropout"] == 0.5
@@ -233,14 +236,8 @@ def test_the_closed_recipes_meet_mlperfs_closed_rules_but_for_what_this_machine_
     index([str(tmp_path / "seg-raw")], str(tmp_path / "seg"), "climate/data", "climate/labels_0", per_file="one",
           val_fraction=0.2, num_classes=3, progress=lambda *_: None)
     assert pipeline("data", "stats", tmp_path / "seg").returncode == 0
-    run = tmp_path / "deepcam"
-    r = mpirun(2, "train", "--config", ROOT / "configs" / "deepcam-like.yaml", "--run-dir", run,
-               "--set", f"data.dir={tmp_path / 'seg'}", "--set", "train.epochs=2")
-    assert r.returncode == 0, r.stdout + r.stderr
-    c = checker(run / "mlperf.log")
-    out = c.stdout + c.stderr
+    out, events = _closed_run(tmp_path / "deepcam", "deepcam-like.yaml", tmp_path / "seg")
     for rules in ("closed_deepcam.yaml", "closed_deepcam_lamb.yaml", "closed_deepcam_multistep.yaml"):
         assert f"Compliance checks: hpc_3.0.0/{rules}" in out, out
     assert _failed_rules(out) <= {"train_samples", "eval_samples", "eval_accuracy"}, out
-    events = {e["key"]: e["value"] for e in mlperf_log.events(run / "mlperf.log")}
     assert (events["opt_name"], events["opt_max_grad_norm"], events["opt_eps"]) == ("LAMB", 1.0, 1e-6)

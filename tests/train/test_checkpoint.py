@@ -125,12 +125,19 @@ def _flip(path, at=None):
     path.write_bytes(bytes(data))
 
 
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path, state):
+def _saved_at(tmp_path, state, *steps):
+    """A writer with a checkpoint at each step, the variable holding the step's number."""
     v, ckpt = state
     w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=5))
-    for step in (10, 20):
+    for step in steps:
         v.assign([float(step)] * 3)
         w.save(ckpt, step, 0)
+    return w
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path, state):
+    v, ckpt = state
+    w = _saved_at(tmp_path, state, 10, 20)
     newest = latest(tmp_path / "ck")
     assert set(newest.meta["files"]) == {p.name for p in newest.path.glob("state*")}
     _flip(next(newest.path.glob("state.data-*")))
@@ -150,10 +157,7 @@ def test_tensorflows_own_checksums_catch_what_no_sha256_was_kept_for(tmp_path, s
     """A checkpoint of an earlier version (no "files" in meta.json): TensorFlow's checksum on
     restore says it is damaged (DataLossError) and it is set aside the same way."""
     v, ckpt = state
-    w = CheckpointWriter(tmp_path / "ck", CheckpointConfig(keep=5))
-    for step in (10, 20):
-        v.assign([float(step)] * 3)
-        w.save(ckpt, step, 0)
+    w = _saved_at(tmp_path, state, 10, 20)
     newest = latest(tmp_path / "ck")
     meta = {k: x for k, x in newest.meta.items() if k != "files"}
     (newest.path / "meta.json").write_text(json.dumps(meta))

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import train_section
 
 from pipeline import config
 from pipeline.errors import UserError
@@ -16,14 +17,6 @@ W0 = np.array([[3.0, 4.0], [0.5, -1.0]], np.float32)
 GRADS = [np.array([[1.0, 1.0], [0.2, -0.4]], np.float32), np.array([[0.5, -2.0], [0.1, 0.3]], np.float32),
          np.array([[-1.0, 0.25], [0.0, 1.0]], np.float32)]
 LR = 0.1
-
-
-def _train(**over):
-    cfg = config.load(None)
-    for k, v in over.items():
-        setattr(cfg.train, k, v)
-    cfg.train.validate()
-    return cfg.train
 
 
 def _run(train, grads=GRADS, w0=W0):
@@ -76,7 +69,7 @@ def _reference(name, wd=0.0, momentum=0.9, nesterov=False, b1=0.9, b2=0.999, eps
     ("lars", {}), ("lars", {"weight_decay": 0.0005, "lars_trust": 0.01, "momentum": 0.5}),
 ], ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()) or "defaults")
 def test_each_optimizers_first_steps_follow_its_published_rule(name, over):
-    got = _run(_train(optimizer=name, **over))
+    got = _run(train_section(optimizer=name, **over))
     ref_args = {"wd": over.get("weight_decay", 0.0), "momentum": over.get("momentum", 0.9),
                 "nesterov": over.get("nesterov", False), "eps": over.get("epsilon", 1e-7),
                 "eta": over.get("lars_trust", 0.001)}
@@ -90,10 +83,10 @@ def test_lamb_and_lars_first_step_by_hand():
     # One layer w = [3, 4] (norm 5), g = [1, 1]. LAMB's first Adam direction is g / |g| = [1, 1]
     # (norm sqrt 2), so the trust ratio is 5 / sqrt 2 and w moves by lr * 5 / sqrt 2 each way.
     w0, g = np.array([3.0, 4.0], np.float32), [np.array([1.0, 1.0], np.float32)]
-    (w,) = _run(_train(optimizer="lamb", epsilon=1e-9), g, w0)
+    (w,) = _run(train_section(optimizer="lamb", epsilon=1e-9), g, w0)
     np.testing.assert_allclose(w, [3 - 0.5 / math.sqrt(2), 4 - 0.5 / math.sqrt(2)], rtol=1e-6)
     # LARS: local rate eta * 5 / sqrt 2; no momentum yet; w moves by lr * local * g.
-    (w,) = _run(_train(optimizer="lars", lars_trust=0.01), g, w0)
+    (w,) = _run(train_section(optimizer="lars", lars_trust=0.01), g, w0)
     np.testing.assert_allclose(w, [3 - 0.1 * 0.01 * 5 / math.sqrt(2), 4 - 0.1 * 0.01 * 5 / math.sqrt(2)], rtol=1e-6)
 
 
@@ -124,7 +117,7 @@ def test_save_restore_and_continue_equals_not_stopping(name, tmp_path):
     from pipeline.train import optimizers
     from pipeline.train.checkpoint import variables_digest
 
-    train = _train(optimizer=name, weight_decay=0.01)
+    train = train_section(optimizer=name, weight_decay=0.01)
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(8, 1)).astype(np.float32))
                for _ in range(4)]
@@ -165,13 +158,13 @@ def test_a_users_own_optimizer_and_bad_names(tmp_path):
                     "    return 3\n")
     from pipeline.train import optimizers
 
-    opt = optimizers.build(_train(optimizer=f"{mine}:rmsprop"), 0.01)
+    opt = optimizers.build(train_section(optimizer=f"{mine}:rmsprop"), 0.01)
     assert type(opt).__name__ == "RMSprop"
     with pytest.raises(UserError, match="returned int, not a tf.keras optimizer"):
-        optimizers.build(_train(optimizer=f"{mine}:nothing"), 0.01)
+        optimizers.build(train_section(optimizer=f"{mine}:nothing"), 0.01)
     with pytest.raises(UserError, match="train.optimizer"):
-        optimizers.build(_train(optimizer=f"{tmp_path / 'nope.py'}:f"), 0.01)
+        optimizers.build(train_section(optimizer=f"{tmp_path / 'nope.py'}:f"), 0.01)
     with pytest.raises(config.ConfigError, match="train.optimizer must be one of sgd, adam, adamw, lamb, lars"):
-        _train(optimizer="adagrad")
+        train_section(optimizer="adagrad")
     with pytest.raises(config.ConfigError, match=r"train.betas must be \[beta_1, beta_2\]"):
-        _train(betas=[0.9])
+        train_section(betas=[0.9])

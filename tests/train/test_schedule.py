@@ -1,4 +1,5 @@
 import pytest
+from conftest import train_section
 
 from pipeline.train.schedule import keras_schedule, lr_at
 
@@ -50,29 +51,19 @@ def test_the_runs_rule_comes_from_the_train_section():
                               step_factor=0.5)
 
 
-def _train(**over):
-    from pipeline import config
-
-    cfg = config.load(None)
-    for k, v in over.items():
-        setattr(cfg.train, k, v)
-    cfg.train.validate()
-    return cfg.train
-
-
 def test_multistep_in_cosmoflows_and_deepcams_forms():
     from pipeline.train.schedule import LR
 
     # CosmoFlow: 4 warm-up epochs, then the peak x 0.25 from epoch 32 and x 0.125 from epoch 64
     # (10 steps per epoch here); base 0.001 at batch 64, linear scaling to a global batch of 256.
-    cosmo = _train(lr=0.001, lr_scaling="linear", lr_base_batch=64, warmup_epochs=4, warmup_steps=0,
+    cosmo = train_section(lr=0.001, lr_scaling="linear", lr_base_batch=64, warmup_epochs=4, warmup_steps=0,
                    lr_schedule="multistep", lr_boundaries=[32, 64], lr_decay_factors=[0.25, 0.125])
     lr = LR.from_config(cosmo, size=4, total_steps=1000, steps_per_epoch=10, global_batch=256, update_batch=64)
     assert (lr.warmup_steps, lr.boundaries, lr.peak) == (40, (320, 640), pytest.approx(0.004))
     assert [lr.at(s) for s in (0, 20, 40, 319, 320, 639, 640, 999)] == pytest.approx(
         [0.001, 0.0025, 0.004, 0.004, 0.001, 0.001, 0.0005, 0.0005])
     # DeepCAM: milestones in steps, the rate times gamma at each; no warm-up.
-    deepcam = _train(lr=0.0055, warmup_steps=0, scale_lr=False, lr_schedule="multistep", lr_boundary_unit="steps",
+    deepcam = train_section(lr=0.0055, warmup_steps=0, scale_lr=False, lr_schedule="multistep", lr_boundary_unit="steps",
                      lr_boundaries=[800, 1600], lr_decay_gamma=0.1)
     lr = LR.from_config(deepcam, size=8, total_steps=2000, steps_per_epoch=100)
     assert [lr.at(s) for s in (0, 799, 800, 1600)] == pytest.approx([0.0055, 0.0055, 0.00055, 0.000055])
@@ -81,13 +72,13 @@ def test_multistep_in_cosmoflows_and_deepcams_forms():
 def test_polynomial_sqrt_scaling_and_the_warmup_factor():
     from pipeline.train.schedule import LR
 
-    poly = _train(lr=0.01, warmup_steps=10, scale_lr=False, lr_schedule="polynomial", lr_power=2.0, lr_end=0.001)
+    poly = train_section(lr=0.01, warmup_steps=10, scale_lr=False, lr_schedule="polynomial", lr_power=2.0, lr_end=0.001)
     lr = LR.from_config(poly, size=2, total_steps=110)
     assert [lr.at(s) for s in (10, 60, 110, 500)] == pytest.approx([0.01, 0.001 + 0.009 * 0.25, 0.001, 0.001])
-    sq = LR.from_config(_train(lr=0.01, lr_scaling="sqrt", lr_base_batch=64), size=4, total_steps=10,
+    sq = LR.from_config(train_section(lr=0.01, lr_scaling="sqrt", lr_base_batch=64), size=4, total_steps=10,
                         global_batch=1024, update_batch=256)
     assert sq.peak == pytest.approx(0.04)  # sqrt(1024 / 64) = 4
-    wf = LR.from_config(_train(lr=0.01, warmup_factor=3.0, warmup_steps=4), size=8, total_steps=10)
+    wf = LR.from_config(train_section(lr=0.01, warmup_factor=3.0, warmup_steps=4), size=8, total_steps=10)
     assert wf.peak == pytest.approx(0.03) and wf.at(2) == pytest.approx(0.02)
 
 
@@ -110,7 +101,7 @@ def test_a_resumed_optimizer_takes_the_rate_of_its_step(tmp_path):
 
     from pipeline.train.schedule import LR
 
-    lr = LR.from_config(_train(lr=0.01, warmup_steps=10, lr_schedule="multistep", lr_boundary_unit="steps",
+    lr = LR.from_config(train_section(lr=0.01, warmup_steps=10, lr_schedule="multistep", lr_boundary_unit="steps",
                                lr_boundaries=[40, 80], lr_decay_gamma=0.5), size=2, total_steps=100)
     w = tf.Variable([1.0])
     opt = tf.keras.optimizers.SGD(lr.keras())
@@ -129,10 +120,10 @@ def test_schedule_keys_are_checked():
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match="one per boundary: 2"):
-        _train(lr_schedule="multistep", lr_boundaries=[10, 20], lr_decay_factors=[0.1])
+        train_section(lr_schedule="multistep", lr_boundaries=[10, 20], lr_decay_factors=[0.1])
     with pytest.raises(ConfigError, match="not both"):
-        _train(lr_schedule="multistep", lr_boundaries=[10], lr_decay_factors=[0.1], lr_decay_gamma=0.1)
+        train_section(lr_schedule="multistep", lr_boundaries=[10], lr_decay_factors=[0.1], lr_decay_gamma=0.1)
     with pytest.raises(ConfigError, match="increasing"):
-        _train(lr_schedule="multistep", lr_boundaries=[20, 10], lr_decay_gamma=0.1)
+        train_section(lr_schedule="multistep", lr_boundaries=[20, 10], lr_decay_gamma=0.1)
     with pytest.raises(ConfigError, match="both set"):
-        _train(warmup_epochs=2, warmup_steps=50)
+        train_section(warmup_epochs=2, warmup_steps=50)

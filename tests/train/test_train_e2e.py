@@ -120,7 +120,6 @@ def test_corrupt_shard_stops_every_rank_with_one_line(tmp_path, small_dataset):
     import shutil
 
     import h5py
-    import numpy as np
 
     data = tmp_path / "d"
     shutil.copytree(small_dataset, data)
