@@ -33,12 +33,19 @@ OWN_GAP_S = 1.0
 
 
 class Backstop:
-    """The rank's side: starts the helper at the first beat, feeds it, stops it on close."""
+    """The rank's side: starts the helper (at `start()`, else at the first beat), feeds it,
+    stops it on close."""
 
     def __init__(self, rank: int):
         self.rank = rank
         self._proc: subprocess.Popen | None = None
         self._w: int | None = None
+
+    def start(self) -> None:
+        """Starts the helper now: before the rank joins its job (a process started once MPI
+        and its network stack are up is what some of them warn about)."""
+        if self._proc is None:
+            self._start()
 
     def beat(self, horizon_s: float) -> None:
         """This rank's Python still runs; end it if no beat comes for horizon_s (0: disarm)."""

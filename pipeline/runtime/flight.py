@@ -266,6 +266,7 @@ class FlightRecorder(Flight):
         self._attached = False
         self._attach_lock = threading.Lock()
         self._backstop = Backstop(rank)
+        self._backstop.start()  # before the rank joins its job
         self._fault_was_enabled = faulthandler.is_enabled()
         faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
