@@ -157,10 +157,12 @@ class Watchdog:
             out, self._suspended = self._suspended, []
         return out
 
-    def _resume(self, gap: float) -> None:
-        self._last += gap
+    def _resume(self, gap: float, now: float) -> None:
+        # The time not running does not count, but never past now: progress made since it ran
+        # again (a call that ended at once) must not buy the next stall extra time.
+        self._last = min(self._last + gap, now)
         if self._deadline is not None:
-            self._deadline += gap
+            self._deadline = min(self._deadline + gap, now + self._stop_bound)
         resumed = time.time()
         with self._lock:
             self._suspended.append((resumed, gap))
@@ -179,7 +181,7 @@ class Watchdog:
             gap = suspension(now - prev, tick, cpu - cpu0)
             prev, cpu0 = now, cpu
             if gap:
-                self._resume(gap)
+                self._resume(gap, now)
             if self._deadline is not None and now > self._deadline:
                 self._on_stall(-1.0)
                 return
