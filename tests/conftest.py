@@ -140,6 +140,16 @@ def write_run(d: Path, *, ranks: int, steps: int, batch: int = 32, step_s=0.05, 
     return d
 
 
+def flip_two_bytes(path: Path, at: int | None = None) -> None:
+    """Two bytes of a written file changed in place (the middle by default), as a bad disk or a
+    partial copy leaves it."""
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if at is None else at
+    data[i] ^= 0xFF
+    data[i + 1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def train_section(**over):
     """The default config's train section with some keys changed, checked as a config file's."""
     from pipeline import config

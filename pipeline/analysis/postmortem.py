@@ -103,33 +103,39 @@ def _end(st: dict) -> float:
     return max(st.get("postmortem_time") or 0.0, st.get("heartbeat") or 0.0, st.get("last_event_time") or 0.0)
 
 
+def _gap(st: dict) -> tuple[float, float] | None:
+    """(from, to) wall clock of the time a rank found on waking that it had not run, if long."""
+    if (st["suspended_s"] or 0) >= STOPPED_S and st["resumed"]:
+        return st["resumed"] - st["suspended_s"], st["resumed"]
+    return None
+
+
 def stopped(ranks: list[dict]) -> list[tuple[dict, float, str]]:
     """(rank, when it stopped running, why) for each rank that stopped running while a peer
-    went on: its heartbeat ended STOPPED_S or more before a peer's end and it left no
-    post-mortem (so its own watchdog did not end it), or it found on waking that it had not run
-    for STOPPED_S or more (`suspended_s`, `resumed` in its ring) from a time when a peer without
-    such a gap was running. Every rank with the same gap: the whole job was suspended, not one
-    rank."""
+    went on: it found on waking that it had not run for STOPPED_S or more (`suspended_s`,
+    `resumed` in its ring) from a time when a peer without such a gap was running, or its
+    heartbeat ended STOPPED_S or more before a peer's end and it left no post-mortem (so its
+    own watchdog did not end it). Every rank with the same gap: the whole job was suspended,
+    not one rank."""
     out = []
     for r in ranks:
         peers = [p for p in ranks if p is not r and p["left"] != "nothing"]
         if r["left"] == "nothing" or not peers:
             continue
-        if (r["suspended_s"] or 0) >= STOPPED_S and r["resumed"]:
-            t0 = r["resumed"] - r["suspended_s"]
-            running = [p for p in peers if not ((p["suspended_s"] or 0) >= STOPPED_S and p["resumed"]
-                                                and p["resumed"] - p["suspended_s"] < r["resumed"]
-                                                and p["resumed"] > t0)]
-            if running and max(_end(p) for p in running) > t0 + STOPPED_S:
-                out.append((r, t0, f"stopped running at {_when(t0)}, {max(_end(p) for p in running) - t0:.0f}s "
-                                   f"before its peers gave up, and ran again at {_when(r['resumed'])}: "
-                                   f"stopped, frozen or starved, not waiting"))
+        gap = _gap(r)
+        if gap:
+            t0, t1 = gap
+            running = [p for p in peers if not (_gap(p) and _gap(p)[0] < t1 and _gap(p)[1] > t0)]
+            gave_up = max((_end(p) for p in running), default=0.0)
+            if gave_up > t0 + STOPPED_S:
+                out.append((r, t0, f"stopped running at {_when(t0)}, {gave_up - t0:.0f}s before its peers gave up, "
+                                   f"and ran again at {_when(t1)}: stopped, frozen or starved, not waiting"))
                 continue
         beat = r["heartbeat"]
         if beat and r["left"] == "events" and r["phase"] not in _ENDED:
-            later = max(_end(p) for p in peers)
-            if later - beat >= STOPPED_S:
-                out.append((r, beat, f"stopped running at {_when(beat)}, {later - beat:.0f}s before its peers gave "
+            gave_up = max(_end(p) for p in peers)
+            if gave_up - beat >= STOPPED_S:
+                out.append((r, beat, f"stopped running at {_when(beat)}, {gave_up - beat:.0f}s before its peers gave "
                                      f"up, and left no post-mortem: stopped, frozen or killed, not waiting"))
     return out
 

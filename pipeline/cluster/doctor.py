@@ -213,12 +213,13 @@ def _gpu_report(d, tf) -> dict:
     if listed:
         with contextlib.suppress(Exception):
             name = tf.config.experimental.get_device_details(listed[0]).get("device_name")
+    smi_list = _nvidia_smi("-L").splitlines()
     query = _nvidia_smi("--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits") if d.gpu else ""
     return {"gpus": d.gpus_visible, "gpu": d.gpu, "tf_gpus": len(listed), "gpu_name": name,
-            "gpu_memory": gpus.memory(d.gpu, query, _nvidia_smi("-L").splitlines()) if d.gpu else None,
+            "gpu_memory": gpus.memory(d.gpu, query, smi_list) if d.gpu else None,
             "cuda_built": tf.sysconfig.get_build_info().get("cuda_version") or None,
             "driver_cuda": gpus.driver_cuda(_nvidia_smi()), "gpu_allocated": d.gpu_allocated,
-            "gpu_node": gpus.on_the_node(devices, _nvidia_smi("-L").splitlines())}
+            "gpu_node": gpus.on_the_node(devices, smi_list)}
 
 
 def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], list[str]]:

@@ -86,14 +86,14 @@ class Backstop:
             self._proc = None
 
 
-def watch(fd: int, pid: int, rank: int, clock=time.monotonic) -> str:
+def watch(fd: int, pid: int, rank: int) -> str:
     """The helper's loop: returns why it ended ("closed": the rank closed the pipe or ended;
     "fired": it sent SIGABRT)."""
-    horizon, last, prev = 0.0, clock(), clock()
+    horizon, last, prev = 0.0, time.monotonic(), time.monotonic()
     buf = b""
     while True:
         ready, _, _ = select.select([fd], [], [], TICK_S)
-        now = clock()
+        now = time.monotonic()
         if now - prev > TICK_S + OWN_GAP_S:
             last = now  # the helper itself did not run (the job was suspended): the rank's horizon starts again
         prev = now

@@ -220,9 +220,6 @@ class Flight:
         return {"rank": None, "host": None, "pid": os.getpid(), "phase": None, "step": None, "waiting": None,
                 "phase_since": None}
 
-    def arm_backstop(self, seconds: float) -> None:
-        pass
-
     def heartbeat(self, backstop_s: float = 0.0) -> None:
         pass
 
@@ -358,9 +355,6 @@ class FlightRecorder(Flight):
         self.recorder.horizon_s = backstop_s
         self.recorder.beat()
         self._backstop.beat(backstop_s)
-
-    def arm_backstop(self, seconds: float) -> None:
-        self.heartbeat(seconds)
 
     def suspended(self, gap_s: float, resumed: float) -> None:
         """This rank did not run for gap_s until `resumed`: said in the ring and in any

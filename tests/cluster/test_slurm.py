@@ -226,6 +226,7 @@ def test_a_suspended_job_resumes_and_finishes_as_if_never_stopped(slurm, tmp_pat
     while not (step_log.exists() and step_log.read_text().count("\n") >= 100):
         assert time.monotonic() < deadline, f"the job never reached step 100: {job(slurm, jid)}"
         time.sleep(0.1)  # polling the step log, an observable condition
+    t_suspend = time.time()
     subprocess.run(["scontrol", "suspend", jid], env=slurm, check=True)
     assert job(slurm, jid)["JobState"] == "SUSPENDED"
     time.sleep(suspend_s)  # the length of the suspension itself
@@ -233,6 +234,7 @@ def test_a_suspended_job_resumes_and_finishes_as_if_never_stopped(slurm, tmp_pat
     while job(slurm, jid).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
         assert time.monotonic() < deadline + 600, f"job {jid} did not finish: {job(slurm, jid)}"
         time.sleep(0.2)
+    t_end = time.time()
     info, text = job(slurm, jid), log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, text)
     assert not (run / "postmortem").exists(), text
@@ -240,10 +242,14 @@ def test_a_suspended_job_resumes_and_finishes_as_if_never_stopped(slurm, tmp_pat
         logged = read_steps(run / "steps" / f"rank-{rank}.jsonl")
         assert [x["step"] for x in logged] == list(range(1, steps + 1)), "no repeated or missing step"
         marked = [x for x in logged if "suspended_s" in x]
-        assert len(marked) == 1 and suspend_s - 5 < marked[0]["suspended_s"] < suspend_s + 60, marked
+        # The rank's own count of the time it did not run, within the test's own clock.
+        assert len(marked) == 1 and 0 < marked[0]["suspended_s"] <= t_end - t_suspend, marked
     a = json.loads(subprocess.run([PIPELINE, "analyze", str(run), "--json"], capture_output=True, text=True).stdout)
     s = a["runs"][0]
-    assert s["suspended_steps"] == 1 and s["step_s"]["max"] < suspend_s - 5, s["step_s"]
+    # The time the job stood still is in no figure (it may fall inside a step, or in an
+    # evaluation or save, which no step's time includes): every step analyze counts is far
+    # shorter than the stop the ranks measured.
+    assert s["suspended_steps"] == 1 and s["step_s"]["max"] < marked[0]["suspended_s"] / 2, (s["step_s"], marked)
     straight = tmp_path / "straight"
     ref = mpirun(2, "train", "--run-dir", straight, *common, timeout=900)
     assert ref.returncode == 0, ref.stdout + ref.stderr

@@ -72,7 +72,7 @@ def test_stacks_are_written_while_the_gil_is_held(tmp_path):
                "from pipeline.runtime import flight\n"
                "f = flight.start(sys.argv[1], 0)\n"
                "f.attach()\n"
-               "f.arm_backstop(1)\n"
+               "f.heartbeat(1)\n"
                "re.match(r'(a+)+$', 'a' * 40 + 'b')\n", tmp_path)
     assert r.returncode == -signal.SIGABRT, r.stderr
     assert "its Python threads have not run for" in r.stderr

@@ -13,11 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import (ROOT, assert_user_error, env, mpirun, pipeline, rank_pid, read_steps, require_root, require_tool,
-                      start, steps_done, wait_for)
+from conftest import (ROOT, assert_user_error, env, flip_two_bytes, mpirun, pipeline, rank_pid, read_steps,
+                      require_root, require_tool, start, steps_done, wait_for)
 
 from pipeline.errors import EXIT_REQUEUE
 from pipeline.train.checkpoint import latest, list_complete
@@ -180,13 +179,6 @@ def test_watchdog_fires_when_steps_stop():
     w.close()
 
 
-def _flip_bytes(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    data[len(data) // 2 + 1] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.mpi
 def test_a_damaged_checkpoint_is_skipped_and_with_none_intact_resuming_stops_in_one_line(tmp_path, small_dataset):
     """Two bytes flipped in the newest checkpoint after it was written (TensorFlow's own
@@ -202,7 +194,7 @@ def test_a_damaged_checkpoint_is_skipped_and_with_none_intact_resuming_stops_in_
     newest = run / "checkpoints" / "step-00000020"
     meta = json.loads((newest / "meta.json").read_text())
     (newest / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
-    _flip_bytes(next(newest.glob("state.data-*")))
+    flip_two_bytes(next(newest.glob("state.data-*")))
 
     assert_user_error(pipeline("checkpoint", "digest", run), "step-00000020", "damaged checkpoint",
                       "TensorFlow cannot read it")
@@ -221,7 +213,7 @@ def test_a_damaged_checkpoint_is_skipped_and_with_none_intact_resuming_stops_in_
 
     assert [r.step for r in list_complete(run / "checkpoints")] == [10, 20, 30]  # 20 written again
     for ref in list_complete(run / "checkpoints"):
-        _flip_bytes(next(ref.path.glob("state.data-*")))
+        flip_two_bytes(next(ref.path.glob("state.data-*")))
     stopped = mpirun(2, *args, "--set", "train.max_steps=40")
     errors = [line for line in stopped.stderr.splitlines() if line.startswith("pipeline: error:")]
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr, stopped.stderr

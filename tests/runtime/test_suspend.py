@@ -64,20 +64,24 @@ def _stop_for(pids: list[int], seconds: float) -> None:
 
 
 def test_a_suspended_process_outlives_its_watchdog_and_backstop(tmp_path):
-    """Watchdog timeout 2 s (backstop 32 s), the process and its helper stopped for 6 s as a
-    job's tasks are: no stall; one suspension of about 6 s recorded, and in the ring."""
+    """Watchdog timeout 2 s (backstop 32 s), the process and its helper stopped for 6 s (three
+    timeouts) as a job's tasks are: no stall; one suspension recorded, and in the ring."""
     from pipeline.runtime import flight
 
     p = _start(tmp_path, 2.0)
-    _stop_for([p.pid, _helper(p)], 6.0)
+    helper = _helper(p)
+    t0 = time.time()
+    _stop_for([p.pid, helper], 6.0)
     time.sleep(1.5)  # a few ticks of running again, for the watchdog to have looked
     out, err = p.communicate("done\n", timeout=60)
     assert p.returncode == 0, err
+    # One suspension, found after the process ran again and no longer than it was away (what
+    # the rule reports, bounded by the clock the test itself read: no speed is judged here).
     (resumed, gap), = json.loads(out)
-    assert 4.0 < gap < 30 and abs(resumed - time.time()) < 60, (gap, err)
+    assert t0 < resumed <= time.time() and SUSPEND_MIN_S < gap <= resumed - t0, (resumed, gap, err)
     assert "not running for" in err and "deadlines move" in err
     header, events = flight.read_events(flight.events_path(tmp_path, 0))
-    assert header["suspended_s"] == round(gap, 3) or abs(header["suspended_s"] - gap) < 0.01
+    assert header["suspended_s"] == round(gap, 3)
     assert [e["kind"] for e in events].count("suspended") == 1
 
 

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from conftest import flip_two_bytes
 
 from pipeline.config import CheckpointConfig
 from pipeline.train import checkpoint
@@ -116,15 +117,6 @@ def test_the_writer_owns_the_save_rule(tmp_path, every, keep_best, step, evaluat
     assert w.due(step, last_step=100, evaluated=evaluated) is expected
 
 
-def _flip(path, at=None):
-    """Two bytes of a written file changed in place, as a bad disk or a partial copy leaves it."""
-    data = bytearray(path.read_bytes())
-    i = len(data) // 2 if at is None else at
-    data[i] ^= 0xFF
-    data[i + 1] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def _saved_at(tmp_path, state, *steps):
     """A writer with a checkpoint at each step, the variable holding the step's number."""
     v, ckpt = state
@@ -140,7 +132,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tm
     w = _saved_at(tmp_path, state, 10, 20)
     newest = latest(tmp_path / "ck")
     assert set(newest.meta["files"]) == {p.name for p in newest.path.glob("state*")}
-    _flip(next(newest.path.glob("state.data-*")))
+    flip_two_bytes(next(newest.path.glob("state.data-*")))
     assert "does not match the sha256" in checkpoint.problem(newest)
     said = []
     v.assign([0.0] * 3)
@@ -164,7 +156,7 @@ def test_tensorflows_own_checksums_catch_what_no_sha256_was_kept_for(tmp_path, s
     data = next(newest.path.glob("state.data-*"))
     import numpy as np
 
-    _flip(data, at=data.read_bytes().index(np.full(3, 20.0, np.float32).tobytes()))  # inside v's bytes
+    flip_two_bytes(data, at=data.read_bytes().index(np.full(3, 20.0, np.float32).tobytes()))  # inside v's bytes
     assert "TensorFlow cannot read it" in checkpoint.problem(latest(tmp_path / "ck"))
     ref = w.restore_newest(ckpt, lambda line: None)
     assert ref.step == 10 and v.numpy().tolist() == [10.0, 10.0, 10.0]
