@@ -40,7 +40,9 @@ STEP_FIELDS = ("step", "epoch", "rank", "size", "time", "step_s", "data_s", "com
                "lr", "rss_mb")
 # What analysis needs from a step record, and what it uses when present.
 STEP_NEEDED = ("step", "step_s", "data_s", "compute_s", "samples")
-STEP_OPTIONAL = ("time", "loss", "rss_mb", "lr", "suspended_s")
+STEP_OPTIONAL = ("time", "loss", "rss_mb", "lr", "suspended_s", "gpu_mem_peak_mb", "gpu_util")
+# gpu_mem_peak_mb, gpu_util: a GPU rank's device memory peak in its call of steps and NVML's
+# utilization during the step (pipeline/runtime/devstats.py); absent on CPUs.
 # suspended_s: on the step that was running when a suspended rank ran again (seconds it did
 # not run); such steps are left out of every figure of `pipeline analyze`.
 # A header record opens each process's part of a step log: who wrote the steps and how.
@@ -66,7 +68,10 @@ SUMMARY_FIELDS = ("rank", "size", "host", "threads", "pid", "status", "start_ste
 # Facts config.json records beside the config sections. The config loader ignores exactly
 # these, so a run's config.json (older runs' included) is a valid --config to run it again.
 RUN_FACTS = ("ranks", "hosts", "threads_per_rank", "backend", "global_batch", "steps_per_epoch", "total_steps",
-             "dropped_train_samples", "model_params", "gradient_bytes", "dataset", "versions")
+             "dropped_train_samples", "model_params", "gradient_bytes", "dataset", "versions",
+             # MFU's parts (pipeline/train/flops.py): the model's FLOPs and the devices' peak
+             "model_flops_per_sample", "forward_flops_per_sample", "flops_source", "peak_flops_per_s",
+             "peak_source", "peak_device")
 
 
 class RunDir:

@@ -57,6 +57,7 @@ CUDA_PROBLEM=""
 nvcc_release() { "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -1; }
 if [ "$BUILD" = nccl ]; then
     TF_REQ="tensorflow[and-cuda]==$TF_VERSION"
+    GPU_EXTRAS=(nvidia-ml-py)  # NVML: the step records' gpu_util (docs/gpu.md)
     # The CUDA compiler Horovod's NCCL operations build with: the site's (HOROVOD_CUDA_HOME,
     # CUDA_HOME, or nvcc on PATH after `module load cuda`), of TensorFlow's CUDA major. PyPI's
     # nvidia-cuda-nvcc-cu12 wheels carry ptxas but no nvcc, so there is no pip fallback.
@@ -100,6 +101,7 @@ if [ "$BUILD" = nccl ]; then
                        HOROVOD_NCCL_LINK=SHARED)
 else
     TF_REQ="tensorflow-cpu==$TF_VERSION"
+    GPU_EXTRAS=()
     CUDA_HOME_USED=""; NCCL_HOME_USED=""; CUDA_FROM="-"; NCCL_FROM="-"; NCCL_LINK_FIX=0
     HOROVOD_BUILD_ENV=(HOROVOD_GPU_OPERATIONS=)
 fi
@@ -136,7 +138,7 @@ fi
 if [ "$DRY" = 1 ]; then
     log "dry run: nothing is installed or changed"
     log "build: $BUILD ($EVIDENCE)"
-    log "TensorFlow requirement: $TF_REQ"
+    log "TensorFlow requirement: $TF_REQ${GPU_EXTRAS[*]:+ (and ${GPU_EXTRAS[*]})}"
     log "Horovod $HOROVOD_VERSION build variables: HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 ${HOROVOD_BUILD_ENV[*]}"
     [ "$BUILD" = nccl ] && log "CUDA compiler from: $CUDA_FROM; NCCL from: $NCCL_FROM"
     [ -n "$CUDA_PROBLEM" ] && log "would stop (exit 2): $CUDA_PROBLEM"
@@ -189,7 +191,7 @@ if $PIP show -q "$other" >/dev/null 2>&1; then $PIP uninstall -q -y "$other"; fi
 # numpy<2: TensorFlow 2.15 is built against the NumPy 1 ABI (in the same command, so that
 # mlperf-logging's pandas and scipy are picked to fit it). mlperf-logging: MLCommons' mllog
 # and compliance checker (docs/mlperf.md), pinned so the checked rules do not move.
-$PIP install -q "$TF_REQ" 'numpy>=1.23.5,<2' h5py PyYAML matplotlib pytest mpi4py psutil cloudpickle packaging \
+$PIP install -q "$TF_REQ" "${GPU_EXTRAS[@]}" 'numpy>=1.23.5,<2' h5py PyYAML matplotlib pytest mpi4py psutil cloudpickle packaging \
     'mlperf-logging==4.1.68'
 
 # --- Horovod from source against this TensorFlow, one wheel per build ---

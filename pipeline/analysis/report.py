@@ -44,9 +44,40 @@ def text_summary(s: dict) -> list[str]:
         f"time split: data wait {_pct(s['data_wait_fraction'])}, compute+allreduce {_pct(s['compute_fraction'])} "
         f"(of which waiting for a slower rank's batch, estimated: {_pct(s['sync_wait_fraction_estimate'])})",
     ]
+    lines.append(mfu_line(s["mfu"]))
+    lines += gpu_lines(s.get("gpu"))
     lines += _communication_lines(s.get("communication", {}))
     lines += _rank_lines(s)
     return lines + [_time_to_accuracy_line(s["time_to_accuracy"])]
+
+
+def _flops(v) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if v >= scale:
+            return f"{v / scale:.3g} {unit}FLOP"
+    return f"{v:.3g} FLOP"
+
+
+def mfu_line(m: dict) -> str:
+    if m["value"] is None:
+        return f"MFU: - ({m['note']})"
+    return (f"MFU: {m['value']:.1%} ({_flops(m['achieved_flops_per_s'])}/s achieved of {_flops(m['peak_flops_per_s'])}"
+            f"/s peak, {m['peak_device']}: {m['peak_source']}; model {_flops(m['model_flops_per_sample'])} per sample"
+            f": {m['flops_source']})")
+
+
+def gpu_lines(g: dict | None) -> list[str]:
+    if not g:
+        return []
+    parts = []
+    if "gpu_mem_peak_mb" in g:
+        x = g["gpu_mem_peak_mb"]
+        parts.append(f"memory peak {_num(x['min'])}-{_num(x['max'])} MiB (ranks {x['min_rank']}, {x['max_rank']})")
+    if "gpu_util_mean" in g:
+        x = g["gpu_util_mean"]
+        parts.append(f"utilization {x['min']:.0f}-{x['max']:.0f}% (ranks {x['min_rank']}, {x['max_rank']}; "
+                     f"spread {x['spread']:.0f} points)")
+    return ["GPU across ranks: " + ", ".join(parts)]
 
 
 def _problems(s: dict) -> list[str]:
@@ -80,12 +111,17 @@ def _communication_lines(comm: dict) -> list[str]:
 
 
 def _rank_lines(s: dict) -> list[str]:
-    lines = ["rank  steps  step p50 ms  data p50 ms  compute p50 ms  data wait  samples/s  RSS max MiB"]
+    gpu = bool(s.get("gpu"))
+    lines = ["rank  steps  step p50 ms  data p50 ms  compute p50 ms  data wait  samples/s  RSS max MiB"
+             + ("  GPU peak MiB  GPU util" if gpu else "")]
     for r in s["per_rank"]:
         flag = "  <- straggler" if r["rank"] in s["stragglers"] else ""
+        util = r.get("gpu_util_mean")
         lines.append(f"{r['rank']:>4}  {r['steps']:>5}  {_ms(r['step_s_p50']):>11}  {_ms(r['data_s_p50']):>11}  "
                      f"{_ms(r['compute_s_p50']):>14}  {_pct(r['data_wait_fraction']):>9}  "
-                     f"{_num(r['samples_per_s']):>9}  {_num(r['rss_mb_max']):>11}{flag}")
+                     f"{_num(r['samples_per_s']):>9}  {_num(r['rss_mb_max']):>11}"
+                     + (f"  {_num(r.get('gpu_mem_peak_mb')):>12}  {'-' if util is None else f'{util:.0f}%':>8}"
+                        if gpu else "") + flag)
     if not s["stragglers"]:
         return lines + ["stragglers: none (rule: docs/analysis.md)"]
     for d in s["straggler_details"]:

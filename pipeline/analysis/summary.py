@@ -14,6 +14,7 @@ import numpy as np
 from pipeline import measure, target as target_mod
 from pipeline.analysis import timeline as timeline_mod
 from pipeline.analysis.logs import Run
+from pipeline.runtime import peak as peak_mod
 
 RESTART_GAP_S = 30.0     # idle time between two steps that means the job was restarted
 # The straggler rule (docs/analysis.md): a rank is flagged for a figure when it is above the
@@ -136,7 +137,8 @@ def summarize(run: Run, target=0.9) -> dict:
     if not m.ranks:
         out.update(global_batch=cfg.get("global_batch"), steps=0, warmup_steps=0, throughput_samples_per_s=None,
                    step_s=percentiles(np.empty(0)), data_wait_fraction=None, compute_fraction=None,
-                   per_rank=[], stragglers=[], time_to_accuracy=time_to_accuracy(run.metrics, None, target))
+                   per_rank=[], stragglers=[], time_to_accuracy=time_to_accuracy(run.metrics, None, target),
+                   mfu=mfu(cfg, None))
         out["setup"] = setup(run, out["global_batch"])
         out["notes"].append("no step records")
         return out
@@ -152,10 +154,12 @@ def summarize(run: Run, target=0.9) -> dict:
     steady &= suspended <= 0
     out.update(suspended_steps=int((suspended > 0).sum()), suspended_s=round(float(suspended.sum()), 3))
     out.update(_speed(run, m, steady, step_wall))
+    out["mfu"] = mfu(cfg, out["throughput_samples_per_s"])
     out.update({"warmup_steps": warm, "warmup_rule": f"{measure.WARMUP_RULE} of each of {n_segments} segment(s)",
                 "segments": n_segments})
     out["setup"] = setup(run, out["global_batch"])
     out["per_rank"] = _per_rank(run, m, steady)
+    out["gpu"] = gpu_spread(out["per_rank"])
     p50 = out["step_s"]["p50"] or 0.0
     found = [{"figure": figure, **x} for figure in ("data_s", "step_s")
              for x in stragglers(m.cols[figure][steady], p50, m.ranks)]
@@ -195,6 +199,23 @@ def _speed(run: Run, m: Matrix, st: np.ndarray, step_wall: np.ndarray) -> dict:
     }
 
 
+def mfu(cfg: dict, samples_per_s: float | None) -> dict:
+    """Model FLOPs utilization from config.json's facts (pipeline/train/flops.py) and the
+    steady throughput: {value, achieved_flops_per_s, peak_flops_per_s, peak_source, ...}; value
+    None, with a note saying which part is missing, where one is."""
+    flops, peak = cfg.get("model_flops_per_sample"), cfg.get("peak_flops_per_s")
+    out = {"value": peak_mod.mfu(flops, samples_per_s, peak),
+           "achieved_flops_per_s": flops * samples_per_s if flops and samples_per_s else None,
+           "peak_flops_per_s": peak, "peak_source": cfg.get("peak_source"), "peak_device": cfg.get("peak_device"),
+           "model_flops_per_sample": flops, "flops_source": cfg.get("flops_source")}
+    if out["value"] is None:
+        out["note"] = ("config.json has no model FLOPs (" + (cfg.get("flops_source") or "a run from before they "
+                                                              "were recorded") + ")" if not flops else
+                       "config.json has no device peak (" + (cfg.get("peak_source") or "a run from before it was "
+                                                             "recorded") + ")" if not peak else "no steady steps")
+    return out
+
+
 def _per_rank(run: Run, m: Matrix, st: np.ndarray) -> list[dict]:
     step_s, data_s, compute_s, samples, rss = (m.cols[k] for k in ("step_s", "data_s", "compute_s", "samples",
                                                                    "rss_mb"))
@@ -213,8 +234,34 @@ def _per_rank(run: Run, m: Matrix, st: np.ndarray) -> list[dict]:
             "samples_per_s": float(np.sum(samples[col, j]) / sum_step) if sum_step else None,
             "rss_mb_max": float(np.nanmax(rss[:, j])) if np.isfinite(rss[:, j]).any() else None,
             "rss_mb_p50": float(np.nanmedian(rss[:, j])) if np.isfinite(rss[:, j]).any() else None,
+            **_gpu_figures(m, j, col),
         })
     return rows
+
+
+def _gpu_figures(m: Matrix, j: int, col: np.ndarray) -> dict:
+    """A GPU rank's device memory peak over the run and its mean utilization over the steady
+    steps; nothing for a CPU rank (its records carry neither)."""
+    out = {}
+    mem, util = m.cols.get("gpu_mem_peak_mb"), m.cols.get("gpu_util")
+    if mem is not None and np.isfinite(mem[:, j]).any():
+        out["gpu_mem_peak_mb"] = float(np.nanmax(mem[:, j]))
+    if util is not None and np.isfinite(util[col, j]).any():
+        out["gpu_util_mean"] = float(np.nanmean(util[col, j]))
+    return out
+
+
+def gpu_spread(per_rank: list[dict]) -> dict | None:
+    """Across the GPU ranks: the lowest and highest memory peak and mean utilization, and who
+    they are (a rank far below the others waits for them); None for a CPU run."""
+    out = {}
+    for key in ("gpu_mem_peak_mb", "gpu_util_mean"):
+        have = [r for r in per_rank if r.get(key) is not None]
+        if have:
+            lo, hi = min(have, key=lambda r: r[key]), max(have, key=lambda r: r[key])
+            out[key] = {"min": lo[key], "min_rank": lo["rank"], "max": hi[key], "max_rank": hi["rank"],
+                        "spread": hi[key] - lo[key]}
+    return out or None
 
 
 def _timeline_communication(run: Run, n_steps: int, all_step: float, p50: float, found: list) -> dict:

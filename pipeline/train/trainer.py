@@ -35,10 +35,11 @@ from pipeline.errors import UserError
 from pipeline.fsutil import atomic_write_text
 from pipeline.mlperf.hook import ABORTED, MLPerfHook, drop_page_cache
 from pipeline.rundir import VAL_COUNT, RunDir, is_metric
-from pipeline.runtime import dist as dist_mod, flight
+from pipeline.runtime import devstats, dist as dist_mod, flight
 from pipeline.runtime.hooks import FaultHook, FlightHook, Hooks, WatchdogHook, signal_name
 from pipeline.runtime.preempt import StopSignals, Watchdog
-from pipeline.train import checkpoint, models, optimizers, step as step_mod, writers as writers_mod
+from pipeline.train import checkpoint, flops as flops_mod, models, optimizers, profile, step as step_mod, \
+    writers as writers_mod
 from pipeline.train.evaluate import Evaluator
 from pipeline.train.schedule import LR
 from pipeline.train.steplog import StepLog, rss_mb
@@ -242,7 +243,7 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
         task = Task(cfg.train, cfg.data, m)
         model = models.build(cfg.model.name, m.shape, m.num_classes, target_shape=m.y_shape, args=cfg.model.args,
                              output_dtype="float32" if precision != "float32" else None)
-    hosts = _write_config(cfg, rd, dist, plan, model, writers)
+    hosts = _write_config(cfg, rd, dist, plan, model, writers, precision)
     lr = LR.from_config(cfg.train, dist.size, plan.total, plan.steps_per_epoch, plan.global_batch, plan.update_batch)
     ml.hyperparameters(cfg, plan, hosts, lr)
 
@@ -280,10 +281,13 @@ def _said_by_rank0(dist):
         raise UserError(str(e), quiet=e.quiet or not dist.is_root) from None
 
 
-def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers) -> None:
-    """Rank 0 writes the resolved config with the run's facts; every rank waits for the run
+def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers, precision: str) -> list[str]:
+    """Rank 0 writes the resolved config with the run's facts (the model's FLOPs and every
+    rank's peak among them, for MFU: pipeline/train/flops.py); every rank waits for the run
     directory to exist before opening its log in it."""
-    hosts = dist.allgather_object(socket.gethostname(), name="hosts")
+    got = dist.allgather_object((socket.gethostname(), flops_mod.rank_peak(dist.threads, precision)), name="hosts")
+    hosts = [h for h, _ in got]
+    model_flops = flops_mod.model_facts(model, plan.manifest.shape, cfg.train.batch_size) if dist.is_root else {}
     writers.config_file.write(
         cfg, ranks=dist.size, hosts=hosts, threads_per_rank=dist.threads, backend=dist.backend,
         global_batch=plan.global_batch, steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total,
@@ -291,7 +295,8 @@ def _write_config(cfg, rd: RunDir, dist, plan: RunPlan, model, writers) -> None:
         # What one step's allreduce moves: trainable parameters x bytes per element sent.
         gradient_bytes=sum(int(v.shape.num_elements()) for v in model.trainable_variables)
         * (2 if cfg.horovod.compression == "fp16" else 4),
-        dataset=str(plan.manifest.dir.resolve()), versions=versions())
+        dataset=str(plan.manifest.dir.resolve()), versions=versions(), **model_flops,
+        **flops_mod.run_peak([p for _, p in got]))
     dist.barrier()
     return hosts
 
@@ -354,7 +359,8 @@ def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None 
 
     plan = t.plan
     steplog, signals, stop_flag, hooks = _loop_resources(t, resources, watchdog)
-    feed = feed_mod.open_feed(t.input, plan.update_batch, t.cfg.train.seed, t.start, plan.total)
+    feed = feed_mod.open_feed(t.input, plan.update_batch, t.cfg.train.seed, t.start, plan.total,
+                              t.writers.console.print)
     resources.callback(feed.close)
     calls = step_mod.compile_calls(t.train_step, stop_flag, feed.batch_at, feed.signature,
                                    step_mod.graph_clock(t.cfg.train.deterministic))
@@ -419,9 +425,12 @@ def _loop_resources(t: Trainer, resources: contextlib.ExitStack, watchdog: Watch
     ml.ready(plan.epoch_of, staged, dist.barrier)
     writers = t.writers
     # The watchdog before the recorder: a signal bounds the stop before the post-mortem is written.
-    hooks = Hooks([FaultHook(t.fault, dist.rank, rec) if t.fault else None,
+    # A GPU rank's device figures first: every later hook sees them in the records.
+    hooks = Hooks([devstats.for_rank(dist.gpu, writers.console.print),
+                   FaultHook(t.fault, dist.rank, rec) if t.fault else None,
                    WatchdogHook(watchdog, t.cfg.train.step_timeout_s, t.cfg.train.stop_timeout_s), FlightHook(rec),
-                   ml, writers.progress, writers.board])
+                   ml, writers.progress, writers.board,
+                   profile.for_run(t.cfg.log.profile_steps, t.run_dir.path, dist.rank, writers.console.print)])
     signals = resources.enter_context(StopSignals(
         dist.rank, on_signal=lambda signum: (_raise_flag(stop_flag), hooks.on_signal(signum))))
     return steplog, signals, stop_flag, hooks
