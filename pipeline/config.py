@@ -67,6 +67,9 @@ class DataConfig:
                                "loop; -1: tf.data's autotuner")
     cache_mb: int = setting(4096, "a rank whose share fits this budget reads it into memory once; larger "
                                   "shares stream", ge=0, zero="always stream from the shards")
+    device_cache_mb: int = setting(2048, "on a GPU rank, an in-memory share up to this size lives in GPU memory "
+                                         "(each batch gathered there); larger stays in host memory", ge=0,
+                                   zero="always in host memory")
     read_block: int = setting(4096, "samples per contiguous read (rounded down to whole HDF5 chunks)", ge=1)
     shuffle_buffer: int = setting(65536, "samples shuffled together: a window of blocks read, then visited in "
                                          "random order", ge=1)
@@ -242,9 +245,25 @@ class LogConfig:
     timeline: bool = setting(False, "a Horovod timeline in the run directory (timeline.json), for analyze")
     tensorboard_every_steps: int = setting(10, "rank 0's TensorBoard scalars under RUN/tensorboard", ge=0,
                                            zero="off")
+    profile_steps: str = setting("", "A-B: a TensorFlow profiler trace of steps A..B on every rank, in "
+                                     "RUN/profile/rank-R (TensorBoard's profile tab); '': none")
 
     def validate(self) -> None:
-        pass
+        profile_window(self.profile_steps)
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+    """log.profile_steps as (A, B), steps A..B inclusive, 1 <= A <= B; None for ''."""
+    if not text:
+        return None
+    a, sep, b = str(text).partition("-")
+    try:
+        first, last = int(a), int(b)
+    except ValueError:
+        first = last = 0
+    if not sep or not 1 <= first <= last:
+        raise ConfigError(f"log.profile_steps must be A-B with 1 <= A <= B (steps A..B), got {text!r}")
+    return first, last
 
 
 @dataclass

@@ -6,8 +6,15 @@
   gathers every batch itself. No Python runs per step, and no generator competes with the
   step for the GIL. The share is a variable, not a constant captured by the function, so its
   size is not bound by TensorFlow's 2 GiB limit on graph constants.
+  On a GPU rank the share lives in GPU memory when it fits data.device_cache_mb
+  (`placement`): the gather runs on the device and no batch crosses PCIe. GPUs have gather
+  kernels for floating types and int64 only, so other types are held as int64: uint8 images
+  as words (each row viewed as whole words, cast back bit for bit after the gather), a row
+  that is no whole number of words (one int32 label) value by value (`device_layout`).
 - StreamFeed: the reader's tf.data stacks of batches (data larger than memory); a call runs
-  steps on the batches of one stack, never past its end.
+  steps on the batches of one stack, never past its end. On a GPU rank the reader copies each
+  stack to the device ahead of the call that uses it (pipeline/data/reader.py
+  `train_dataset`).
 
 Both: `prepare(step, n)` -> (first, n, inputs) for a call of at most n steps after global
 step `step`, cut at the end of the epoch or stack; `batch_at(i, inputs)` gives batch i inside
@@ -25,18 +32,77 @@ from pipeline.data import reader
 _COPY_BYTES = 64 << 20
 
 
+# Types a GPU gathers in place (TensorFlow's GPU gather kernels; int32 tensors live in host
+# memory on GPU devices).
+GPU_GATHER_TYPES = ("float16", "bfloat16", "float32", "float64", "int64", "complex64", "complex128", "bool")
+WORD = 8  # bytes of the int64 words other types are held as on a GPU
+
+
+def device_layout(dtype: str, row_bytes: int) -> str:
+    """How one array of the share is held on a GPU: 'as is'; 'words' (its rows viewed as int64
+    words, cast back bit for bit after the gather); 'widened' (each integer value as an int64,
+    cast back: a row that is no whole number of words, such as one int32 label)."""
+    if dtype in GPU_GATHER_TYPES:
+        return "as is"
+    return "words" if row_bytes % WORD == 0 else "widened"
+
+
+def held_bytes(nbytes: int, itemsize: int, layout: str) -> int:
+    return nbytes * WORD // itemsize if layout == "widened" else nbytes
+
+
+def placement(share_bytes: int, budget_mb: int, gpu: bool) -> tuple[str, str]:
+    """(device, why) for an in-memory share of `share_bytes` as held on a GPU: there when
+    there is one and the share fits data.device_cache_mb; else in host memory."""
+    if not gpu:
+        return "/CPU:0", "host memory (no GPU)"
+    if share_bytes > budget_mb * 2**20:
+        return "/CPU:0", (f"host memory ({share_bytes / 2**20:.0f} MiB > data.device_cache_mb={budget_mb}); each "
+                          f"batch is copied to the GPU")
+    return "/GPU:0", f"GPU memory ({share_bytes / 2**20:.0f} MiB <= data.device_cache_mb={budget_mb})"
+
+
+class _Held:
+    """One array of the share in a variable on `device`, in `layout` (device_layout)."""
+
+    def __init__(self, array: np.ndarray, name: str, device: str, layout: str):
+        import tensorflow as tf
+
+        self.dtype, self.shape, self.layout = tf.as_dtype(array.dtype), array.shape[1:], layout
+        if layout == "words":
+            array = array.reshape(len(array), -1).view(np.int64)
+        elif layout == "widened":
+            array = array.astype(np.int64)
+        with tf.device(device):
+            self.var = _variable(array, name)
+
+    def gather(self, idx):
+        import tensorflow as tf
+
+        rows = tf.gather(self.var, idx)
+        if self.layout == "words":
+            return tf.reshape(tf.bitcast(rows, self.dtype), [-1, *self.shape])
+        if self.layout == "widened":
+            return tf.cast(rows, self.dtype)
+        return rows
+
+
 class MemoryFeed:
     def __init__(self, source: reader.MemorySource, blocks, plan, batch_size: int, seed: int, window: int,
-                 shuffle: bool):
+                 shuffle: bool, device: str = "/CPU:0", layouts: tuple[str, str] | None = None):
         import tensorflow as tf
 
         self.blocks, self.plan, self.batch_size = blocks, plan, batch_size
         self.seed, self.window, self.shuffle = seed, window, shuffle
         self.steps_per_epoch = plan.steps_per_epoch
-        # Host memory, also where the step runs on a GPU: only each batch moves to the device.
+        # Host memory by default, where only each batch moves to the device; GPU memory where
+        # `placement` put it. `layouts` forces the form of (x, y) either way (a test, on the CPU).
+        if layouts is None:
+            layouts = [device_layout(a.dtype.name, a[:1].nbytes) if device != "/CPU:0" else "as is"
+                       for a in (source.x, source.y)]
+        self.x = _Held(source.x, "share_x", device, layouts[0])
+        self.y = _Held(source.y, "share_y", device, layouts[1])
         with tf.device("/CPU:0"):
-            self.x = _variable(source.x, "share_x")
-            self.y = _variable(source.y, "share_y")
             self.order = tf.Variable(tf.zeros([self.steps_per_epoch * batch_size], tf.int32), trainable=False,
                                      name="epoch_order")
         self.epoch: int | None = None
@@ -59,7 +125,7 @@ class MemoryFeed:
 
         b = self.batch_size
         idx = self.order[i * b:(i + 1) * b]
-        return tf.gather(self.x, idx), tf.gather(self.y, idx)
+        return self.x.gather(idx), self.y.gather(idx)
 
     def close(self) -> None:
         pass
@@ -100,11 +166,20 @@ def _variable(array: np.ndarray, name: str):
     return var
 
 
-def open_feed(inp: reader.Input, batch_size: int, seed: int, start_step: int, end_step: int):
+def open_feed(inp: reader.Input, batch_size: int, seed: int, start_step: int, end_step: int, say=None):
     """What the compiled steps read for one rank's input: a share in memory moves into
-    variables the graph gathers from (the numpy copy is let go); a streamed one comes as the
-    reader's stacks."""
+    variables the graph gathers from (the numpy copy is let go), in GPU memory where it fits
+    data.device_cache_mb; a streamed one comes as the reader's stacks, copied to the GPU ahead
+    of the step where there is one. `say` gets one line on where the share is."""
+    import tensorflow as tf
+
+    gpu = bool(tf.config.get_visible_devices("GPU"))
     if isinstance(inp.train, reader.MemorySource):
-        return MemoryFeed(inp.release_train(), inp.blocks, inp.plan, batch_size, seed, inp.data.shuffle_buffer,
-                          inp.data.shuffle)
-    return StreamFeed(inp.train_dataset(batch_size, seed, start_step, end_step))
+        src = inp.release_train()
+        held = sum(held_bytes(a.nbytes, a.itemsize, device_layout(a.dtype.name, a[:1].nbytes)) for a in (src.x, src.y))
+        device, why = placement(held, inp.data.device_cache_mb, gpu)
+        if say and gpu:
+            say(f"pipeline: training share in {why}")
+        return MemoryFeed(src, inp.blocks, inp.plan, batch_size, seed, inp.data.shuffle_buffer, inp.data.shuffle,
+                          device)
+    return StreamFeed(inp.train_dataset(batch_size, seed, start_step, end_step, "/GPU:0" if gpu else None))

@@ -493,9 +493,10 @@ def to_float(x):
 
 
 def train_dataset(source, blocks: list[Block], plan: Plan, batch_size: int, seed: int, start_step: int,
-                  end_step: int, window: int, shuffle: bool = True, prefetch: int = 2):
+                  end_step: int, window: int, shuffle: bool = True, prefetch: int = 2, device: str | None = None):
     """tf.data stacks of batches for steps start_step+1 .. end_step, prefetched so reads overlap
-    compute; iterate it with `batches()`."""
+    compute; iterate it with `batches()`. `device` ("/GPU:0"): each stack is copied there one
+    ahead of the call that uses it, so the copy overlaps the step before."""
     import tensorflow as tf
 
     shape, dtype, y_shape, y_dtype = _sample_spec(source)
@@ -507,7 +508,9 @@ def train_dataset(source, blocks: list[Block], plan: Plan, batch_size: int, seed
     spec = (tf.TensorSpec((None, batch_size, *shape), tf.as_dtype(dtype)),
             tf.TensorSpec((None, batch_size, *y_shape), tf.as_dtype(y_dtype)))
     ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
-    return ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
+    ds = ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
+    # tf.data's rule: the copy to the device is the last transformation.
+    return ds.apply(tf.data.experimental.prefetch_to_device(device, 1)) if device else ds
 
 
 def batches(dataset) -> Iterator[tuple]:
@@ -557,9 +560,9 @@ class Input:
         self.blocks = cut_blocks(plan, block)
         self.val_blocks = cut_blocks(val_plan, block) if val_plan else []
 
-    def train_dataset(self, batch_size: int, seed: int, start_step: int, end_step: int):
+    def train_dataset(self, batch_size: int, seed: int, start_step: int, end_step: int, device: str | None = None):
         return train_dataset(self.train, self.blocks, self.plan, batch_size, seed, start_step, end_step,
-                             self.data.shuffle_buffer, self.data.shuffle, self.data.prefetch)
+                             self.data.shuffle_buffer, self.data.shuffle, self.data.prefetch, device)
 
     def release_train(self):
         """Hands over the in-memory training share and lets go of it here, so that only its

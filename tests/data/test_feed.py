@@ -178,3 +178,29 @@ def test_slow_steps_run_fewer_per_call():
     assert steps_in_a_call(32, [0.005] * 10) == 32
     assert steps_in_a_call(32, [0.1, 0.1, 5.0]) == 10, "the median, not one slow step"
     assert steps_in_a_call(32, [2.0]) == 1
+
+
+@pytest.mark.parametrize("layouts", [("words", "widened"), ("widened", "widened")])
+def test_the_gpu_forms_of_a_share_give_the_same_batches(small_dataset, layouts):
+    """int64 words and widened values, the forms a GPU gathers uint8 images and int32 labels
+    in (feed.device_layout), run here on the CPU: the batches are the same, bit for bit."""
+    m, plan, blocks = _share(small_dataset, rank=0, size=1)
+    x, y = reader.read_share(m, "train", plan)
+    plain = feed.MemoryFeed(reader.MemorySource(x, y), blocks, plan, 32, 3, 1000, shuffle=True)
+    held = feed.MemoryFeed(reader.MemorySource(x, y), blocks, plan, 32, 3, 1000, shuffle=True, layouts=layouts)
+    a, b = _fed_batches(plain, 0, 12, per_call=4), _fed_batches(held, 0, 12, per_call=4)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert xb.dtype == xa.dtype and yb.dtype == ya.dtype
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+def test_where_a_share_is_held():
+    assert feed.device_layout("float32", 4) == "as is"
+    assert feed.device_layout("uint8", 28 * 28) == "words"       # 784 bytes: 98 words
+    assert feed.device_layout("int32", 4) == "widened"           # one label
+    assert feed.held_bytes(4000, 4, "widened") == 8000
+    assert feed.placement(100 << 20, 2048, gpu=False)[0] == "/CPU:0"
+    assert feed.placement(100 << 20, 2048, gpu=True)[0] == "/GPU:0"
+    device, why = feed.placement(3000 << 20, 2048, gpu=True)
+    assert device == "/CPU:0" and "data.device_cache_mb=2048" in why
+    assert feed.placement(1, 0, gpu=True)[0] == "/CPU:0"  # 0: always host memory

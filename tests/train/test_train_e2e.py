@@ -59,15 +59,70 @@ def test_two_ranks_train_resume_and_agree(tmp_path, small_dataset):
 
 
 def test_single_process_without_launcher(tmp_path, small_dataset):
+    """One process, no launcher, with a profiler window; then the run's MFU, offline."""
     run = tmp_path / "solo"
     r = pipeline("train", "--run-dir", run, "--set", f"data.dir={small_dataset}", "--set", "train.max_steps=40",
-                 "--set", "checkpoint.every_steps=20")
+                 "--set", "checkpoint.every_steps=20", "--set", "log.profile_steps=5-8")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads((run / "config.json").read_text())["ranks"] == 1
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["ranks"] == 1
     log = read_steps(run / "steps" / "rank-0.jsonl")
     assert [rec["step"] for rec in log] == list(range(1, 41)) and log[0]["size"] == 1
+    assert not any(k.startswith("gpu_") for rec in log for k in rec), "a CPU rank's records carry no GPU fields"
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [40]
     assert pipeline("checkpoint", "digest", run).stdout.startswith("step 40 ")
+
+    # The trace holds steps 5..8 and no other: one read of the step's clock per step run.
+    assert "profile: steps 5-8 traced" in r.stdout
+    assert clock_reads_in_trace(run / "profile" / "rank-0") == 4
+
+    # Model FLOPs against a hand count of the default CNN's layers (2 FLOPs per multiply-add,
+    # forward; backward twice that), and MFU from them, the throughput and the recorded peak.
+    assert cfg["model_flops_per_sample"] == pytest.approx(3 * cnn_forward_flops(cfg["train"]["batch_size"]),
+                                                          rel=0.03)
+    a = pipeline("analyze", run, "--json")
+    s = json.loads(a.stdout)["runs"][0]
+    m = s["mfu"]
+    assert m["peak_flops_per_s"] == cfg["peak_flops_per_s"] and "FLOP/cycle" in m["peak_source"]
+    assert m["value"] == pytest.approx(cfg["model_flops_per_sample"] * s["throughput_samples_per_s"]
+                                       / cfg["peak_flops_per_s"]) and m["value"] > 0
+    assert s["gpu"] is None
+    text = pipeline("analyze", run).stdout
+    assert "MFU: " in text and "peak" in text
+
+
+def cnn_forward_flops(batch: int) -> float:
+    """2 x multiply-adds of the default CNN's convolutions and dense layers, from their shapes."""
+    import tensorflow as tf
+
+    from pipeline.train import models
+
+    model = models.build("cnn", (28, 28, 1), 10)
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            h, w, cout = layer.output_shape[1:]
+            kh, kw = layer.kernel_size
+            total += 2 * h * w * kh * kw * layer.input_shape[-1] * cout
+        elif isinstance(layer, tf.keras.layers.Dense):
+            total += 2 * layer.input_shape[-1] * layer.units
+    return total
+
+
+def clock_reads_in_trace(logdir) -> int:
+    """Events of the first clock read in the step loop's body (pipeline/train/step.py
+    compile_calls), in the xplane trace TensorFlow's profiler wrote."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    traces = list(logdir.glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1, traces
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(traces[0].read_bytes())
+    n = 0
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        n += sum(names[e.metadata_id].endswith("while/Timestamp:Timestamp") for line in plane.lines for e in line.events)
+    return n
 
 
 @pytest.mark.mpi
