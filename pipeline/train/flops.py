@@ -24,6 +24,7 @@ def forward_flops(model, sample_shape, batch: int) -> tuple[float | None, str]:
     """(forward FLOPs per sample, how they were counted), or (None, why not)."""
     import tensorflow as tf
     from tensorflow.python.framework import ops
+    from tensorflow.python.util import deprecation
 
     try:
         fn = tf.function(lambda x: model(x, training=False))
@@ -31,13 +32,14 @@ def forward_flops(model, sample_shape, batch: int) -> tuple[float | None, str]:
     except Exception as e:  # noqa: BLE001 - a model that cannot be traced alone still trains
         return None, f"the forward pass could not be traced alone ({type(e).__name__})"
     total, missing = 0, set()
-    for op in graph.get_operations():
-        if op.type in UNCOUNTED:
-            missing.add(op.type)
-        try:
-            total += ops.get_stats_for_node_def(graph, op.node_def, "flops").value or 0
-        except ValueError:  # no statistics registered for this op type
-            pass
+    with deprecation.silence():  # the statistics use TensorFlow 1's shape helpers, which warn
+        for op in graph.get_operations():
+            if op.type in UNCOUNTED:
+                missing.add(op.type)
+            try:
+                total += ops.get_stats_for_node_def(graph, op.node_def, "flops").value or 0
+            except ValueError:  # no statistics registered for this op type
+                pass
     if not total:
         return None, "TensorFlow's profiler counted no FLOPs in the forward pass"
     how = "tf.profiler float_operation of the forward pass x 3 (backward = 2 x forward)"

@@ -275,3 +275,48 @@ def test_a_step_across_a_suspension_is_left_out_of_every_figure(tmp_path):
     assert s["step_s"]["max"] == pytest.approx(0.05) and s["steady_steps"] == plain["steady_steps"] - 1
     assert s["throughput_samples_per_s"] == pytest.approx(plain["throughput_samples_per_s"])
     assert plain["suspended_steps"] == 0
+
+
+def _edit_steps(run: Path, edit) -> None:
+    """edit(rank, record) on every step record of a written run."""
+    for p in sorted((run / "steps").glob("rank-*.jsonl")):
+        rank = int(p.stem.split("-")[1])
+        recs = [json.loads(x) for x in p.read_text().splitlines()]
+        for x in recs:
+            edit(rank, x)
+        p.write_text("".join(json.dumps(x) + "\n" for x in recs))
+
+
+def test_mfu_from_the_runs_facts_and_a_note_where_one_is_missing(tmp_path):
+    run = write_run(tmp_path / "r", ranks=2, steps=100, step_s=0.05)  # 64 samples / 0.05 s = 1280 samples/s
+    cfg = json.loads((run / "config.json").read_text())
+    facts = {"model_flops_per_sample": 2e7, "flops_source": "hand", "peak_flops_per_s": 1e11,
+             "peak_source": "2 rank(s) x a made-up CPU", "peak_device": "CPU"}
+    (run / "config.json").write_text(json.dumps({**cfg, **facts}))
+    s = summary.summarize(logs.load(run))
+    m = s["mfu"]
+    assert m["achieved_flops_per_s"] == pytest.approx(2e7 * 1280)
+    assert m["value"] == pytest.approx(2e7 * 1280 / 1e11) and m["peak_source"] == facts["peak_source"]
+    assert "MFU: 25.6% (25.6 GFLOP/s achieved of 100 GFLOP/s peak" in "\n".join(report.text_summary(s))
+    older = summary.summarize(logs.load(write_run(tmp_path / "old", ranks=1, steps=50)))
+    assert older["mfu"]["value"] is None and "no model FLOPs" in older["mfu"]["note"]
+    assert summary.summarize(logs.load(run))["gpu"] is None  # CPU records: no GPU figures
+
+
+def test_gpu_figures_per_rank_and_their_spread(tmp_path):
+    run = write_run(tmp_path / "g", ranks=3, steps=60, step_s=0.05)
+    util = {0: 90.0, 1: 92.0, 2: 40.0}  # rank 2 keeps its GPU idle half the time
+
+    def add(rank, rec):
+        rec["gpu_mem_peak_mb"] = 1000.0 + 100 * rank + rec["step"]
+        rec["gpu_util"] = util[rank] if rec["step"] > 10 else 5.0  # warm-up steps: not counted
+
+    _edit_steps(run, add)
+    s = summary.summarize(logs.load(run))
+    assert [r["gpu_mem_peak_mb"] for r in s["per_rank"]] == [1060.0, 1160.0, 1260.0]
+    assert [r["gpu_util_mean"] for r in s["per_rank"]] == pytest.approx([90.0, 92.0, 40.0])
+    g = s["gpu"]["gpu_util_mean"]
+    assert (g["min"], g["min_rank"], g["max"], g["max_rank"], g["spread"]) == (40.0, 2, 92.0, 1, 52.0)
+    text = "\n".join(report.text_summary(s))
+    assert "GPU across ranks: memory peak 1,060-1,260 MiB (ranks 0, 2), utilization 40-92% (ranks 2, 1" in text
+    assert "GPU peak MiB  GPU util" in text
