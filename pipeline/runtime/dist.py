@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -232,10 +233,19 @@ def pin_gpu(d: Dist, tf, environ=os.environ) -> None:
             tf.config.set_visible_devices(device, "GPU")
     if device is not None:
         tf.config.experimental.set_memory_growth(device, True)
+        flags = gpus.xla_flags(environ.get("XLA_FLAGS", ""), _pip_cuda(tf))
+        if flags:  # read at XLA's first compile, after this
+            environ["XLA_FLAGS"] = flags
     chosen = d.allgather_object((d.rank, host, gpus.identity(d.gpu, from_env is not None)), name="gpus")
     problems = gpus.shared(chosen)
     if problems:
         raise UserError(problems[0], quiet=d.rank != 0)
+
+
+def _pip_cuda(tf) -> str | None:
+    """site-packages/nvidia/cuda_nvcc where tensorflow[and-cuda] installed it with libdevice."""
+    d = Path(tf.__file__).resolve().parent.parent / "nvidia" / "cuda_nvcc"
+    return str(d) if (d / "nvvm" / "libdevice" / "libdevice.10.bc").exists() else None
 
 
 def _choose(d: Dist, visible: list[str], host: str, environ) -> str | None:

@@ -174,3 +174,13 @@ def node_problems(reports: list[dict]) -> tuple[list[str], list[str]]:
             warn.setdefault(host, f"{host}: {r['gpu_node']} but this job was given none: it trains on the CPU "
                                   f"(ask for them with --gpus-per-task or --gpus-per-node)")
     return list(fatal.values()), list(warn.values())
+
+
+def xla_flags(current: str, pip_cuda: str | None) -> str | None:
+    """XLA_FLAGS pointing XLA at pip's CUDA compiler files (`nvidia/cuda_nvcc`: ptxas and
+    libdevice, of the CUDA TensorFlow was built with), or None to leave XLA_FLAGS alone: none
+    there, or the site chose its own directory. Without it TensorFlow 2.15 searches
+    /usr/local/cuda first, whose ptxas may be older than the GPU needs (docs/gpu.md, XLA)."""
+    if not pip_cuda or "--xla_gpu_cuda_data_dir" in current:
+        return None
+    return f"{current} --xla_gpu_cuda_data_dir={pip_cuda}".strip()

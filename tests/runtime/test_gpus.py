@@ -147,3 +147,13 @@ def test_nccl_version_codes_read_as_releases():
     assert nccl_version(21605) == "2.16.5"  # NCCL >= 2.9 codes: major*10000 + minor*100 + patch
     assert nccl_version(2408) == "2.4.8"  # before 2.9: major*1000 + minor*100 + patch
     assert nccl_version(0) is None and nccl_version(None) is None and nccl_version(False) is None
+
+
+def test_xla_is_pointed_at_pips_cuda_unless_the_site_chose():
+    from pipeline.runtime.gpus import xla_flags
+
+    pip = "/venv/lib/python3.11/site-packages/nvidia/cuda_nvcc"
+    assert xla_flags("", pip) == f"--xla_gpu_cuda_data_dir={pip}"
+    assert xla_flags("--xla_gpu_autotune_level=2", pip) == f"--xla_gpu_autotune_level=2 --xla_gpu_cuda_data_dir={pip}"
+    assert xla_flags("--xla_gpu_cuda_data_dir=/opt/cuda-12.4", pip) is None
+    assert xla_flags("", None) is None  # no pip CUDA (a site toolkit): XLA searches as it does
