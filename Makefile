@@ -20,7 +20,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: env train test test-fast data analyze bench clean slurm-up slurm-down
+.PHONY: env train test test-fast data analyze bench clean slurm-up slurm-down gpu-check
 BENCH ?=
 
 env:
@@ -37,6 +37,11 @@ train: env data
 # The local benchmark (docs/bench.md): runs/bench/bench.json and report.md. BENCH=quick: short.
 bench: env
 	$(PIPELINE) bench run --out runs/bench $(if $(filter quick,$(BENCH)),--quick) $(ARGS)
+
+# The GPU proof (docs/gpu.md): runs/gpu-check/report.md; one line where there is no GPU.
+# No `env` first: on a GPU node image without the venv, the part that needs no TensorFlow runs.
+gpu-check:
+	@bash scripts/gpu-check.sh
 
 # Offline analysis of one or more run directories: make analyze RUN="runs/a runs/b" ARGS=--json
 analyze: env

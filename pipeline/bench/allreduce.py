@@ -118,12 +118,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-mpi", action="store_true", help="Gloo (horovodrun --gloo): no mpi4py baseline")
+    p.add_argument("--sizes-mib", default="", help="buffer sizes in MiB, e.g. 64,256,1024 (default: 4 KiB to 64 MiB)")
     a = p.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     c = _Collectives(use_mpi=not a.no_mpi)
     rows = []
-    for nbytes in SIZES:
+    for nbytes in [int(float(x) * 2**20) for x in a.sizes_mib.split(",")] if a.sizes_mib else SIZES:
         row = c.row(nbytes, _iters(nbytes, a.quick), a.repeats)
         rows.append(row)
         if c.hvd.rank() == 0:

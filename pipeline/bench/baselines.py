@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=config.ModelConfig.name)
     p.add_argument("--steps-per-execution", type=int, default=1)
     p.add_argument("--order", choices=["default-first", "default-last"], default="default-first")
+    p.add_argument("--precision", choices=["float32", "mixed_float16", "mixed_bfloat16"], default="float32",
+                   help="Keras's global dtype policy (the pipeline's train.precision)")
+    p.add_argument("--jit-compile", action="store_true", help="model.compile(jit_compile=True): XLA")
     p.add_argument("--out", required=True)
     return p
 
@@ -77,7 +80,10 @@ def main(argv=None) -> int:
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
     x, y, m = load_arrays(a.data)
     x, y = x[rank::size], y[rank::size]  # this rank's slice
-    model = models.build(a.model, m.shape, m.num_classes)
+    tf.keras.mixed_precision.set_global_policy(a.precision)
+    # Float32 logits under a mixed policy, as the pipeline builds them; with mixed_float16
+    # Keras's compile wraps the optimizer in its loss scaling.
+    model = models.build(a.model, m.shape, m.num_classes, output_dtype="float32" if a.precision != "float32" else None)
     opt = tf.keras.optimizers.Adam(a.lr * size)
     callbacks = []
     if hvd is not None:
@@ -92,7 +98,10 @@ def main(argv=None) -> int:
     if rank == 0:
         res = {"mode": a.mode, "model": a.model, "ranks": size, "threads": threads, "batch_size": a.batch_size,
                "steps": a.steps, "runs": runs, "best_steps_per_execution": int(best),
-               "throughput_samples_per_s": runs[best]["throughput_samples_per_s"], "step_s": step_times}
+               "throughput_samples_per_s": runs[best]["throughput_samples_per_s"], "step_s": step_times,
+               "precision": a.precision, "jit_compile": a.jit_compile}
+        if tf.config.get_visible_devices("GPU"):  # the allocator's peak over both fits
+            res["gpu_mem_peak_mb"] = round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, 1)
         with open(a.out + ".tmp", "w") as f:
             json.dump(res, f)
         os.replace(a.out + ".tmp", a.out)
@@ -110,7 +119,7 @@ def _fits(model, opt, x, y, a, callbacks) -> dict:
     for spe in (settings if a.order == "default-first" else settings[::-1]):
         # Recompiling keeps the weights and the optimizer; the fit traces its function anew.
         model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=opt,
-                      steps_per_execution=spe)
+                      steps_per_execution=spe, jit_compile=a.jit_compile)
         runs[str(spe)] = timed_fit(model, x, y, a.batch_size, a.steps, a.warmup, spe, callbacks)
     return runs
 
