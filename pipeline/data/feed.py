@@ -121,8 +121,6 @@ class MemoryFeed:
         return first, min(n, self.steps_per_epoch - first), ()
 
     def batch_at(self, i, inputs):
-        import tensorflow as tf
-
         b = self.batch_size
         idx = self.order[i * b:(i + 1) * b]
         return self.x.gather(idx), self.y.gather(idx)
