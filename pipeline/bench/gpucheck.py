@@ -159,6 +159,19 @@ def tf_python() -> tuple[str | None, str]:
     return None, f"TensorFlow is not importable ({sys.executable}, {ROOT / '.venv' / 'bin' / 'python'})"
 
 
+def gpus_for_ranks(environ, listed: int) -> int:
+    """The GPUs this job may use: CUDA_VISIBLE_DEVICES's entries where it is set (a SLURM step
+    without device cgroups sees the whole node in nvidia-smi), else what nvidia-smi lists."""
+    visible = gpus.visible_entries(environ)
+    return len(visible) if visible is not None else listed
+
+
+def first_gpu(environ) -> str:
+    """The CUDA_VISIBLE_DEVICES entry the one-GPU Keras peer runs on."""
+    visible = gpus.visible_entries(environ)
+    return visible[0] if visible else "0"
+
+
 def _launch(n: int, args: list[str]) -> list[str]:
     """One rank per GPU: mpirun for 2+, a plain process for one (no launcher needed)."""
     if n <= 1:
@@ -200,7 +213,7 @@ def train_pair(py: str, n: int, work: Path, data: Path, model: str, batch: int, 
                model_flops_per_sample=cfg.get("model_flops_per_sample"),
                pipeline_mem_peak_mb=(s.get("gpu") or {}).get("gpu_mem_peak_mb", {}).get("max"))
     keras_out = work / f"keras-{tag}.json"
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": "0"} if n else {})}
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": first_gpu(os.environ)} if n else {})}
     code, out = _run([py, "-m", "pipeline.bench.baselines", "--mode", "keras", "--data", str(data), "--batch-size",
                       str(batch), "--steps", str(steps), "--warmup", str(max(2, steps // 5)), "--model", model,
                       "--precision", precision, "--steps-per-execution", "32", "--out", str(keras_out),
@@ -342,7 +355,7 @@ def main(argv=None) -> int:
     if py is None:
         skipped.append(f"pipeline doctor, training next to Keras fit, NCCL allreduce: {res['tf']}")
     else:
-        n = 0 if cpu_mode else len(res["node"]["gpus"])
+        n = 0 if cpu_mode else gpus_for_ranks(os.environ, len(res["node"]["gpus"]))
         res["with_tf"] = with_tf(py, n, cpu_mode, out, skipped, lambda line: print(line, flush=True))
     res["skipped"], res["wall_s"] = skipped, time.time() - t0
     (out / "report.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -83,3 +83,11 @@ def test_the_whole_sequence_on_the_cpu(tmp_path):
     skipped = "\n".join(res["skipped"])
     assert "mixed_float16: float16 needs a GPU" in skipped and "NCCL allreduce" in skipped
     assert "| cnn | float32 |" in md and "## Skipped" in md and "mixed_float16" in md
+
+
+def test_the_gpus_a_job_may_use():
+    from pipeline.bench.gpucheck import first_gpu, gpus_for_ranks
+
+    assert gpus_for_ranks({}, 8) == 8
+    assert gpus_for_ranks({"CUDA_VISIBLE_DEVICES": "2,3"}, 8) == 2  # a step without device cgroups
+    assert first_gpu({"CUDA_VISIBLE_DEVICES": "2,3"}) == "2" and first_gpu({}) == "0"
