@@ -106,6 +106,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _say_error(e: Exception) -> None:
+    """The one line, in one write: ranks of a job share the launcher's stderr, and with
+    PYTHONUNBUFFERED print() writes the text and its newline apart, so two ranks' lines could
+    run together."""
+    sys.stderr.write(f"pipeline: error: {e}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     # TensorFlow's start-up chatter hides the progress lines; users can turn it back on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -115,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         if not e.quiet:
-            print(f"pipeline: error: {e}", file=sys.stderr)
+            _say_error(e)
         return EXIT_USER_ERROR
     except Exception as e:
         from pipeline.train.checkpoint import CheckpointWriteError
 
         if not isinstance(e, CheckpointWriteError):
             raise
-        print(f"pipeline: error: {e}", file=sys.stderr)
+        _say_error(e)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("pipeline: interrupted", file=sys.stderr)
