@@ -252,7 +252,10 @@ def with_tf(py: str, n: int, cpu_mode: bool, work: Path, skipped: list[str], say
     if n >= 2 and not cpu_mode:
         say("gpu-check: NCCL allreduce")
         res = work / "allreduce.json"
-        wrapper = ["bash", "-c", 'export CUDA_VISIBLE_DEVICES=${OMPI_COMM_WORLD_LOCAL_RANK:-${SLURM_LOCALID:-0}}; '
+        # One GPU per rank, as training pins them: the job's entry at the local rank.
+        wrapper = ["bash", "-c", 'r=${OMPI_COMM_WORLD_LOCAL_RANK:-${SLURM_LOCALID:-0}}; '
+                                 'IFS=, read -ra v <<< "${CUDA_VISIBLE_DEVICES:-}"; '
+                                 'export CUDA_VISIBLE_DEVICES=${v[$r]:-$r}; '
                                  'exec "$0" -m pipeline.bench.allreduce "$@"', py]
         code, text = _run(_launch(n, wrapper + ["--out", str(res), "--sizes-mib", ALLREDUCE_MIB, "--repeats", "3"]))
         out["allreduce"] = json.loads(res.read_text()) if code == 0 else {"error": text.strip().splitlines()[-2:]}
