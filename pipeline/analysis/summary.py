@@ -208,11 +208,12 @@ def mfu(cfg: dict, samples_per_s: float | None) -> dict:
            "achieved_flops_per_s": flops * samples_per_s if flops and samples_per_s else None,
            "peak_flops_per_s": peak, "peak_source": cfg.get("peak_source"), "peak_device": cfg.get("peak_device"),
            "model_flops_per_sample": flops, "flops_source": cfg.get("flops_source")}
-    if out["value"] is None:
-        out["note"] = ("config.json has no model FLOPs (" + (cfg.get("flops_source") or "a run from before they "
-                                                              "were recorded") + ")" if not flops else
-                       "config.json has no device peak (" + (cfg.get("peak_source") or "a run from before it was "
-                                                             "recorded") + ")" if not peak else "no steady steps")
+    if not flops:
+        out["note"] = f"config.json has no model FLOPs ({cfg.get('flops_source') or 'a run from before they were recorded'})"
+    elif not peak:
+        out["note"] = f"config.json has no device peak ({cfg.get('peak_source') or 'a run from before it was recorded'})"
+    elif out["value"] is None:
+        out["note"] = "no steady steps"
     return out
 
 
@@ -243,10 +244,10 @@ def _gpu_figures(m: Matrix, j: int, col: np.ndarray) -> dict:
     """A GPU rank's device memory peak over the run and its mean utilization over the steady
     steps; nothing for a CPU rank (its records carry neither)."""
     out = {}
-    mem, util = m.cols.get("gpu_mem_peak_mb"), m.cols.get("gpu_util")
-    if mem is not None and np.isfinite(mem[:, j]).any():
+    mem, util = m.cols["gpu_mem_peak_mb"], m.cols["gpu_util"]  # NaN where a record lacks them
+    if np.isfinite(mem[:, j]).any():
         out["gpu_mem_peak_mb"] = float(np.nanmax(mem[:, j]))
-    if util is not None and np.isfinite(util[col, j]).any():
+    if np.isfinite(util[col, j]).any():
         out["gpu_util_mean"] = float(np.nanmean(util[col, j]))
     return out
 

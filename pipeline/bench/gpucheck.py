@@ -115,10 +115,10 @@ def peak_entry(name: str) -> dict:
     return entry
 
 
-def node(cpu_mode: bool, skipped: list[str]) -> dict:
-    """The part that needs no TensorFlow."""
+def node(cpu_mode: bool, skipped: list[str], smi_l: tuple[int, str]) -> dict:
+    """The part that needs no TensorFlow; `smi_l`: (exit status, output) of `nvidia-smi -L`."""
     out: dict = {"host": socket.gethostname()}
-    code, listing = _run(["nvidia-smi", "-L"], timeout=60)
+    code, listing = smi_l
     out["smi_lines"] = [x for x in listing.splitlines() if x.strip()] if code == 0 else []
     if code == 0:
         out["gpus"] = query_rows(_run(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
@@ -330,9 +330,9 @@ def report(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def has_gpu(dev: str = "/dev") -> str | None:
+def has_gpu(smi_l: tuple[int, str], dev: str = "/dev") -> str | None:
     """What shows an NVIDIA GPU here, or None (pipeline/runtime/gpus.py `on_the_node`)."""
-    code, listing = _run(["nvidia-smi", "-L"], timeout=60)
+    code, listing = smi_l
     devices = [Path(p).name for p in glob.glob(f"{dev}/nvidia[0-9]*")]
     return gpus.on_the_node(devices, listing.splitlines() if code == 0 else [])
 
@@ -342,7 +342,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/gpu-check")
     a = p.parse_args(argv)
     cpu_mode = os.environ.get("GPU_CHECK_CPU", "") == "1"
-    seen = has_gpu(os.environ.get("GPU_CHECK_DEV", "/dev"))
+    smi_l = _run(["nvidia-smi", "-L"], timeout=60)
+    seen = has_gpu(smi_l, os.environ.get("GPU_CHECK_DEV", "/dev"))
     if not seen and not cpu_mode:
         print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none, no /dev/nvidia*): nothing to check "
               "(GPU_CHECK_CPU=1 runs the sequence on the CPU)")
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
     skipped: list[str] = []
     res = {"when": datetime.datetime.now().isoformat(timespec="seconds"),
            "mode": "GPU_CHECK_CPU=1: the sequence on the CPU at tiny sizes" if cpu_mode else f"GPUs ({seen})",
-           "node": node(cpu_mode, skipped)}
+           "node": node(cpu_mode, skipped, smi_l)}
     py, res["tf"] = tf_python()
     if py is None:
         skipped.append(f"pipeline doctor, training next to Keras fit, NCCL allreduce: {res['tf']}")

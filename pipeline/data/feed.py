@@ -164,14 +164,13 @@ def _variable(array: np.ndarray, name: str):
     return var
 
 
-def open_feed(inp: reader.Input, batch_size: int, seed: int, start_step: int, end_step: int, say=None):
+def open_feed(inp: reader.Input, batch_size: int, seed: int, start_step: int, end_step: int, gpu: bool = False,
+              say=None):
     """What the compiled steps read for one rank's input: a share in memory moves into
     variables the graph gathers from (the numpy copy is let go), in GPU memory where it fits
     data.device_cache_mb; a streamed one comes as the reader's stacks, copied to the GPU ahead
-    of the step where there is one. `say` gets one line on where the share is."""
-    import tensorflow as tf
-
-    gpu = bool(tf.config.get_visible_devices("GPU"))
+    of the step on a GPU rank (`gpu`: dist.pin_gpu chose one). `say` gets one line on where the
+    share is."""
     if isinstance(inp.train, reader.MemorySource):
         src = inp.release_train()
         held = sum(held_bytes(a.nbytes, a.itemsize, device_layout(a.dtype.name, a[:1].nbytes)) for a in (src.x, src.y))

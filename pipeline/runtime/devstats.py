@@ -139,12 +139,12 @@ class DeviceHook(Hook):
 
 
 def for_rank(entry: str | None, say) -> DeviceHook | None:
-    """The hook for a rank that trains on a GPU, or None (CPU: the records stay as they are).
-    `say` gets one line when utilization cannot be sampled."""
-    import tensorflow as tf
-
-    if not tf.config.get_visible_devices("GPU"):
+    """The hook for a rank that trains on a GPU (`entry`: the CUDA_VISIBLE_DEVICES entry
+    dist.pin_gpu chose, where TensorFlow has it), or None for a CPU rank (entry None: its
+    records stay as they are). `say` gets one line when utilization cannot be sampled."""
+    if entry is None:
         return None
+    import tensorflow as tf
     from tensorflow.python.client import device_lib
 
     desc = next((d.physical_device_desc for d in device_lib.list_local_devices() if d.device_type == "GPU"), "")

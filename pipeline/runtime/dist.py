@@ -72,6 +72,7 @@ class Dist:
     gpu: str | None = None           # the CUDA_VISIBLE_DEVICES entry this rank uses (None: CPU)
     gpus_visible: int = 0            # the GPUs it saw before pinning
     gpu_allocated: str | None = None  # what said the job was given GPUs (gpus.allocated)
+    on_gpu: bool = False             # TensorFlow has the chosen GPU: the step runs there
     _hvd: Any = None
 
     @property
@@ -231,6 +232,7 @@ def pin_gpu(d: Dist, tf, environ=os.environ) -> None:
         device = found[int(d.gpu)] if d.gpu is not None else None
         if device is not None:
             tf.config.set_visible_devices(device, "GPU")
+    d.on_gpu = device is not None
     if device is not None:
         tf.config.experimental.set_memory_growth(device, True)
         flags = gpus.xla_flags(environ.get("XLA_FLAGS", ""), _pip_cuda(tf))

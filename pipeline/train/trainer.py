@@ -360,7 +360,7 @@ def loop(t: Trainer, resources: contextlib.ExitStack, watchdog: Watchdog | None 
     plan = t.plan
     steplog, signals, stop_flag, hooks = _loop_resources(t, resources, watchdog)
     feed = feed_mod.open_feed(t.input, plan.update_batch, t.cfg.train.seed, t.start, plan.total,
-                              t.writers.console.print)
+                              t.dist.on_gpu, t.writers.console.print)
     resources.callback(feed.close)
     calls = step_mod.compile_calls(t.train_step, stop_flag, feed.batch_at, feed.signature,
                                    step_mod.graph_clock(t.cfg.train.deterministic))
@@ -426,7 +426,7 @@ def _loop_resources(t: Trainer, resources: contextlib.ExitStack, watchdog: Watch
     writers = t.writers
     # The watchdog before the recorder: a signal bounds the stop before the post-mortem is written.
     # A GPU rank's device figures first: every later hook sees them in the records.
-    hooks = Hooks([devstats.for_rank(dist.gpu, writers.console.print),
+    hooks = Hooks([devstats.for_rank(dist.gpu if dist.on_gpu else None, writers.console.print),
                    FaultHook(t.fault, dist.rank, rec) if t.fault else None,
                    WatchdogHook(watchdog, t.cfg.train.step_timeout_s, t.cfg.train.stop_timeout_s), FlightHook(rec),
                    ml, writers.progress, writers.board,
