@@ -125,13 +125,6 @@ class Dist:
         if self._hvd is not None and self.size > 1:
             self.allreduce_sum([0.0])
 
-    def sum_in_step(self, value):
-        """Sum of a tensor over ranks, inside a compiled step: Horovod negotiates it in the same
-        cycle as the gradients and fuses it with them, so it adds no collective of its own."""
-        if self._hvd is None or self.size == 1:
-            return value
-        return self._hvd.allreduce(value, op=self._hvd.Sum, name="stop_flag")
-
     def _compression(self, name: str):
         # fp16: gradients cast to float16 for the wire and back (half the bytes, some precision).
         return self._hvd.Compression.fp16 if name == "fp16" else self._hvd.Compression.none
@@ -142,13 +135,33 @@ class Dist:
             return tape
         return self._hvd.DistributedGradientTape(tape, compression=self._compression(compression))
 
-    def average_gradients(self, grads, compression: str = "none"):
-        """Gradients already computed (accumulated or XLA-compiled), averaged over ranks in
-        one grouped allreduce: one negotiation, fused like the tape's."""
+    def average_in_step(self, grads, stop, compression: str = "none", grouped: bool = False):
+        """Inside a compiled step: the gradients averaged over ranks, and the stop flag's mean
+        over ranks (> 0 exactly when some rank's flag is). Returns (grads, stops).
+
+        grouped=False: one allreduce per gradient, each starting as soon as backprop produces
+        it, as hvd.DistributedGradientTape does; grouped=True: gradients already computed
+        (accumulated or XLA-compiled) in one grouped allreduce, one negotiation.
+
+        The stop flag rides with the gradients. Horovod fuses only tensors of the same dtype
+        and scale factors (Controller::FuseResponses), hence an Average like theirs; and it is
+        held back until the first gradient out of backprop (the last variable's, the output
+        layer's) exists, so that it is negotiated in the same cycle as gradients. Ready at the
+        step's start, it was negotiated alone: one collective of its own every step, which
+        the Horovod Keras loop does not have (docs/bench.md, "The stop flag")."""
         if self._hvd is None or self.size == 1:
-            return grads
-        return self._hvd.grouped_allreduce(grads, op=self._hvd.Average, compression=self._compression(compression),
-                                           name="grads")
+            return grads, stop
+        import tensorflow as tf
+
+        hvd, comp = self._hvd, self._compression(compression)
+        present = [g for g in grads if g is not None]
+        with tf.control_dependencies(present if grouped else present[-1:]):
+            flag = tf.identity(stop)
+        stops = hvd.allreduce(flag, op=hvd.Average, name="stop_flag")
+        if grouped:
+            return hvd.grouped_allreduce(grads, op=hvd.Average, compression=comp, name="grads"), stops
+        with tf.name_scope("gradient_allreduce"):
+            return [None if g is None else hvd.allreduce(g, op=hvd.Average, compression=comp) for g in grads], stops
 
     def start_timeline(self, path) -> bool:
         """Records a Horovod timeline (rank 0 writes it, with every rank's negotiation ticks)."""

@@ -46,9 +46,9 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
     def train_step(xb, yb, stop):
         if passes == 1 and not jit_compile:
             loss, tape, scaled = forward_backward(xb, yb)
-            # Horovod's tape averages the gradients over all ranks (ring-allreduce), each
-            # gradient's allreduce starting as soon as backprop produces it.
-            grads = dist.gradient_tape(tape, compression).gradient(scaled, variables)
+            # Averaged over all ranks (ring-allreduce), each gradient's allreduce starting as
+            # soon as backprop produces it; the stop flag with the first of them.
+            grads, stops = dist.average_in_step(tape.gradient(scaled, variables), stop, compression)
         else:
             if passes == 1:
                 loss, grads = local_grads(xb, yb)
@@ -61,13 +61,12 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
                     grads = [a + b for a, b in zip(grads, gi)]
                 loss /= passes
                 grads = [g / passes for g in grads]
-            grads = dist.average_gradients(grads, compression)
+            grads, stops = dist.average_in_step(grads, stop, compression, grouped=True)
         if loss_scale:
             grads = opt.get_unscaled_gradients(grads)
         if clip_global_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_global_norm)
-        # Any rank's stop request reaches every rank in this same step.
-        stops = dist.sum_in_step(stop)
+        # Any rank's stop request reaches every rank in this same step (stops > 0).
         updated = opt.apply_gradients(zip(grads, variables))
         # Both results wait for the update, so a clock read after them times the whole step.
         with tf.control_dependencies([updated]):

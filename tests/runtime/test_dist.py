@@ -26,6 +26,8 @@ def test_single_process_context_needs_no_mpi():
     d.barrier()
     tape = object()
     assert d.gradient_tape(tape) is tape
+    grads, flag = [object(), None], object()
+    assert d.average_in_step(grads, flag) == (grads, flag)  # one rank: nothing to average
 
 
 def test_launcher_detection():
