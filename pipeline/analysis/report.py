@@ -99,6 +99,11 @@ def _communication_lines(comm: dict) -> list[str]:
         parts = [f"{k} {_ms(v['per_step_s'])} ms ({_pct(v['fraction_of_step'])})" for k, v in ph.items()
                  if k.startswith(("NEGOTIATE_ALLREDUCE", "ALLREDUCE", "MPI_ALLREDUCE", "MEMCPY", "NCCL", "QUEUE"))]
         lines = ["communication per step (timeline): " + ", ".join(parts)]
+        if "solo_ops_per_step" in comm:
+            tail = comm.get("exposed_tail_p50_s")
+            lines.append(f"collectives per step: {comm['gradient_ops_per_step']:.1f} fused gradient allreduce(s), "
+                         f"{comm['solo_ops_per_step']:.1f} of other tensors alone; last gradient ready -> reduced: "
+                         + (f"{_ms(tail)} ms (p50)" if tail is not None else "n/a"))
         if comm["last_to_negotiate"]:
             lines.append("last to negotiate: " + ", ".join(
                 f"rank {e['rank']} {e['share']:.0%} of tensors, others waited {_ms(e['late_s_per_step'])} ms/step"

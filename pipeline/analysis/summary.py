@@ -275,7 +275,8 @@ def _timeline_communication(run: Run, n_steps: int, all_step: float, p50: float,
                        for k, v in tl["phases"].items()},
             "last_to_negotiate": tl["last_to_negotiate"],
             "gradient_phases": {k: {**v, "per_step_s": v["wall_s"] / n} for k, v in tl["gradient_phases"].items()},
-            "gradient_ops_per_step": tl["gradient_ops"] / n}
+            "gradient_ops_per_step": tl["gradient_ops"] / n, "solo_ops_per_step": tl["solo_ops"] / n,
+            "exposed_tail_p50_s": tl["exposed_tail_p50_s"]}
     for entry in comm["last_to_negotiate"]:
         entry["late_s_per_step"] = entry["late_s_total"] / n
     # A rank whose compute before the collective is slow arrives last at negotiation:

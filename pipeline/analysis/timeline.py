@@ -71,10 +71,28 @@ def _union_s(intervals: list[tuple[float, float]]) -> float:
 
 def is_gradient(tensor: str) -> bool:
     """Gradient tensors: Horovod's tape names them after the gradient ops
-    (`..._gradient_tape_...`), the grouped allreduce of accumulated gradients `grads`; the
-    per-step stop flag, evaluation sums and statistics are not gradients."""
+    (`..._gradient_tape_...`), the grouped allreduce of accumulated gradients `grads`, and
+    `hvd.DistributedOptimizer` (the Horovod Keras loop) `Distributed<Opt>_Allreduce/.../
+    HorovodAllreduce_grads_<i>_0`; the per-step stop flag, evaluation sums and statistics are
+    not gradients."""
     t = tensor.lower()
-    return "gradient" in t or t.split("/")[-1].startswith("grads")
+    last = t.split("/")[-1]
+    return "gradient" in t or last.startswith("grads") or last.startswith("horovodallreduce_grads")
+
+
+OP_PHASES = ("MPI_ALLREDUCE", "NCCL_ALLREDUCE", "GLOO_ALLREDUCE")
+# Where a gradient tensor's name stops naming the traced function it belongs to.
+FUNCTION_ENDS = ("Distributed", "gradient_allreduce/", "HorovodAllreduce", "grads")
+
+
+def _fused(starts: list[float], within_us: float = 100.0) -> list[float]:
+    """The start of each fused operation: tensors of one fused response start their
+    MPI/NCCL call within microseconds of each other."""
+    ops: list[float] = []
+    for t in sorted(starts):
+        if not ops or t - ops[-1] > within_us:
+            ops.append(t)
+    return ops
 
 
 class _File:
@@ -91,11 +109,17 @@ class _File:
         self._stack: dict[int, list[tuple[str, float]]] = defaultdict(list)
         self._ticks: dict[int, dict[int, float]] = defaultdict(dict)
         self._grad_pids: set = set()
+        self._names: dict[int, str] = {}
+        self._op_starts: dict[int, list[float]] = defaultdict(list)
+        self._ready: dict[int, list[float]] = defaultdict(list)   # per gradient tensor: all ranks ready
+        self._done: dict[int, list[float]] = defaultdict(list)    # ... and its collective done
         t_min, t_max = float("inf"), float("-inf")
         for ev in events(path):
             ph, pid, ts = ev.get("ph"), ev.get("pid"), ev.get("ts")
-            if ph == "M" and ev.get("name") == "process_name" and is_gradient(str(ev.get("args", {}).get("name", ""))):
-                self._grad_pids.add(pid)
+            if ph == "M" and ev.get("name") == "process_name":
+                self._names[pid] = str(ev.get("args", {}).get("name", ""))
+                if is_gradient(self._names[pid]):
+                    self._grad_pids.add(pid)
             if ph not in ("B", "E", "X") or not isinstance(ts, (int, float)):
                 continue
             self.events += 1
@@ -118,7 +142,14 @@ class _File:
             self.phases[name].append((start, ts))
             if pid in self._grad_pids:
                 self.grad_phases[name].append((start, ts))
+            if name in OP_PHASES:
+                self._op_starts[pid].append(start)
+                if pid in self._grad_pids:
+                    self._done[pid].append(ts)
             if name.startswith("NEGOTIATE_"):
+                arrived = self._ticks.get(pid, {})
+                if pid in self._grad_pids:
+                    self._ready[pid].append(max(arrived.values(), default=ts))
                 arrived = self._ticks.pop(pid, {})
                 if len(arrived) == self.ranks and self.ranks > 1:
                     order = sorted(arrived.items(), key=lambda kv: kv[1])
@@ -128,8 +159,32 @@ class _File:
 
     def gradient_ops(self) -> int:
         """Fused operations: gradient tensors whose MPI/NCCL call started together are one."""
-        return len({round(s_ / 100) for n_, iv in self.grad_phases.items() if n_ in ("MPI_ALLREDUCE", "NCCL_ALLREDUCE")
-                    for s_, _ in iv})
+        return len(_fused([t for p in self._grad_pids for t in self._op_starts.get(p, [])]))
+
+    def solo_ops(self) -> int:
+        """Collectives of tensors that are not gradients (the stop flag, evaluation sums) that
+        no gradient shares: each one a negotiation and a call of its own."""
+        grad = _fused([t for p in self._grad_pids for t in self._op_starts.get(p, [])])
+        other = _fused([t for p, ts in self._op_starts.items() if p not in self._grad_pids for t in ts])
+        return sum(1 for t in other if not grad or min(abs(t - g) for g in grad) > 100.0)
+
+    def tails_s(self) -> list[float]:
+        """Per step: from the moment the last gradient is ready on every rank to the end of
+        its collective, the communication backprop did not hide. A tensor's k-th negotiation
+        is step k's; tensors of one traced function (the name's scope before the allreduce's
+        own: Horovod's tape or optimizer scope, the pipeline's, or the op) make one sequence."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for p in self._grad_pids:
+            if self._done.get(p):
+                name = self._names.get(p, "")
+                cut = min([i for i in (name.find(m) for m in FUNCTION_ENDS) if i >= 0] or [len(name)])
+                groups[name[:cut]].append(p)
+        out = []
+        for pids in groups.values():
+            for k in range(min(min(len(self._ready[p]), len(self._done[p])) for p in pids)):
+                last = max(pids, key=lambda p: self._ready[p][k])
+                out.append((max(self._done[p][k] for p in pids) - self._ready[last][k]) / 1e6)
+        return out
 
 
 def analyze(paths: list[Path], ranks: int) -> dict:
@@ -140,10 +195,11 @@ def analyze(paths: list[Path], ranks: int) -> dict:
     grad_wall, grad_count = defaultdict(float), defaultdict(int)
     last_counts, late_total = np.zeros(n, dtype=np.int64), np.zeros(n)
     lateness: list[list[float]] = [[] for _ in range(n)]
-    grad_ops, span, n_events = 0, 0.0, 0
+    grad_ops, solo_ops, span, n_events, tails = 0, 0, 0.0, 0, []
     for path in paths:
         f = _File(path, ranks)
         span, n_events, grad_ops = span + f.span, n_events + f.events, grad_ops + f.gradient_ops()
+        solo_ops, tails = solo_ops + f.solo_ops(), tails + f.tails_s()
         late_iv: list[list[tuple[float, float]]] = [[] for _ in range(n)]
         for last, t_prev, t_last in f.late:
             last_counts[last] += 1
@@ -166,6 +222,10 @@ def analyze(paths: list[Path], ranks: int) -> dict:
         # The same for gradient tensors only: what the communication model predicts.
         "gradient_phases": {name: {"wall_s": grad_wall[name], "count": grad_count[name]} for name in sorted(grad_wall)},
         "gradient_ops": grad_ops,
+        "solo_ops": solo_ops,
+        "steps": len(tails),  # steps whose gradients the timeline saw (of every traced function)
+        # per step, the median time from the last gradient ready on all ranks to its collective done
+        "exposed_tail_p50_s": float(np.median(tails)) if tails else None,
         "negotiations": negotiations,
         "last_to_negotiate": [
             {"rank": r, "share": float(last_counts[r] / negotiations) if negotiations else 0.0,

@@ -208,6 +208,11 @@ def test_real_two_rank_run_and_its_timeline(tmp_path, small_dataset):
     assert 0 < comm["phases"]["MPI_ALLREDUCE"]["per_step_s"] < s["step_s"]["max"]
     assert comm["negotiations"] > 60  # the response cache is off: every negotiation has ticks
     assert sum(e["share"] for e in comm["last_to_negotiate"]) == pytest.approx(1.0)
+    # The per-step stop flag rides in the gradients' fused allreduce: not a collective of its
+    # own every step (that would be >= 1 per step); what is left alone is evaluation's sums.
+    assert comm["solo_ops_per_step"] < 0.5, comm["solo_ops_per_step"]
+    assert 0 < comm["exposed_tail_p50_s"] < s["step_s"]["max"]
+    assert "collectives per step:" in pipeline("analyze", run).stdout
     assert (tmp_path / "rep.md").read_text().count("![") == 4
 
 

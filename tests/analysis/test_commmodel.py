@@ -113,3 +113,36 @@ def test_timeline_separates_gradient_allreduces_and_counts_fused_operations(tmp_
     assert res["phases"]["MPI_ALLREDUCE"]["wall_s"] == pytest.approx(0.009)
     assert res["gradient_phases"]["MPI_ALLREDUCE"]["wall_s"] == pytest.approx(0.003)
     assert res["gradient_ops"] == 3
+
+
+def test_timeline_counts_collectives_no_gradient_shares_and_the_exposed_tail(tmp_path):
+    def tensor(pid, name):
+        return [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}]
+
+    def life(pid, ready, start, dur):
+        # negotiation: rank 0 ready at `ready`, rank 1 100 us later; then the call
+        return [{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": ready, "pid": pid},
+                {"ph": "X", "name": "0", "ts": ready, "pid": pid, "dur": 0},
+                {"ph": "X", "name": "1", "ts": ready + 100, "pid": pid, "dur": 0},
+                {"ph": "E", "ts": ready + 100, "pid": pid},
+                {"ph": "B", "name": "ALLREDUCE", "ts": start, "pid": pid},
+                {"ph": "B", "name": "MPI_ALLREDUCE", "ts": start, "pid": pid},
+                {"ph": "E", "ts": start + dur, "pid": pid}, {"ph": "E", "ts": start + dur, "pid": pid}]
+
+    # The Horovod Keras loop's names (hvd.DistributedOptimizer) are gradients too.
+    assert timeline.is_gradient("PartitionedCall/DistributedAdam_Allreduce/cond_9/then/_1/"
+                                "DistributedAdam_Allreduce/cond_9/HorovodAllreduce_grads_9_0")
+    assert timeline.is_gradient("while/body/_1/gradient_allreduce/HorovodAllreduce_gradient_tape_cnn_dense_1_0")
+    assert not timeline.is_gradient("while/body/_1/while/StatefulPartitionedCall/stop_flag")
+    evs = tensor(1, "f/stop_flag") + tensor(2, "f/gradient_allreduce/HorovodAllreduce_gradient_tape_b") + \
+        tensor(3, "f/gradient_allreduce/HorovodAllreduce_gradient_tape_a")
+    # Step 1: the stop flag alone at the step's start, then the two gradients fused; the last
+    # one ready at 5,100 (both ranks), reduced by 6,000: a 0.9 ms tail.
+    evs += life(1, 0, 200, 100) + life(2, 3000, 5200, 800) + life(3, 5000, 5200, 800)
+    # Step 2: the stop flag fused with the first gradient's call; the second in its own call.
+    evs += life(1, 10000, 10200, 100) + life(2, 10000, 10200, 100) + life(3, 12000, 12200, 1900)
+    p = tmp_path / "timeline.json"
+    p.write_text("[\n" + ",\n".join(json.dumps(e) for e in evs) + "\n]")
+    res = timeline.analyze([p], 2)
+    assert res["steps"] == 2 and res["gradient_ops"] == 3 and res["solo_ops"] == 1
+    assert res["exposed_tail_p50_s"] == pytest.approx((0.0009 + 0.002) / 2)
