@@ -10,7 +10,8 @@ Same model (`pipeline.train.models`), batch and threads as the pipeline run it i
 Each is measured twice in the one process, with Keras's default `steps_per_execution=1` and
 with `--steps-per-execution K` (the pipeline's `train.steps_per_call`), in the order
 `--order` gives, so neither setting always runs on a warmer process; the bench compares the
-pipeline with the faster of the two. Rank 0 writes `--out`: per setting, the wall-clock
+pipeline with the faster of the two. `--only-given`: once, at K (the bench's model rows,
+whose steps are long enough that the setting is lost in the noise). Rank 0 writes `--out`: per setting, the wall-clock
 throughput over the steps after warm-up (the definition the bench applies to the pipeline's
 step logs), and the best of them as `throughput_samples_per_s`.
 """
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=config.ModelConfig.name)
     p.add_argument("--steps-per-execution", type=int, default=1)
     p.add_argument("--order", choices=["default-first", "default-last"], default="default-first")
+    p.add_argument("--only-given", action="store_true",
+                   help="one fit, at --steps-per-execution only (the pipeline's setting: equal settings)")
     p.add_argument("--precision", choices=["float32", "mixed_float16", "mixed_bfloat16"], default="float32",
                    help="Keras's global dtype policy (the pipeline's train.precision)")
     p.add_argument("--jit-compile", action="store_true", help="model.compile(jit_compile=True): XLA")
@@ -115,7 +118,7 @@ def _fits(model, opt, x, y, a, callbacks) -> dict:
     runs = {}
     # At least four executions per fit, so that some remain after warm-up on short runs.
     spe = min(a.steps_per_execution, max(1, a.steps // 4))
-    settings = [1, spe] if spe > 1 else [1]
+    settings = [spe] if a.only_given else [1, spe] if spe > 1 else [1]
     for spe in (settings if a.order == "default-first" else settings[::-1]):
         # Recompiling keeps the weights and the optimizer; the fit traces its function anew.
         model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=opt,

@@ -24,6 +24,10 @@ def table(res: dict) -> str:
                  f"{_verdict(res['pipeline_vs_keras'])} |")
     lines.append(f"| pipeline / Horovod Keras loop ({max(st['ranks'])} ranks) | "
                  f"{_t(res['pipeline_vs_horovod_loop'], 3)} | {_verdict(res['pipeline_vs_horovod_loop'])} |")
+    if "pipeline_vs_itself" in res:
+        aa = res["pipeline_vs_itself"]
+        lines.append(f"| A/A: pipeline / the same pipeline run again ({aa['ranks']} ranks, {aa['model']}) | "
+                     f"{_t(aa, 3)} | the bench's own noise band |")
     if "efficiency_2_ranks" in res:
         lines.append(f"| weak-scaling efficiency, 2 ranks | {_t(res['efficiency_2_ranks'], 3)} | "
                      f"{_verdict(res['efficiency_2_ranks'])} |")
@@ -47,6 +51,8 @@ def table(res: dict) -> str:
             lines.append(f"| {m['model']} | {m['batch_per_rank']} | {ratios} | {_t(m['overhead_us_per_step'], 0)} |")
         lines.append(f"\nBaselines ran with steps_per_execution 1 and {st['steps_per_call']} (the pipeline's "
                      f"train.steps_per_call); each ratio is against the faster of the two in its repeat.")
+        lines += mfu_lines(res["models"], max(st["ranks"]))
+        lines += timeline_lines(res["models"])
     lines += ["", "| samples/s | median [min-max] |", "|---|---|"]
     for k, v in res["throughput"].items():
         lines.append(f"| {k} | {_t(v, 0)} |")
@@ -70,6 +76,40 @@ def table(res: dict) -> str:
                      f"{_t(r['reader_vs_raw_warm'], 2)}; reader / training consumption: "
                      f"{r['reader_vs_training']:.0f}x (details: {r['detail']})")
     return "\n".join(lines) + "\n"
+
+
+def mfu_lines(models: list[dict], n: int) -> list[str]:
+    """Per model row: each side's MFU (median samples/s x FLOPs per sample / peak)."""
+    rows = [m for m in models if m.get("mfu")]
+    if not rows:
+        return []
+    out = ["", f"| model | MFLOP/sample | pipeline 1 rank | plain Keras | pipeline {n} ranks | Horovod loop | peak |",
+           "|---|---|---|---|---|---|---|"]
+    for m in rows:
+        f = m["mfu"]
+        out.append(f"| {m['model']} | {f['model_flops_per_sample'] / 1e6:,.1f} | {f['pipeline_1']:.1%} | "
+                   f"{f['keras']:.1%} | {f['pipeline_n']:.1%} | {f['horovod_loop']:.1%} | {f['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s "
+                   f"({f['peak_device']}: {f['peak_source']}) |")
+    return out
+
+
+def timeline_lines(models: list[dict]) -> list[str]:
+    """Per model row: both sides' Horovod timelines of the last repeat, per step."""
+    rows = [m for m in models if m.get("timelines") and all(m["timelines"].values())]
+    if not rows:
+        return []
+
+    def cell(t: dict) -> str:
+        tail = t["exposed_tail_p50_s"]
+        return (f"{t['gradient_ops_per_step']:.1f} fused + {t['solo_ops_per_step']:.1f} alone, tail "
+                + (f"{tail * 1e3:.2f} ms" if tail is not None else "-"))
+
+    out = ["", "| model (last repeat's Horovod timelines, per step) | pipeline | Horovod loop |", "|---|---|---|"]
+    out += [f"| {m['model']} | {cell(m['timelines']['pipeline'])} | {cell(m['timelines']['horovod_loop'])} |"
+            for m in rows]
+    out.append("\n(fused: gradient allreduce calls; alone: collectives no gradient shares; tail: last gradient "
+               "ready on every rank -> reduced, median)")
+    return out
 
 
 def write(out: Path, res: dict, weak: dict, keras: list, hvdloop: list) -> None:

@@ -41,17 +41,31 @@ TARGETS = {"pipeline_vs_keras": 1.02, "pipeline_vs_horovod_loop": 1.05, "model_r
 
 @dataclass(frozen=True)
 class ModelRow:
-    """A model the bench compares beyond the default CNN, on a dataset of its input shape."""
+    """A model the bench compares beyond the default CNN, on a dataset of its input shape.
+    Its baselines run once, at the pipeline's steps_per_call (equal settings): with steps of
+    tens of milliseconds and more, Keras's host cost per execution is lost in the noise, and
+    a second fit would cost a second trace. Steps stay within one epoch on every side."""
     model: str
     shape: str | None       # synth --shape; None: the bench's default dataset
     batch: int              # per rank
-    steps: int              # per run (full bench); quick runs take a third
+    steps: int              # per run (full bench)
     samples: int            # training samples of its dataset
+    quick_steps: int = 0    # per run with --quick (0: a third of steps; None: left out of quick runs)
+    repeats: int = 3        # at most (--repeats lowers it)
+
+    def __post_init__(self):
+        if self.quick_steps == 0:
+            object.__setattr__(self, "quick_steps", max(1, self.steps // 3))
 
 
-# Steps sized so the full bench stays under 15 minutes on 2 cores.
-MODEL_ROWS = (ModelRow("resnet20", None, 64, 30, 0),
-              ModelRow("keras.applications.MobileNetV2", "96,96,3", 16, 20, 800))
+# Steps and repeats sized so the full bench stays under 20 minutes on 2 cores and BENCH=quick
+# under 6 (docs/bench.md): most of a model row's time is starting processes and tracing, so a
+# row has few repeats of many steps. ResNet50 (23.6 M parameters in 214 tensors, 94 MB of
+# gradients per step, up to 9.4 MB in one) is the large-tensor case, MobileNetV2 (2.2 M in
+# 158) the many-small-tensors one.
+MODEL_ROWS = (ModelRow("resnet20", None, 64, 60, 0),
+              ModelRow("keras.applications.MobileNetV2", "96,96,3", 16, 40, 1400),
+              ModelRow("keras.applications.ResNet50", "64,64,3", 8, 12, 400, quick_steps=None))
 # Settings the pipeline applies to training (pipeline/runtime/dist.py); the baselines get the same
 # MPI environment so the comparison is about the code, not the launcher's defaults.
 MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}
@@ -103,8 +117,9 @@ class Bench:
                    "--val-samples", "200" if shape else "1000", *(["--shape", shape] if shape else [])])
         return data
 
-    def pipeline_run(self, n: int, batch: int, rep: int, threads: int = 0, model: str = "cnn",
-                     data: Path | None = None, steps: int = 0) -> dict:
+    def pipeline_run(self, n: int, batch: int, rep: int | str, threads: int = 0, model: str = "cnn",
+                     data: Path | None = None, steps: int = 0, timeline: bool = False) -> dict:
+        """One training run; timeline: with a Horovod timeline (RUN/timeline*.json)."""
         t = threads or max(1, self.cores // n)
         steps = steps or self.steps
         tag = "" if model == "cnn" else f"{model.rsplit('.', 1)[-1].lower()}-"
@@ -114,7 +129,8 @@ class Bench:
                         "--set", f"data.dir={data or self.data}", "--set", f"train.batch_size={batch}",
                         "--set", f"model.name={model}",
                         "--set", f"train.max_steps={steps}", "--set", f"train.threads={t}",
-                        "--set", "checkpoint.every_steps=0", "--set", "log.progress_every_s=3600"], pe=t)
+                        "--set", "checkpoint.every_steps=0", "--set", "log.progress_every_s=3600",
+                        *(["--set", "log.timeline=true"] if timeline else [])], pe=t)
         return {"run_dir": str(run), "global_batch": batch * n,
                 **wall_throughput(run, n, warmup=measure.warmup_count(steps))}
 
@@ -124,9 +140,11 @@ class Bench:
         return measure.warmup_count(self.steps)
 
     def baseline(self, mode: str, n: int, rep: int, model: str = "cnn", data: Path | None = None, steps: int = 0,
-                 batch: int = 0) -> dict:
+                 batch: int = 0, timeline: bool = False, only_given: bool = False) -> dict:
         """Keras fit or the Horovod loop, with steps_per_execution 1 and the pipeline's
-        steps_per_call (pipeline/bench/baselines.py), which of them first alternating by repeat."""
+        steps_per_call (pipeline/bench/baselines.py), which of them first alternating by repeat.
+        timeline: the Horovod loop records a Horovod timeline (`timeline` in the result: its path);
+        only_given: one fit, at the pipeline's steps_per_call."""
         steps, batch = steps or self.steps, batch or self.batch
         tag = "" if model == "cnn" else f"{model.rsplit('.', 1)[-1].lower()}-"
         out = self.out / "baselines" / f"{mode}-{tag}n{n}-r{rep}.json"
@@ -135,12 +153,22 @@ class Bench:
                 "--model", model, "--batch-size", str(batch), "--steps", str(steps),
                 "--warmup", str(measure.warmup_count(steps)), "--threads", str(max(1, self.cores // n)),
                 "--steps-per-execution", str(self.steps_per_call),
-                "--order", "default-first" if rep % 2 == 0 else "default-last", "--out", str(out)]
-        if mode == "horovod":
-            self.mpirun(n, args)
-        else:
-            self._run(args)
-        return json.loads(out.read_text())
+                "--order", "default-first" if rep % 2 == 0 else "default-last", "--out", str(out),
+                *(["--only-given"] if only_given else [])]
+        saved = self.env
+        if timeline and mode == "horovod":
+            self.env = {**self.env, "HOROVOD_TIMELINE": str(out.with_suffix(".timeline.json"))}
+        try:
+            if mode == "horovod":
+                self.mpirun(n, args)
+            else:
+                self._run(args)
+        finally:
+            self.env = saved
+        res = json.loads(out.read_text())
+        if timeline and mode == "horovod":
+            res["timeline"] = str(out.with_suffix(".timeline.json"))
+        return res
 
     def allreduce(self, label: str, extra_env: dict, gloo: bool = False) -> dict:
         out = self.out / "allreduce" / f"{label}.json"
@@ -206,6 +234,7 @@ class TrainingRuns:
     narrow: dict    # ranks N -> 1-rank runs on the cores one of N ranks gets
     keras: list
     hvdloop: list
+    again: list = None  # the N-rank pipeline run once more, right after the Horovod loop: A/A
 
 
 def measure_training(b: Bench) -> TrainingRuns:
@@ -217,7 +246,7 @@ def measure_training(b: Bench) -> TrainingRuns:
     # One rank on the cores one of N ranks gets: splits efficiency into what threads give
     # a single rank and what running N ranks costs (communication, contention).
     runs = TrainingRuns({n: [] for n in ranks}, {n: [] for n in ranks},
-                        {n: [] for n in ranks if n > 1 and cores // n >= 1}, [], [])
+                        {n: [] for n in ranks if n > 1 and cores // n >= 1}, [], [], [])
 
     def pipeline(n: int, per_rank: int, rep: int, label: str, threads: int = 0) -> dict:
         r = b.pipeline_run(n, per_rank, rep, threads)
@@ -237,6 +266,8 @@ def measure_training(b: Bench) -> TrainingRuns:
             runs.weak[n].append(pipeline(n, batch, rep, f"pipeline {n} ranks, batch {batch}/rank"))
             if n == nmax:
                 runs.hvdloop.append(baseline("horovod", nmax, rep, f"Horovod Keras loop, {nmax} ranks"))
+                # A/A: the same run again where the loop's side stood, for the bench's own noise
+                runs.again.append(pipeline(n, batch, f"{rep}-again", f"pipeline {n} ranks again (A/A)"))
             if n in runs.narrow:
                 t = max(1, cores // n)
                 runs.narrow[n].append(pipeline(1, batch, rep, f"pipeline 1 rank on {t} core(s)", threads=t))
@@ -250,28 +281,63 @@ def measure_training(b: Bench) -> TrainingRuns:
 
 
 def model_figures(b: Bench) -> list[dict]:
-    """MODEL_ROWS: per model and repeat, the pipeline and each baseline back to back."""
+    """MODEL_ROWS: per model and repeat, the pipeline and each baseline back to back. In the
+    last repeat the N-rank pair records Horovod timelines (both sides alike), summarised in
+    the row's `timelines`."""
     nmax, rows = max(b.ranks), []
     for m in MODEL_ROWS:
+        if b.quick and m.quick_steps is None:
+            b.say(f"{m.model}: left out of quick runs")
+            continue
         data = b.make_data(m.shape, m.samples)
-        steps = m.steps // 3 if b.quick else m.steps
+        steps = m.quick_steps if b.quick else m.steps
+        repeats = min(b.repeats, m.repeats)
         p1, keras, pn, hvd = [], [], [], []
-        for rep in range(b.repeats):
-            b.say(f"{m.model}: repeat {rep + 1}/{b.repeats}")
+        for rep in range(repeats):
+            b.say(f"{m.model}: repeat {rep + 1}/{repeats}")
+            traced = nmax > 1 and rep == repeats - 1
             p1.append(b.pipeline_run(1, m.batch, rep, model=m.model, data=data, steps=steps))
-            keras.append(b.baseline("keras", 1, rep, m.model, data, steps, m.batch))
-            pn.append(b.pipeline_run(nmax, m.batch, rep, model=m.model, data=data, steps=steps))
-            hvd.append(b.baseline("horovod", nmax, rep, m.model, data, steps, m.batch))
+            keras.append(b.baseline("keras", 1, rep, m.model, data, steps, m.batch, only_given=True))
+            pn.append(b.pipeline_run(nmax, m.batch, rep, model=m.model, data=data, steps=steps, timeline=traced))
+            hvd.append(b.baseline("horovod", nmax, rep, m.model, data, steps, m.batch, timeline=traced,
+                                  only_given=True))
             b.say(f"  pipeline {_thr(p1)[-1]:,.0f} / Keras {_thr(keras)[-1]:,.0f}; pipeline {nmax} ranks "
                   f"{_thr(pn)[-1]:,.0f} / Horovod loop {_thr(hvd)[-1]:,.0f} samples/s")
-        rows.append(model_row(m.model, m.batch, p1, keras, pn, hvd))
+        row = model_row(m.model, m.batch, p1, keras, pn, hvd)
+        row["steps"], row["repeats"] = steps, repeats
+        if nmax > 1:
+            row["timelines"] = timeline_pair(pn[-1], hvd[-1], nmax)
+        rows.append(row)
     return rows
+
+
+def timeline_pair(pipeline_run: dict, loop: dict, n: int) -> dict:
+    """Both sides' Horovod timelines of one repeat, per step: fused gradient allreduces,
+    collectives of other tensors alone (the pipeline's stop flag, were it not fused), and the
+    exposed tail (last gradient ready on every rank -> reduced)."""
+    from pipeline.analysis import timeline
+
+    out = {}
+    for side, paths in (("pipeline", sorted(Path(pipeline_run["run_dir"]).glob("timeline*.json"))),
+                        ("horovod_loop", [Path(loop["timeline"])] if loop.get("timeline") else [])):
+        paths = [p for p in paths if p.exists()]
+        if not paths:
+            out[side] = None
+            continue
+        tl = timeline.analyze(paths, n)
+        steps = max(tl["steps"], 1)
+        out[side] = {"files": [str(p) for p in paths], "steps": tl["steps"],
+                     "gradient_ops_per_step": tl["gradient_ops"] / steps, "solo_ops_per_step": tl["solo_ops"] / steps,
+                     "exposed_tail_p50_s": tl["exposed_tail_p50_s"]}
+    return out
 
 
 def model_row(model: str, batch: int, p1: list, keras: list, pn: list, hvd: list) -> dict:
     """The two ratios for one model (medians of per-repeat ratios against the faster baseline
-    setting), and the pipeline's per-step overhead: its step time minus plain Keras's, in
-    microseconds (negative: the pipeline's step is shorter)."""
+    setting), the pipeline's per-step overhead (its step time minus plain Keras's, in
+    microseconds; negative: the pipeline's step is shorter), and each side's MFU: its median
+    samples/s x the model's FLOPs per sample over the peak of the cores it ran on, both from the
+    pipeline run's config.json (same model, same cores: the baselines get the same)."""
     target = TARGETS["pipeline_vs_keras"] if model == "cnn" else TARGETS["model_rows"]
     target_hvd = TARGETS["pipeline_vs_horovod_loop"] if model == "cnn" else TARGETS["model_rows"]
     return {"model": model, "batch_per_rank": batch,
@@ -280,7 +346,32 @@ def model_row(model: str, batch: int, p1: list, keras: list, pn: list, hvd: list
             "overhead_us_per_step": median_range([(batch / p - batch / k) * 1e6
                                                   for p, k in zip(_thr(p1), _thr(keras))]),
             "keras_best_steps_per_execution": [k.get("best_steps_per_execution", 1) for k in keras],
-            "horovod_best_steps_per_execution": [h.get("best_steps_per_execution", 1) for h in hvd]}
+            "horovod_best_steps_per_execution": [h.get("best_steps_per_execution", 1) for h in hvd],
+            # the steps_per_execution settings each baseline ran with
+            "baseline_settings": {"keras": sorted(keras[0]["runs"], key=int),
+                                  "horovod_loop": sorted(hvd[0]["runs"], key=int)},
+            "mfu": mfu_sides(p1, keras, pn, hvd)}
+
+
+def mfu_sides(p1: list, keras: list, pn: list, hvd: list) -> dict | None:
+    """MFU of each side of a model row (medians), with the peak it is measured against."""
+    cfg = _run_config(pn[-1]) or _run_config(p1[-1])
+    flops = cfg.get("model_flops_per_sample") if cfg else None
+    peaks = [c.get("peak_flops_per_s") for c in (_run_config(p1[-1]), _run_config(pn[-1]))]
+    if not flops or not all(peaks):
+        return None
+    sides = {"pipeline_1": (p1, peaks[0]), "keras": (keras, peaks[0]), "pipeline_n": (pn, peaks[1]),
+             "horovod_loop": (hvd, peaks[1])}
+    return {"model_flops_per_sample": flops, "flops_source": cfg.get("flops_source"),
+            "peak_flops_per_s": peaks[1], "peak_source": cfg.get("peak_source"), "peak_device": cfg.get("peak_device"),
+            **{k: statistics.median(_thr(rs)) * flops / peak for k, (rs, peak) in sides.items()}}
+
+
+def _run_config(r: dict) -> dict:
+    try:
+        return json.loads((Path(r["run_dir"]) / "config.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def step_log_cost(runs: TrainingRuns) -> dict:
@@ -311,6 +402,9 @@ def training_figures(b: Bench, runs: TrainingRuns) -> dict:
                                             TARGETS["pipeline_vs_keras"])
     res["pipeline_vs_horovod_loop"] = median_range([p / h for p, h in zip(_thr(weak[nmax]), _thr(runs.hvdloop))],
                                                    TARGETS["pipeline_vs_horovod_loop"])
+    if runs.again:
+        res["pipeline_vs_itself"] = {**median_range([a / b for a, b in zip(_thr(weak[nmax]), _thr(runs.again))]),
+                                     "ranks": nmax, "model": "cnn"}
     res["scaling"] = scaling_rows(weak)
     res["strong_scaling"] = scaling_rows(runs.strong) if all(runs.strong[n] for n in ranks) else []
     eff2 = next((r for r in res["scaling"] if r["ranks"] == 2), None)
@@ -378,7 +472,9 @@ def settings(b: Bench) -> dict:
         "batch_per_rank": b.batch, "strong_scaling_global_batch": b.batch * max(b.ranks), "model": "cnn",
         "steps_per_call": b.steps_per_call,
         "model_rows": [{"model": m.model, "shape": m.shape or "synth default", "batch_per_rank": m.batch,
-                        "steps": m.steps // 3 if b.quick else m.steps} for m in MODEL_ROWS],
+                        "steps": m.quick_steps if b.quick else m.steps, "repeats": min(b.repeats, m.repeats),
+                        "baselines": "one fit at steps_per_call"}
+                       for m in MODEL_ROWS if not (b.quick and m.quick_steps is None)],
         "threads_per_rank": {n: max(1, cores // n) for n in b.ranks}, "cores": cores,
         "binding": "mpirun --map-by slot:PE=cores/ranks --bind-to core", "mpi_env": MPI_ENV,
         "horovod_env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},

@@ -44,10 +44,22 @@ def test_bench_run_quick_writes_every_figure(tmp_path):
     for key in ("pipeline_vs_keras", "pipeline_vs_horovod_loop"):
         assert set(res[key]) >= {"value", "min", "max", "target"} and res[key]["value"] > 0
     assert [row["ranks"] for row in res["scaling"]] == [1, 2]
+    # ResNet50 is a full-run row only (its processes take half a minute each).
     assert [m["model"] for m in res["models"]] == ["cnn", "resnet20", "keras.applications.MobileNetV2"]
+    assert res["pipeline_vs_itself"]["value"] > 0 and res["pipeline_vs_itself"]["ranks"] == 2
     for m in res["models"]:
         assert m["pipeline_vs_keras"]["value"] > 0 and m["pipeline_vs_horovod_loop"]["value"] > 0
         assert set(m["overhead_us_per_step"]) >= {"value", "min", "max"}
+        # Each side's MFU against the same peak, from the pipeline run's model FLOPs.
+        assert m["mfu"]["peak_flops_per_s"] > 0 and m["mfu"]["model_flops_per_sample"] > 0
+        assert all(0 < m["mfu"][k] for k in ("pipeline_1", "keras", "pipeline_n", "horovod_loop"))
+    for m in res["models"][1:]:
+        # The last repeat's Horovod timelines of both sides, read per step.
+        sides = m["timelines"]
+        assert sides["pipeline"]["steps"] >= 1 and sides["horovod_loop"]["steps"] >= 1
+        assert sides["pipeline"]["gradient_ops_per_step"] >= 1 and sides["horovod_loop"]["gradient_ops_per_step"] >= 1
+        assert all(len(v) == 1 for v in m["baseline_settings"].values())  # one fit, at equal settings
+    assert all(len(v) == 2 for v in res["models"][0]["baseline_settings"].values())  # CNN: both
     assert 0 < res["step_log_cost"]["value"] < 1
     assert res["scaling"][1]["efficiency"] == pytest.approx(
         res["scaling"][1]["throughput_samples_per_s"] / (2 * res["scaling"][0]["throughput_samples_per_s"]))
@@ -56,6 +68,7 @@ def test_bench_run_quick_writes_every_figure(tmp_path):
     assert all(row["hvd_busbw_gbps"] > 0 and row["mpi_busbw_gbps"] > 0 for row in res["allreduce"])
     assert res["memcpy_gbps"] > 0 and "reader_vs_raw" in res and res["settings"]["steps"] == 30
     report = (out / "report.md").read_text()
+    assert "A/A" in report and "| model | MFLOP/sample |" in report and "Horovod timelines" in report
     for png in ("scaling.png", "allreduce.png", "step-times.png"):
         assert f"]({png})" in report and (out / png).read_bytes()[:4] == b"\x89PNG"
     # Every pipeline run in the bench is a run directory analyze reads.
