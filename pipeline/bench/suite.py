@@ -157,7 +157,10 @@ class Bench:
                 *(["--only-given"] if only_given else [])]
         saved = self.env
         if timeline and mode == "horovod":
-            self.env = {**self.env, "HOROVOD_TIMELINE": str(out.with_suffix(".timeline.json"))}
+            # As the pipeline records one (pipeline/runtime/dist.py): the response cache off,
+            # so that every negotiation has its ranks' ticks, and both sides pay for it alike.
+            self.env = {**self.env, "HOROVOD_TIMELINE": str(out.with_suffix(".timeline.json")),
+                        "HOROVOD_CACHE_CAPACITY": "0"}
         try:
             if mode == "horovod":
                 self.mpirun(n, args)
