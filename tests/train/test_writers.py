@@ -65,3 +65,25 @@ def test_rank_zero_writes_each_record(tmp_path):
     assert [json.loads(x)["step"] for x in run.metrics.read_text().splitlines()] == [5]
     assert config.load(run.config) == config.Config()  # config.json loads back, facts skipped
     assert not run.tensorboard.exists()  # log.tensorboard_every_steps: 0 is off
+
+
+def test_tensorboard_scalars_are_written_off_the_loop_thread_and_a_failure_is_raised_at_close(tmp_path):
+    import tensorflow as tf
+
+    board = writers.TensorBoardFile(tmp_path / "tb", every=2, global_batch=8)
+    board.on_steps([{"step": s, "loss": float(s), "lr": 0.1} for s in (1, 2, 3, 4)])
+    assert board.on_eval({"step": 4, "val_loss": 0.3, "val_accuracy": 0.9}) is False
+    board.close()
+    got = {}
+    for f in (tmp_path / "tb").glob("events.out.tfevents.*"):
+        for ev in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in ev.summary.value:
+                got[(v.tag, ev.step)] = float(tf.make_ndarray(v.tensor))
+    assert got[("train/loss", 2)] == 1.5 and got[("train/loss", 4)] == 3.5  # the mean since the last write
+    assert got[("eval/val_accuracy", 4)] == pytest.approx(0.9) and ("train/samples_per_s", 4) in got
+    # A directory that cannot be made: the loop is not stopped mid-run; close says what failed.
+    (tmp_path / "file").write_text("x")
+    board = writers.TensorBoardFile(tmp_path / "file" / "tb", every=1, global_batch=8)
+    board.on_steps([{"step": 1, "loss": 1.0, "lr": 0.1}])
+    with pytest.raises(tf.errors.OpError):
+        board.close()
