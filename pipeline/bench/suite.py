@@ -63,8 +63,8 @@ class ModelRow:
 # row has few repeats of many steps. ResNet50 (23.6 M parameters in 214 tensors, 94 MB of
 # gradients per step, up to 9.4 MB in one) is the large-tensor case, MobileNetV2 (2.2 M in
 # 158) the many-small-tensors one.
-MODEL_ROWS = (ModelRow("resnet20", None, 64, 60, 0),
-              ModelRow("keras.applications.MobileNetV2", "96,96,3", 16, 40, 1400),
+MODEL_ROWS = (ModelRow("resnet20", None, 64, 40, 0),
+              ModelRow("keras.applications.MobileNetV2", "96,96,3", 16, 30, 1400),
               ModelRow("keras.applications.ResNet50", "64,64,3", 8, 12, 400, quick_steps=None))
 # Settings the pipeline applies to training (pipeline/runtime/dist.py); the baselines get the same
 # MPI environment so the comparison is about the code, not the launcher's defaults.
