@@ -479,14 +479,17 @@ def _save(t: Trainer, s: LoopState, epoch: int, evaluated: dict, force: bool):
 
 
 # A call lasts about this long at most: the step log, the progress line and the watchdog hear
-# from a rank at least this often, however slow its steps.
-CALL_TARGET_S = 1.0
+# from a rank at least this often, however slow its steps. Every call costs the host a few
+# milliseconds between two steps (rank 0's more: the step log, the hooks, the dispatch), on
+# every rank at the next allreduce: at 1 s, 400 ms ResNet50 steps ran two per call and paid
+# 1.2% for it (docs/bench.md).
+CALL_TARGET_S = 3.0
 
 
 def steps_in_a_call(steps_per_call: int, recent_step_s: list) -> int:
     """train.steps_per_call, fewer where steps are slow (the median of the last call's steps):
-    a call stays under about CALL_TARGET_S. Steps of a second or more run one per call, where
-    the per-call cost (about 2 ms here) is nothing beside them."""
+    a call stays under about CALL_TARGET_S. Steps of more than half of it run one per call,
+    where the per-call cost (a few ms here) is nothing beside them."""
     if not recent_step_s:
         return steps_per_call
     typical = sorted(recent_step_s)[len(recent_step_s) // 2]
