@@ -11,6 +11,7 @@ not their sum. A file cut off mid-write (a killed run) is read up to its last wh
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -147,10 +148,9 @@ class _File:
                 if pid in self._grad_pids:
                     self._done[pid].append(ts)
             if name.startswith("NEGOTIATE_"):
-                arrived = self._ticks.get(pid, {})
-                if pid in self._grad_pids:
-                    self._ready[pid].append(max(arrived.values(), default=ts))
                 arrived = self._ticks.pop(pid, {})
+                if pid in self._grad_pids:  # ready on every rank (no ticks: the cache's end)
+                    self._ready[pid].append(max(arrived.values(), default=ts))
                 if len(arrived) == self.ranks and self.ranks > 1:
                     order = sorted(arrived.items(), key=lambda kv: kv[1])
                     (last, t_last), (_, t_prev) = order[-1], order[-2]
@@ -166,7 +166,12 @@ class _File:
         no gradient shares: each one a negotiation and a call of its own."""
         grad = _fused([t for p in self._grad_pids for t in self._op_starts.get(p, [])])
         other = _fused([t for p, ts in self._op_starts.items() if p not in self._grad_pids for t in ts])
-        return sum(1 for t in other if not grad or min(abs(t - g) for g in grad) > 100.0)
+
+        def shared(t: float) -> bool:
+            i = bisect.bisect_left(grad, t - 100.0)
+            return i < len(grad) and grad[i] <= t + 100.0
+
+        return sum(1 for t in other if not shared(t))
 
     def tails_s(self) -> list[float]:
         """Per step: from the moment the last gradient is ready on every rank to the end of
