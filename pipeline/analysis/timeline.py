@@ -157,14 +157,18 @@ class _File:
                     if 0 <= last < self.ranks:
                         self.late.append((last, t_prev, t_last))
 
+    def _gradient_op_starts(self) -> list[float]:
+        """The start of each fused call that carries gradients, in order."""
+        return _fused([t for p in self._grad_pids for t in self._op_starts.get(p, [])])
+
     def gradient_ops(self) -> int:
         """Fused operations: gradient tensors whose MPI/NCCL call started together are one."""
-        return len(_fused([t for p in self._grad_pids for t in self._op_starts.get(p, [])]))
+        return len(self._gradient_op_starts())
 
     def solo_ops(self) -> int:
         """Collectives of tensors that are not gradients (the stop flag, evaluation sums) that
         no gradient shares: each one a negotiation and a call of its own."""
-        grad = _fused([t for p in self._grad_pids for t in self._op_starts.get(p, [])])
+        grad = self._gradient_op_starts()
         other = _fused([t for p, ts in self._op_starts.items() if p not in self._grad_pids for t in ts])
 
         def shared(t: float) -> bool:

@@ -155,12 +155,11 @@ class Bench:
                 "--steps-per-execution", str(self.steps_per_call),
                 "--order", "default-first" if rep % 2 == 0 else "default-last", "--out", str(out),
                 *(["--only-given"] if only_given else [])]
-        saved = self.env
-        if timeline and mode == "horovod":
+        saved, traced = self.env, out.with_suffix(".timeline.json") if timeline and mode == "horovod" else None
+        if traced:
             # As the pipeline records one (pipeline/runtime/dist.py): the response cache off,
             # so that every negotiation has its ranks' ticks, and both sides pay for it alike.
-            self.env = {**self.env, "HOROVOD_TIMELINE": str(out.with_suffix(".timeline.json")),
-                        "HOROVOD_CACHE_CAPACITY": "0"}
+            self.env = {**self.env, "HOROVOD_TIMELINE": str(traced), "HOROVOD_CACHE_CAPACITY": "0"}
         try:
             if mode == "horovod":
                 self.mpirun(n, args)
@@ -169,8 +168,8 @@ class Bench:
         finally:
             self.env = saved
         res = json.loads(out.read_text())
-        if timeline and mode == "horovod":
-            res["timeline"] = str(out.with_suffix(".timeline.json"))
+        if traced:
+            res["timeline"] = str(traced)
         return res
 
     def allreduce(self, label: str, extra_env: dict, gloo: bool = False) -> dict:
@@ -237,7 +236,7 @@ class TrainingRuns:
     narrow: dict    # ranks N -> 1-rank runs on the cores one of N ranks gets
     keras: list
     hvdloop: list
-    again: list = None  # the N-rank pipeline run once more, right after the Horovod loop: A/A
+    again: list     # the N-rank pipeline run once more, right after the Horovod loop: A/A
 
 
 def measure_training(b: Bench) -> TrainingRuns:
@@ -364,9 +363,10 @@ def model_row(model: str, batch: int, p1: list, keras: list, pn: list, hvd: list
 
 def mfu_sides(p1: list, keras: list, pn: list, hvd: list) -> dict | None:
     """MFU of each side of a model row (medians), with the peak it is measured against."""
-    cfg = _run_config(pn[-1]) or _run_config(p1[-1])
-    flops = cfg.get("model_flops_per_sample") if cfg else None
-    peaks = [c.get("peak_flops_per_s") for c in (_run_config(p1[-1]), _run_config(pn[-1]))]
+    one, many = _run_config(p1[-1]), _run_config(pn[-1])
+    cfg = many or one
+    flops = cfg.get("model_flops_per_sample")
+    peaks = [one.get("peak_flops_per_s"), many.get("peak_flops_per_s")]
     if not flops or not all(peaks):
         return None
     sides = {"pipeline_1": (p1, peaks[0]), "keras": (keras, peaks[0]), "pipeline_n": (pn, peaks[1]),
