@@ -12,6 +12,7 @@ not their sum. A file cut off mid-write (a killed run) is read up to its last wh
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -86,7 +87,11 @@ OP_PHASES = ("MPI_ALLREDUCE", "NCCL_ALLREDUCE", "GLOO_ALLREDUCE")
 FUNCTION_ENDS = ("Distributed", "gradient_allreduce/", "HorovodAllreduce", "grads")
 
 
-def _fused(starts: list[float], within_us: float = 100.0) -> list[float]:
+# Tensors of one fused response start their MPI/NCCL call within this many microseconds.
+FUSED_WITHIN_US = 100.0
+
+
+def _fused(starts: list[float], within_us: float = FUSED_WITHIN_US) -> list[float]:
     """The start of each fused operation: tensors of one fused response start their
     MPI/NCCL call within microseconds of each other."""
     ops: list[float] = []
@@ -157,23 +162,25 @@ class _File:
                     if 0 <= last < self.ranks:
                         self.late.append((last, t_prev, t_last))
 
+    @functools.cached_property
     def _gradient_op_starts(self) -> list[float]:
-        """The start of each fused call that carries gradients, in order."""
+        """The start of each fused call that carries gradients, in order (the file is read
+        whole by __init__, so this is worked out once)."""
         return _fused([t for p in self._grad_pids for t in self._op_starts.get(p, [])])
 
     def gradient_ops(self) -> int:
         """Fused operations: gradient tensors whose MPI/NCCL call started together are one."""
-        return len(self._gradient_op_starts())
+        return len(self._gradient_op_starts)
 
     def solo_ops(self) -> int:
         """Collectives of tensors that are not gradients (the stop flag, evaluation sums) that
         no gradient shares: each one a negotiation and a call of its own."""
-        grad = self._gradient_op_starts()
+        grad = self._gradient_op_starts
         other = _fused([t for p, ts in self._op_starts.items() if p not in self._grad_pids for t in ts])
 
         def shared(t: float) -> bool:
-            i = bisect.bisect_left(grad, t - 100.0)
-            return i < len(grad) and grad[i] <= t + 100.0
+            i = bisect.bisect_left(grad, t - FUSED_WITHIN_US)
+            return i < len(grad) and grad[i] <= t + FUSED_WITHIN_US
 
         return sum(1 for t in other if not shared(t))
 
