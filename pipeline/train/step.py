@@ -44,6 +44,8 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
 
     @tf.function
     def train_step(xb, yb, stop):
+        graph = tf.compat.v1.get_default_graph()
+        first_op = len(graph.get_operations())
         if passes == 1 and not jit_compile:
             loss, tape, scaled = forward_backward(xb, yb)
             # Averaged over all ranks (ring-allreduce), each gradient's allreduce starting as
@@ -68,11 +70,19 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
             grads, _ = tf.clip_by_global_norm(grads, clip_global_norm)
         # Any rank's stop request reaches every rank in this same step (stops > 0).
         updated = opt.apply_gradients(zip(grads, variables))
-        # Both results wait for the update, so a clock read after them times the whole step.
-        with tf.control_dependencies([updated]):
+        # Both results wait for every effect of the step (each variable's update, BatchNorm's
+        # moving statistics, the iteration count: `updated` alone is only the last), so a
+        # clock read after them times the whole step, traced inline or called.
+        with tf.control_dependencies([updated, *stateful_ops(graph.get_operations()[first_op:])]):
             return tf.identity(loss), tf.identity(stops)
 
     return train_step
+
+
+def stateful_ops(ops) -> list:
+    """The ops among `ops` with effects beyond their outputs (variable assigns, optimizer
+    updates, collectives): what a step must have run before it counts as done."""
+    return [op for op in ops if op.op_def is not None and op.op_def.is_stateful]
 
 
 def now_us() -> int:
@@ -120,6 +130,10 @@ def compile_calls(train_step, stop_flag, batch_at, signature=(), clock=None):
     import tensorflow as tf
 
     clock = clock or tf.timestamp
+    # The step is traced into the loop's body rather than called as a function of its own:
+    # one graph for the executor, no function call per step (its results wait for all its
+    # effects either way; make_train_step).
+    step = getattr(train_step, "python_function", train_step)
 
     @tf.function(input_signature=[tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32), tuple(signature)])
     def run(first, n, inputs):
@@ -137,7 +151,7 @@ def compile_calls(train_step, stop_flag, batch_at, signature=(), clock=None):
             with tf.control_dependencies([xb, yb]):
                 t_ready = clock()
             with tf.control_dependencies([t_ready]):
-                loss, stops = train_step(xb, yb, stop_flag.read_value())
+                loss, stops = step(xb, yb, stop_flag.read_value())
             with tf.control_dependencies([loss, stops]):
                 t_end = clock()
             losses = losses.write(i, tf.cast(loss, tf.float32))

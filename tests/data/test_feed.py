@@ -109,6 +109,51 @@ def _batches(steps=12):
     return rng.normal(size=(steps, 8, 4)).astype(np.float32), rng.integers(0, 3, size=(steps, 8)).astype(np.int32)
 
 
+def _loop_body(concrete):
+    """The FunctionDef of the one while loop in a traced function: its nodes by name."""
+    loop = next(op for op in concrete.graph.get_operations() if op.type in ("While", "StatelessWhile"))
+    body = loop.get_attr("body").name
+    fdef = next(f for f in concrete.graph.as_graph_def().library.function if f.signature.name == body)
+    return {n.name: n for n in fdef.node_def}
+
+
+def _ancestors(nodes, name):
+    seen, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in seen and n in nodes:
+            seen.add(n)
+            todo += [i.lstrip("^").split(":")[0] for i in nodes[n].input]
+    return seen
+
+
+def test_the_clock_after_a_step_waits_for_every_update_it_makes():
+    """A step is traced into the loop of steps, and the clock read that ends it waits for
+    every variable's update (the optimizer's, with momentum, and BatchNorm's moving
+    statistics), not only for the iteration count the optimizer returns: else `done`
+    comes before the work it times."""
+    import tensorflow as tf
+
+    from pipeline.runtime.dist import Dist
+    from pipeline.train.step import compile_calls, make_train_step
+
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(5), tf.keras.layers.BatchNormalization(),
+                                 tf.keras.layers.Dense(3)])
+    opt = tf.keras.optimizers.SGD(0.1, momentum=0.9)
+    step = make_train_step(model, opt, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), Dist())
+    run = compile_calls(step, tf.Variable(0.0), lambda i, inp: (inp[0][i], inp[1][i]),
+                        (tf.TensorSpec((None, 8, 4), tf.float32), tf.TensorSpec((None, 8), tf.int32)))
+    nodes = _loop_body(run.get_concrete_function(
+        tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32),
+        (tf.TensorSpec((None, 8, 4), tf.float32), tf.TensorSpec((None, 8), tf.int32))))
+    updates = {n for n, d in nodes.items() if d.op.startswith(("Assign", "ResourceApply"))}
+    # 3 kernels and biases and BatchNorm's gamma and beta, each with its momentum; BatchNorm's
+    # 2 moving statistics; the iteration count
+    assert len(updates) >= 13
+    clocks = [n for n, d in nodes.items() if d.op == "Timestamp"]
+    assert any(updates <= _ancestors(nodes, c) for c in clocks)
+
+
 def test_a_call_of_several_steps_equals_the_same_steps_one_by_one():
     import tensorflow as tf
 
