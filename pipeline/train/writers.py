@@ -114,16 +114,31 @@ class TensorBoard(Hook):
         pass
 
 
+def scalar_event(step: int, scalars) -> object:
+    """One TensorBoard event holding (tag, value) scalars as `tf.summary.scalar` writes them."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorboard.plugins.scalar import metadata
+
+    meta = metadata.create_summary_metadata(display_name="", description="")
+    values = [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(), float_val=[float(value)]))
+        for tag, value in scalars]
+    return event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))
+
+
 class TensorBoardFile(TensorBoard):
     """Event files under RUN/tensorboard: loss, learning rate and global samples/s every `every`
     steps (averaged over them), validation loss and accuracy at each evaluation. The x axis is
     the global step.
 
-    The writes happen on a thread of their own: each `tf.summary` call is a few eager ops, and
-    rank 0 making them between two calls of steps held up the next call, and every rank with
-    it at the next allreduce (4.6 ms per call of 32 CNN steps, 2% of the call: docs/bench.md).
-    The records are reduced here, on the loop's thread, and handed over in order; `close`
-    writes what is left and closes the file; a write that failed is raised there."""
+    No TensorFlow op writes them: each `tf.summary` call is a few eager ops, which rank 0 ran
+    between two calls of steps (4.6 ms per call of 32 CNN steps, 2% of the call, held up every
+    rank at the next allreduce), and, moved to a thread, in the first step of the next call,
+    making it 3-4 ms slower (docs/bench.md). The events are the same protocol buffers
+    (`tf.summary.scalar`'s float32 tensor with the scalars plugin's metadata), made in Python
+    and written by TensorBoard's own event file writer, on a thread of their own: the records
+    are reduced here, on the loop's thread, and handed over in order; `close` writes what is
+    left and closes the file; a write that failed is raised there."""
 
     def __init__(self, log_dir: Path, every: int, global_batch: int):
         import queue
@@ -147,13 +162,11 @@ class TensorBoardFile(TensorBoard):
                 continue
             try:
                 step, scalars, flush = item
-                import tensorflow as tf  # at the first record, after the loop has set TensorFlow up
-
                 if w is None:  # the file opens at the first record
-                    w = tf.summary.create_file_writer(str(self.log_dir))
-                with w.as_default(step=step):
-                    for tag, value in scalars:
-                        tf.summary.scalar(tag, value)
+                    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+                    w = EventFileWriter(str(self.log_dir))
+                w.add_event(scalar_event(step, scalars))
                 if flush:
                     w.flush()
             except Exception as e:  # noqa: BLE001 - raised by close, on the loop's thread
