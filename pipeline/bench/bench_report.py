@@ -62,8 +62,8 @@ def table(res: dict) -> str:
                       "|---|---|---|---|---|"]
             lines += [f"| {r['ranks']} | {r['global_batch']} | {r['throughput_samples_per_s']:,.0f} | "
                       f"{r['speedup']:.2f} | {r['efficiency']:.3f} |" for r in res[name]]
-    lines += ["", f"| allreduce bytes | Horovod busbw GB/s | MPI busbw GB/s | ratio | Horovod defaults | "
-                  f"MPI defaults | ratio defaults | Gloo |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| allreduce bytes | Horovod busbw GB/s | MPI busbw GB/s | ratio | Horovod defaults | "
+                  "MPI defaults | ratio defaults | Gloo |", "|---|---|---|---|---|---|---|---|"]
     for r in res["allreduce"]:
         lines.append(f"| {r['bytes']:,} | {r['hvd_busbw_gbps']:.3f} | {r['mpi_busbw_gbps']:.3f} | {r['ratio']:.2f} | "
                      f"{r.get('hvd_default_busbw_gbps', float('nan')):.3f} | "
