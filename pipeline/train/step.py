@@ -69,11 +69,11 @@ def make_train_step(model, opt, loss_fn, dist, *, passes: int = 1, compression: 
         if clip_global_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_global_norm)
         # Any rank's stop request reaches every rank in this same step (stops > 0).
-        updated = opt.apply_gradients(zip(grads, variables))
+        opt.apply_gradients(zip(grads, variables))
         # Both results wait for every effect of the step (each variable's update, BatchNorm's
-        # moving statistics, the iteration count: `updated` alone is only the last), so a
+        # moving statistics, the iteration count, which is all apply_gradients returns), so a
         # clock read after them times the whole step, traced inline or called.
-        with tf.control_dependencies([updated, *stateful_ops(graph.get_operations()[first_op:])]):
+        with tf.control_dependencies(stateful_ops(graph.get_operations()[first_op:])):
             return tf.identity(loss), tf.identity(stops)
 
     return train_step

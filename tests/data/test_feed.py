@@ -141,11 +141,9 @@ def test_the_clock_after_a_step_waits_for_every_update_it_makes():
                                  tf.keras.layers.Dense(3)])
     opt = tf.keras.optimizers.SGD(0.1, momentum=0.9)
     step = make_train_step(model, opt, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), Dist())
-    run = compile_calls(step, tf.Variable(0.0), lambda i, inp: (inp[0][i], inp[1][i]),
-                        (tf.TensorSpec((None, 8, 4), tf.float32), tf.TensorSpec((None, 8), tf.int32)))
-    nodes = _loop_body(run.get_concrete_function(
-        tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32),
-        (tf.TensorSpec((None, 8, 4), tf.float32), tf.TensorSpec((None, 8), tf.int32))))
+    inputs = (tf.TensorSpec((None, 8, 4), tf.float32), tf.TensorSpec((None, 8), tf.int32))
+    run = compile_calls(step, tf.Variable(0.0), lambda i, inp: (inp[0][i], inp[1][i]), inputs)
+    nodes = _loop_body(run.get_concrete_function(tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32), inputs))
     updates = {n for n, d in nodes.items() if d.op.startswith(("Assign", "ResourceApply"))}
     # 3 kernels and biases and BatchNorm's gamma and beta, each with its momentum; BatchNorm's
     # 2 moving statistics; the iteration count
