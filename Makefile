@@ -34,9 +34,10 @@ $(DATA)/manifest.json: | env
 train: env data
 	mpirun -np $(NP) $(PIPELINE) train --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
-# The local benchmark (docs/bench.md): runs/bench/bench.json and report.md. BENCH=quick: short.
+# The local benchmark (docs/bench.md): runs/bench/bench.json and report.md. BENCH=quick: short;
+# BENCH=models: with the extra model rows (ResNet50).
 bench: env
-	$(PIPELINE) bench run --out runs/bench $(if $(filter quick,$(BENCH)),--quick) $(ARGS)
+	$(PIPELINE) bench run --out runs/bench $(if $(filter quick,$(BENCH)),--quick) $(if $(filter models,$(BENCH)),--models) $(ARGS)
 
 # The GPU proof (docs/gpu.md): runs/gpu-check/report.md; one line where there is no GPU.
 # No `env` first: on a GPU node image without the venv, the part that needs no TensorFlow runs.

@@ -52,6 +52,7 @@ class ModelRow:
     samples: int            # training samples of its dataset
     quick_steps: int = 0    # per run with --quick (0: a third of steps; None: left out of quick runs)
     repeats: int = 3        # at most (--repeats lowers it)
+    extra: bool = False     # only with --models (make bench BENCH=models)
 
     def __post_init__(self):
         if self.quick_steps == 0:
@@ -60,13 +61,25 @@ class ModelRow:
 
 # Steps and repeats sized so the full bench stays under 20 minutes on 2 cores and BENCH=quick
 # under 6 (docs/bench.md): most of a model row's time is starting processes and tracing, so a
-# row has few repeats of many steps. ResNet50 (23.6 M parameters in 214 tensors, 94 MB of
-# gradients per step, up to 9.4 MB in one) is the large-tensor case, MobileNetV2 (2.2 M in
-# 158) the many-small-tensors one. ResNet50's four processes take over two minutes a repeat,
-# nearly all of it start-up, tracing and the first steps: two repeats of 16 steps.
+# row has few repeats of many steps. MobileNetV2 (2.2 M parameters in 158 tensors) is the
+# many-small-tensors case. ResNet50 (23.6 M in 214 tensors, 94 MB of gradients per step, up to
+# 9.4 MB in one) is the large-tensor one; its four processes take about 2.6 minutes a repeat,
+# nearly all of it start-up, tracing and the first steps, which the 20 minutes cannot hold:
+# it runs with --models (make bench BENCH=models), 3 repeats of 16 steps.
 MODEL_ROWS = (ModelRow("resnet20", None, 64, 40, 0),
               ModelRow("keras.applications.MobileNetV2", "96,96,3", 16, 30, 1400),
-              ModelRow("keras.applications.ResNet50", "64,64,3", 8, 16, 400, quick_steps=None, repeats=2))
+              ModelRow("keras.applications.ResNet50", "64,64,3", 8, 16, 400, quick_steps=None, extra=True))
+
+
+def model_plan(quick: bool, models: bool, repeats: int) -> list[tuple[ModelRow, int, int]]:
+    """The model rows a bench runs, each with its steps and repeats: the extra rows only with
+    --models, rows without quick steps left out of quick runs; a row's repeats are its own at
+    most (and --repeats'), one in a quick run, which then shows the row's ratios without their
+    spread, to stay under 6 minutes."""
+    return [(m, m.quick_steps if quick else m.steps, 1 if quick else min(repeats, m.repeats))
+            for m in MODEL_ROWS if (models or not m.extra) and not (quick and m.quick_steps is None)]
+
+
 # Settings the pipeline applies to training (pipeline/runtime/dist.py); the baselines get the same
 # MPI environment so the comparison is about the code, not the launcher's defaults.
 MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}
@@ -76,6 +89,7 @@ class Bench:
     def __init__(self, out: Path, quick: bool, ranks: list[int], repeats: int, steps: int, batch: int,
                  log=sys.stdout):
         self.out, self.quick, self.ranks, self.repeats = out, quick, ranks, repeats
+        self.models = False  # --models: the extra model rows too
         self.steps, self.batch, self.log = steps, batch, log
         self.cores = os.cpu_count() or 1
         self.py = sys.executable
@@ -203,13 +217,14 @@ def wall_throughput(run: Path, n: int, warmup: int) -> dict:
 
 
 def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = None, repeats: int | None = None,
-        steps: int | None = None, batch: int = 64, log=sys.stdout) -> dict:
+        steps: int | None = None, batch: int = 64, log=sys.stdout, models: bool = False) -> dict:
     cores = os.cpu_count() or 1
     ranks = ranks or sorted({1, 2} | ({cores} if cores <= 8 else set()))
     ranks = sorted(set(ranks))
     if ranks[0] != 1:
         ranks = [1] + ranks  # efficiency is measured against one rank
     b = Bench(Path(out), quick, ranks, repeats or (2 if quick else 5), steps or (100 if quick else 300), batch, log)
+    b.models = models
     b.out.mkdir(parents=True, exist_ok=True)
     b.make_data()
     runs = measure_training(b)
@@ -288,13 +303,12 @@ def model_figures(b: Bench) -> list[dict]:
     last repeat the N-rank pair records Horovod timelines (both sides alike), summarised in
     the row's `timelines`."""
     nmax, rows = max(b.ranks), []
+    plan = model_plan(b.quick, b.models, b.repeats)
     for m in MODEL_ROWS:
-        if b.quick and m.quick_steps is None:
-            b.say(f"{m.model}: left out of quick runs")
-            continue
+        if m not in [p[0] for p in plan]:
+            b.say(f"{m.model}: left out ({'quick run' if b.quick and m.quick_steps is None else 'runs with --models'})")
+    for m, steps, repeats in plan:
         data = b.make_data(m.shape, m.samples)
-        steps = m.quick_steps if b.quick else m.steps
-        repeats = model_repeats(b, m)
         p1, keras, pn, hvd = [], [], [], []
         for rep in range(repeats):
             b.say(f"{m.model}: repeat {rep + 1}/{repeats}")
@@ -312,12 +326,6 @@ def model_figures(b: Bench) -> list[dict]:
             row["timelines"] = timeline_pair(pn[-1], hvd[-1], nmax)
         rows.append(row)
     return rows
-
-
-def model_repeats(b: Bench, m: ModelRow) -> int:
-    """A model row's repeats: its own at most (and --repeats'); one in a quick run, which
-    then shows the row's ratios without their spread, to stay under 6 minutes."""
-    return 1 if b.quick else min(b.repeats, m.repeats)
 
 
 def timeline_pair(pipeline_run: dict, loop: dict, n: int) -> dict:
@@ -481,10 +489,10 @@ def settings(b: Bench) -> dict:
         "warmup_rule": measure.WARMUP_RULE,
         "batch_per_rank": b.batch, "strong_scaling_global_batch": b.batch * max(b.ranks), "model": "cnn",
         "steps_per_call": b.steps_per_call,
+        "models_flag": b.models,
         "model_rows": [{"model": m.model, "shape": m.shape or "synth default", "batch_per_rank": m.batch,
-                        "steps": m.quick_steps if b.quick else m.steps, "repeats": model_repeats(b, m),
-                        "baselines": "one fit at steps_per_call"}
-                       for m in MODEL_ROWS if not (b.quick and m.quick_steps is None)],
+                        "steps": steps, "repeats": repeats, "baselines": "one fit at steps_per_call"}
+                       for m, steps, repeats in model_plan(b.quick, b.models, b.repeats)],
         "threads_per_rank": {n: max(1, cores // n) for n in b.ranks}, "cores": cores,
         "binding": "mpirun --map-by slot:PE=cores/ranks --bind-to core", "mpi_env": MPI_ENV,
         "horovod_env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
@@ -533,6 +541,8 @@ def allreduce_rows(tuned: dict, default: dict, gloo: dict | None) -> list[dict]:
 def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--quick", action="store_true", help="one repeat, fewer steps (make bench BENCH=quick)")
+    p.add_argument("--models", action="store_true",
+                   help="the extra model rows too: ResNet50 (make bench BENCH=models; about 8 minutes more)")
     p.add_argument("--ranks", help="rank counts, e.g. 1,2,4 (default: 1, 2 and the core count up to 8)")
     p.add_argument("--repeats", type=int, help="default 5 (quick: 2)")
     p.add_argument("--steps", type=int, help="steps per run (default 300; quick: 100)")
@@ -542,5 +552,5 @@ def add_arguments(p) -> None:
 
 def cli(a) -> int:
     ranks = [int(x) for x in a.ranks.split(",")] if a.ranks else None
-    run(a.out, quick=a.quick, ranks=ranks, repeats=a.repeats, steps=a.steps, batch=a.batch_size)
+    run(a.out, quick=a.quick, ranks=ranks, repeats=a.repeats, steps=a.steps, batch=a.batch_size, models=a.models)
     return 0

@@ -96,3 +96,21 @@ def test_bench_knobs_runs_each_knob_fresh_against_the_default(tmp_path, monkeypa
     lines = (tmp_path / "k/runs/00-r0/steps/rank-0.jsonl").read_text().splitlines()
     assert len(lines) == 1 + 156
     assert "| fp16 |" in out.getvalue()
+
+
+def test_bench_model_plan_keeps_resnet50_for_models_runs():
+    from pipeline.bench import suite
+
+    def names(plan):
+        return [m.model.rsplit(".", 1)[-1] for m, _, _ in plan]
+
+    full = suite.model_plan(quick=False, models=False, repeats=5)
+    assert names(full) == ["resnet20", "MobileNetV2"]
+    assert [(steps, repeats) for _, steps, repeats in full] == [(40, 3), (30, 3)]
+    # BENCH=models: the large-tensor row too, at its own steps and 3 repeats (--repeats lowers them)
+    many = suite.model_plan(quick=False, models=True, repeats=5)
+    assert names(many) == ["resnet20", "MobileNetV2", "ResNet50"] and many[-1][1:] == (16, 3)
+    assert [r for _, _, r in suite.model_plan(quick=False, models=True, repeats=2)] == [2, 2, 2]
+    # quick: one short repeat per row, and ResNet50 (no quick steps) never
+    quick = suite.model_plan(quick=True, models=True, repeats=2)
+    assert names(quick) == ["resnet20", "MobileNetV2"] and [(s, r) for _, s, r in quick] == [(13, 1), (10, 1)]
