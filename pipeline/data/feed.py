@@ -121,9 +121,16 @@ class MemoryFeed:
         return first, min(n, self.steps_per_epoch - first), ()
 
     def batch_at(self, i, inputs):
+        import tensorflow as tf
+
         b = self.batch_size
         idx = self.order[i * b:(i + 1) * b]
-        return self.x.gather(idx), self.y.gather(idx)
+        # Every batch is whole (an epoch's steps drop the remainder), so its shape is static:
+        # the step then traces as for a fixed batch, without the shape arithmetic a batch of
+        # unknown size adds to the gradients (BroadcastGradientArgs, Sum and Reshape per
+        # broadcasting op), as Keras's `fit` traces when its batches divide the data.
+        return (tf.ensure_shape(self.x.gather(idx), [b, *self.x.shape]),
+                tf.ensure_shape(self.y.gather(idx), [b, *self.y.shape]))
 
     def close(self) -> None:
         pass

@@ -248,3 +248,32 @@ def test_where_a_share_is_held():
     device, why = feed.placement(3000 << 20, 2048, gpu=True)
     assert device == "/CPU:0" and "data.device_cache_mb=2048" in why
     assert feed.placement(1, 0, gpu=True)[0] == "/CPU:0"  # 0: always host memory
+
+
+@pytest.mark.parametrize("layouts", [None, ("words", "widened")])
+def test_traced_batches_have_the_static_shape_of_a_whole_batch(small_dataset, layouts):
+    """The step traces for a batch of known size (no shape arithmetic in its gradients), from
+    the share in memory in each held form, and from the reader's stacks."""
+    import tensorflow as tf
+
+    m, plan, blocks = _share(small_dataset, rank=0, size=1)
+    x, y = reader.read_share(m, "train", plan)
+    mem = feed.MemoryFeed(reader.MemorySource(x, y), blocks, plan, 32, 3, 1000, shuffle=True, layouts=layouts)
+    first, n, inputs = mem.prepare(0, 4)
+    shapes = []
+
+    @tf.function(input_signature=[tf.TensorSpec((), tf.int32)])
+    def batch(i):
+        xb, yb = mem.batch_at(i, inputs)
+        shapes.append((xb.shape.as_list(), yb.shape.as_list()))
+        return xb, yb
+
+    xb, yb = batch(tf.constant(first + 1))
+    assert shapes == [([32, *x.shape[1:]], [32])]
+    assert np.array_equal(xb.numpy(), _fed_batches(mem, 0, 2, per_call=2)[1][0])
+    streamed = reader.ShardSource(m, "train")
+    try:
+        spec = feed.StreamFeed(reader.train_dataset(streamed, blocks, plan, 32, 3, 0, 8, 1000)).signature
+    finally:
+        streamed.close()
+    assert [s.shape.as_list()[1:] for s in spec] == [[32, *x.shape[1:]], [32]]
