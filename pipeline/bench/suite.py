@@ -87,9 +87,9 @@ MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 class Bench:
     def __init__(self, out: Path, quick: bool, ranks: list[int], repeats: int, steps: int, batch: int,
-                 log=sys.stdout):
+                 log=sys.stdout, models: bool = False):
         self.out, self.quick, self.ranks, self.repeats = out, quick, ranks, repeats
-        self.models = False  # --models: the extra model rows too
+        self.models = models  # --models: the extra model rows too
         self.steps, self.batch, self.log = steps, batch, log
         self.cores = os.cpu_count() or 1
         self.py = sys.executable
@@ -223,8 +223,8 @@ def run(out: str = "runs/bench", quick: bool = False, ranks: list[int] | None = 
     ranks = sorted(set(ranks))
     if ranks[0] != 1:
         ranks = [1] + ranks  # efficiency is measured against one rank
-    b = Bench(Path(out), quick, ranks, repeats or (2 if quick else 5), steps or (100 if quick else 300), batch, log)
-    b.models = models
+    b = Bench(Path(out), quick, ranks, repeats or (2 if quick else 5), steps or (100 if quick else 300), batch, log,
+              models)
     b.out.mkdir(parents=True, exist_ok=True)
     b.make_data()
     runs = measure_training(b)
@@ -304,8 +304,9 @@ def model_figures(b: Bench) -> list[dict]:
     the row's `timelines`."""
     nmax, rows = max(b.ranks), []
     plan = model_plan(b.quick, b.models, b.repeats)
+    planned = {m.model for m, _, _ in plan}
     for m in MODEL_ROWS:
-        if m not in [p[0] for p in plan]:
+        if m.model not in planned:
             b.say(f"{m.model}: left out ({'quick run' if b.quick and m.quick_steps is None else 'runs with --models'})")
     for m, steps, repeats in plan:
         data = b.make_data(m.shape, m.samples)
