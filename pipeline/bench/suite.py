@@ -299,9 +299,9 @@ def measure_training(b: Bench) -> TrainingRuns:
 
 
 def model_figures(b: Bench) -> list[dict]:
-    """MODEL_ROWS: per model and repeat, the pipeline and each baseline back to back. In the
-    last repeat the N-rank pair records Horovod timelines (both sides alike), summarised in
-    the row's `timelines`."""
+    """MODEL_ROWS: per model and repeat, the pipeline and each baseline back to back, which of
+    them first alternating by repeat (paired). In the last repeat the N-rank pair records
+    Horovod timelines (both sides alike), summarised in the row's `timelines`."""
     nmax, rows = max(b.ranks), []
     plan = model_plan(b.quick, b.models, b.repeats)
     planned = {m.model for m, _, _ in plan}
@@ -314,11 +314,15 @@ def model_figures(b: Bench) -> list[dict]:
         for rep in range(repeats):
             b.say(f"{m.model}: repeat {rep + 1}/{repeats}")
             traced = nmax > 1 and rep == repeats - 1
-            p1.append(b.pipeline_run(1, m.batch, rep, model=m.model, data=data, steps=steps))
-            keras.append(b.baseline("keras", 1, rep, m.model, data, steps, m.batch, only_given=True))
-            pn.append(b.pipeline_run(nmax, m.batch, rep, model=m.model, data=data, steps=steps, timeline=traced))
-            hvd.append(b.baseline("horovod", nmax, rep, m.model, data, steps, m.batch, timeline=traced,
-                                  only_given=True))
+            one = ((lambda: b.pipeline_run(1, m.batch, rep, model=m.model, data=data, steps=steps), p1),
+                   (lambda: b.baseline("keras", 1, rep, m.model, data, steps, m.batch, only_given=True), keras))
+            many = ((lambda: b.pipeline_run(nmax, m.batch, rep, model=m.model, data=data, steps=steps,
+                                            timeline=traced), pn),
+                    (lambda: b.baseline("horovod", nmax, rep, m.model, data, steps, m.batch, timeline=traced,
+                                        only_given=True), hvd))
+            for pipeline_side, baseline_side in (one, many):
+                for side, results in paired(rep, pipeline_side, baseline_side):
+                    results.append(side())
             b.say(f"  pipeline {_thr(p1)[-1]:,.0f} / Keras {_thr(keras)[-1]:,.0f}; pipeline {nmax} ranks "
                   f"{_thr(pn)[-1]:,.0f} / Horovod loop {_thr(hvd)[-1]:,.0f} samples/s")
         row = model_row(m.model, m.batch, p1, keras, pn, hvd)
@@ -327,6 +331,15 @@ def model_figures(b: Bench) -> list[dict]:
             row["timelines"] = timeline_pair(pn[-1], hvd[-1], nmax)
         rows.append(row)
     return rows
+
+
+def paired(rep: int, pipeline_side, baseline_side) -> tuple:
+    """A ratio's two sides in the order repeat `rep` runs them: the pipeline first in even
+    repeats, the baseline first in odd ones, so a machine that speeds up or slows down over a
+    pair (the page cache, another tenant, clock drift) does not favour the side that always ran
+    second. Model rows have 3 repeats, where one fixed order could put every repeat's ratio
+    on the same side of 1."""
+    return (pipeline_side, baseline_side) if rep % 2 == 0 else (baseline_side, pipeline_side)
 
 
 def timeline_pair(pipeline_run: dict, loop: dict, n: int) -> dict:

@@ -114,3 +114,14 @@ def test_bench_model_plan_keeps_resnet50_for_models_runs():
     # quick: one short repeat per row, and ResNet50 (no quick steps) never
     quick = suite.model_plan(quick=True, models=True, repeats=2)
     assert names(quick) == ["resnet20", "MobileNetV2"] and [(s, r) for _, s, r in quick] == [(13, 1), (10, 1)]
+
+
+def test_bench_model_rows_alternate_which_side_runs_first():
+    from pipeline.bench import suite
+
+    calls = []
+    for rep in range(3):
+        for side, results in suite.paired(rep, (lambda: "pipeline", []), (lambda: "baseline", [])):
+            calls.append(side())
+    # even repeats the pipeline first, odd ones the baseline: no side always runs second
+    assert calls == ["pipeline", "baseline", "baseline", "pipeline", "pipeline", "baseline"]
