@@ -314,15 +314,16 @@ def model_figures(b: Bench) -> list[dict]:
         for rep in range(repeats):
             b.say(f"{m.model}: repeat {rep + 1}/{repeats}")
             traced = nmax > 1 and rep == repeats - 1
-            one = ((lambda: b.pipeline_run(1, m.batch, rep, model=m.model, data=data, steps=steps), p1),
-                   (lambda: b.baseline("keras", 1, rep, m.model, data, steps, m.batch, only_given=True), keras))
-            many = ((lambda: b.pipeline_run(nmax, m.batch, rep, model=m.model, data=data, steps=steps,
-                                            timeline=traced), pn),
-                    (lambda: b.baseline("horovod", nmax, rep, m.model, data, steps, m.batch, timeline=traced,
-                                        only_given=True), hvd))
-            for pipeline_side, baseline_side in (one, many):
-                for side, results in paired(rep, pipeline_side, baseline_side):
-                    results.append(side())
+            r, k = paired(rep, lambda: b.pipeline_run(1, m.batch, rep, model=m.model, data=data, steps=steps),
+                          lambda: b.baseline("keras", 1, rep, m.model, data, steps, m.batch, only_given=True))
+            p1.append(r)
+            keras.append(k)
+            r, h = paired(rep, lambda: b.pipeline_run(nmax, m.batch, rep, model=m.model, data=data, steps=steps,
+                                                      timeline=traced),
+                          lambda: b.baseline("horovod", nmax, rep, m.model, data, steps, m.batch, timeline=traced,
+                                             only_given=True))
+            pn.append(r)
+            hvd.append(h)
             b.say(f"  pipeline {_thr(p1)[-1]:,.0f} / Keras {_thr(keras)[-1]:,.0f}; pipeline {nmax} ranks "
                   f"{_thr(pn)[-1]:,.0f} / Horovod loop {_thr(hvd)[-1]:,.0f} samples/s")
         row = model_row(m.model, m.batch, p1, keras, pn, hvd)
@@ -334,12 +335,16 @@ def model_figures(b: Bench) -> list[dict]:
 
 
 def paired(rep: int, pipeline_side, baseline_side) -> tuple:
-    """A ratio's two sides in the order repeat `rep` runs them: the pipeline first in even
-    repeats, the baseline first in odd ones, so a machine that speeds up or slows down over a
-    pair (the page cache, another tenant, clock drift) does not favour the side that always ran
-    second. Model rows have 3 repeats, where one fixed order could put every repeat's ratio
-    on the same side of 1."""
-    return (pipeline_side, baseline_side) if rep % 2 == 0 else (baseline_side, pipeline_side)
+    """Runs a ratio's two sides (callables) and returns (pipeline result, baseline result):
+    the pipeline first in even repeats, the baseline first in odd ones, so a machine that
+    speeds up or slows down over a pair (the page cache, another tenant, clock drift) does not
+    favour the side that always ran second. Model rows have 3 repeats, where one fixed order
+    could put every repeat's ratio on the same side of 1."""
+    if rep % 2 == 0:
+        first = pipeline_side()
+        return first, baseline_side()
+    first = baseline_side()
+    return pipeline_side(), first
 
 
 def timeline_pair(pipeline_run: dict, loop: dict, n: int) -> dict:

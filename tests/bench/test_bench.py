@@ -120,8 +120,12 @@ def test_bench_model_rows_alternate_which_side_runs_first():
     from pipeline.bench import suite
 
     calls = []
+
+    def side(name):
+        return lambda: calls.append(name) or name
+
     for rep in range(3):
-        for side, results in suite.paired(rep, (lambda: "pipeline", []), (lambda: "baseline", [])):
-            calls.append(side())
+        # results come back as (pipeline, baseline) whichever ran first
+        assert suite.paired(rep, side("pipeline"), side("baseline")) == ("pipeline", "baseline")
     # even repeats the pipeline first, odd ones the baseline: no side always runs second
     assert calls == ["pipeline", "baseline", "baseline", "pipeline", "pipeline", "baseline"]
