@@ -257,7 +257,7 @@ class TrainingRuns:
 
 def measure_training(b: Bench) -> TrainingRuns:
     """The training runs, interleaved repeat by repeat; each ratio's two sides run back to back,
-    so they see the same machine."""
+    so they see the same machine, which of them first alternating by repeat (paired)."""
     ranks, batch, cores = b.ranks, b.batch, b.cores
     nmax = max(ranks)
     strong_batch = batch * nmax  # fixed global batch for strong scaling
@@ -278,14 +278,21 @@ def measure_training(b: Bench) -> TrainingRuns:
 
     for rep in range(b.repeats):
         b.say(f"repeat {rep + 1}/{b.repeats}")
-        runs.weak[1].append(pipeline(1, batch, rep, f"pipeline 1 rank, batch {batch}"))
-        runs.keras.append(baseline("keras", 1, rep, "plain Keras model.fit, 1 process"))
+        # each ratio's two sides in the order paired gives: neither always runs second
+        p, k = paired(rep, lambda: pipeline(1, batch, rep, f"pipeline 1 rank, batch {batch}"),
+                      lambda: baseline("keras", 1, rep, "plain Keras model.fit, 1 process"))
+        runs.weak[1].append(p)
+        runs.keras.append(k)
         for n in ranks[1:]:
-            runs.weak[n].append(pipeline(n, batch, rep, f"pipeline {n} ranks, batch {batch}/rank"))
             if n == nmax:
-                runs.hvdloop.append(baseline("horovod", nmax, rep, f"Horovod Keras loop, {nmax} ranks"))
+                p, h = paired(rep, lambda: pipeline(n, batch, rep, f"pipeline {n} ranks, batch {batch}/rank"),
+                              lambda: baseline("horovod", nmax, rep, f"Horovod Keras loop, {nmax} ranks"))
+                runs.weak[n].append(p)
+                runs.hvdloop.append(h)
                 # A/A: the same run again where the loop's side stood, for the bench's own noise
                 runs.again.append(pipeline(n, batch, f"{rep}-again", f"pipeline {n} ranks again (A/A)"))
+            else:
+                runs.weak[n].append(pipeline(n, batch, rep, f"pipeline {n} ranks, batch {batch}/rank"))
             if n in runs.narrow:
                 t = max(1, cores // n)
                 runs.narrow[n].append(pipeline(1, batch, rep, f"pipeline 1 rank on {t} core(s)", threads=t))
@@ -338,7 +345,7 @@ def paired(rep: int, pipeline_side, baseline_side) -> tuple:
     """Runs a ratio's two sides (callables) and returns (pipeline result, baseline result):
     the pipeline first in even repeats, the baseline first in odd ones, so a machine that
     speeds up or slows down over a pair (the page cache, another tenant, clock drift) does not
-    favour the side that always ran second. Model rows have 3 repeats, where one fixed order
+    favour the side that always ran second. The model rows have 3 repeats, where one fixed order
     could put every repeat's ratio on the same side of 1."""
     if rep % 2 == 0:
         first = pipeline_side()

@@ -129,3 +129,35 @@ def test_bench_model_rows_alternate_which_side_runs_first():
         assert suite.paired(rep, side("pipeline"), side("baseline")) == ("pipeline", "baseline")
     # even repeats the pipeline first, odd ones the baseline: no side always runs second
     assert calls == ["pipeline", "baseline", "baseline", "pipeline", "pipeline", "baseline"]
+
+
+def test_bench_cnn_pairs_alternate_which_side_runs_first():
+    """The CNN's pipeline / Keras and pipeline / Horovod loop pairs follow paired's order too;
+    the runs themselves are stubbed (the order is what is checked, not a speed)."""
+    from pipeline.bench import suite
+
+    calls = []
+
+    class StubBench:
+        ranks, batch, cores, repeats = [1, 2], 64, 2, 2
+
+        def say(self, msg):
+            pass
+
+        def pipeline_run(self, n, batch, rep, threads=0):
+            # the batch tells the strong-scaling run (batch 128) from the pair's (64)
+            calls.append(f"p{n}b{batch}" + ("" if threads == 0 else "t") + ("-again" if "again" in str(rep) else ""))
+            return {"throughput_samples_per_s": 1.0}
+
+        def baseline(self, mode, n, rep):
+            calls.append(mode)
+            return {"throughput_samples_per_s": 1.0}
+
+    runs = suite.measure_training(StubBench())
+    sides = ({"p1b64", "keras"}, {"p2b64", "horovod"})
+    pairs = [(c, calls[i + 1]) for i, c in enumerate(calls[:-1]) if {c, calls[i + 1]} in sides]
+    assert pairs == [("p1b64", "keras"), ("p2b64", "horovod"), ("keras", "p1b64"), ("horovod", "p2b64")]
+    # the A/A run stands right after each repeat's 2-rank pair
+    again = [i for i, c in enumerate(calls) if c.endswith("-again")]
+    assert len(again) == 2 and all(set(calls[i - 2:i]) == {"p2b64", "horovod"} for i in again)
+    assert len(runs.weak[2]) == len(runs.hvdloop) == len(runs.again) == 2
