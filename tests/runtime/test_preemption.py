@@ -32,6 +32,7 @@ def common(data, run, *extra):
 
 
 @pytest.mark.mpi
+@pytest.mark.stack2
 def test_sigterm_then_resume_is_bitwise_identical(tmp_path, small_dataset):
     """With LAMB (its own optimizer slots, weight decay) and gradient clipping: what a resume
     must restore exactly beyond the weights."""
@@ -71,6 +72,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, small_dataset):
 
 
 @pytest.mark.mpi
+@pytest.mark.stack2
 def test_sigusr1_to_rank_1_stops_both_ranks_at_the_same_step(tmp_path, small_dataset):
     run = tmp_path / "run"
     proc = start(2, *common(small_dataset, run, "--set", "checkpoint.every_steps=1000"))
@@ -96,6 +98,7 @@ def test_sigusr1_to_rank_1_stops_both_ranks_at_the_same_step(tmp_path, small_dat
 
 
 @pytest.mark.mpi
+@pytest.mark.stack2
 def test_sigkill_of_one_rank_ends_the_job_and_resume_works(tmp_path, small_dataset):
     run = tmp_path / "run"
     args = common(small_dataset, run, "--set", "checkpoint.every_steps=20", "--set", "train.max_steps=200")

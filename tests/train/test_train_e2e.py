@@ -5,12 +5,15 @@ import json
 import pytest
 from conftest import ROOT, mpirun, pipeline, read_jsonl, read_steps
 
+from pipeline import stack
+
 
 def summaries(run):
     return [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank-*.json"))]
 
 
 @pytest.mark.mpi
+@pytest.mark.stack2
 def test_two_ranks_train_resume_and_agree(tmp_path, small_dataset):
     run = tmp_path / "run"
     common = ["train", "--config", ROOT / "configs" / "default.yaml", "--run-dir", run,
@@ -23,7 +26,10 @@ def test_two_ranks_train_resume_and_agree(tmp_path, small_dataset):
     assert first.stdout.count("pipeline: 2 rank(s)") == 1, "only rank 0 prints progress"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["ranks"] == 2 and cfg["steps_per_epoch"] == 125 and cfg["train"]["batch_size"] == 32
-    assert cfg["versions"]["horovod"] == "0.28.1" and cfg["versions"]["tensorflow"] == "2.15.1"
+    # the stack this venv runs (make env TF=..., docs/setup.md), with Keras 2 as tf.keras
+    assert cfg["versions"]["horovod"] == "0.28.1" and cfg["versions"]["tensorflow"] == stack.tf_version_of({})
+    assert cfg["versions"]["keras"].startswith("2.")
+    assert cfg["versions"]["tf_stack"] == stack.record_of().get("stack", {}).get("request", "-")
 
     second = mpirun(2, *common)
     assert second.returncode == 0, second.stdout + second.stderr
