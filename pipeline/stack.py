@@ -25,6 +25,10 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 LEGACY = "TF_USE_LEGACY_KERAS"
+# Set beside LEGACY when prepare() set it, so that a child process of another stack (a 2.17
+# process starting a 2.15 one, as make test-stack2 does) tells the inherited value from a
+# user's own and drops it: TensorFlow 2.15 with TF_USE_LEGACY_KERAS=1 finds no Keras at all.
+SET_BY_PIPELINE = "PIPELINE_SET_TF_USE_LEGACY_KERAS"
 # The distributions that provide the `tensorflow` module, in the order they are looked for.
 TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "intel-tensorflow", "tf-nightly")
 RECORD = "pipeline-env.json"  # written by scripts/setup-env.sh into the venv
@@ -75,18 +79,25 @@ def tf_version_of(record: dict, metadata_version=installed_version) -> str | Non
 
 
 def legacy_setting(tf_version: str | None, environ) -> str | None:
-    """The TF_USE_LEGACY_KERAS value to set: '1' for TensorFlow >= 2.16 unless the user set one."""
-    if LEGACY in environ or not needs_legacy_keras(tf_version):
+    """What to do with TF_USE_LEGACY_KERAS: '1' to set it (TensorFlow >= 2.16), '' to remove one
+    an earlier pipeline process of another stack set, None to leave it (already right, or the
+    user's own setting, which wins and is checked once TensorFlow is imported)."""
+    current = environ.get(LEGACY)
+    if current is not None and environ.get(SET_BY_PIPELINE) != current:
         return None
-    return "1"
+    want = "1" if needs_legacy_keras(tf_version) else ""
+    return None if want == (current or "") else want
 
 
 def prepare(environ=os.environ) -> None:
     """Before TensorFlow is imported: Keras 2 on stacks >= 2.16, and TensorFlow's import quiet."""
     if "tensorflow" not in sys.modules:
         value = legacy_setting(tf_version_of(record_of()), environ)
-        if value is not None:
-            environ[LEGACY] = value
+        if value:
+            environ[LEGACY] = environ[SET_BY_PIPELINE] = value
+        elif value == "":
+            environ.pop(LEGACY, None)
+            environ.pop(SET_BY_PIPELINE, None)
         if not any(isinstance(f, _QuietImport) for f in sys.meta_path):
             sys.meta_path.insert(0, _QuietImport())
 
@@ -145,6 +156,14 @@ class _QuietLoader(importlib.abc.Loader):
                 if rest:
                     sys.stderr.write(rest)
                     sys.stderr.flush()
+
+
+def request_of(record: dict) -> str:
+    """The stack `make env TF=...` installed ('-' outside a venv it made; records from before
+    the stacks were all 2.15)."""
+    if not record:
+        return "-"
+    return (record.get("stack") or {}).get("request") or "2.15"
 
 
 def loaded_keras_version(tf) -> str | None:

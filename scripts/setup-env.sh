@@ -224,7 +224,11 @@ if [ -x "$VENV/bin/python" ]; then
         exit 2
     fi
 fi
-if [ "$TF_REQUEST" = system ]; then  # the site's stack must be there before a venv is made on it
+if [ "$TF_REQUEST" = system ] && [ ! -x "$VENV/bin/python" ]; then  # the site's stack, before a venv is made on it
+    if "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; then
+        echo "setup-env.sh: TF=system: $PYTHON is a venv's Python, whose packages a venv made from it would not see; set PYTHON= to the site's or the container's Python" >&2
+        exit 2
+    fi
     if ! why=$("$PYTHON" -c 'import tensorflow, horovod.tensorflow' 2>&1); then
         why=$(printf '%s\n' "$why" | grep -v '^ ' | tail -1 || true)
         echo "setup-env.sh: TF=system: $PYTHON cannot import tensorflow and horovod.tensorflow (${why:-failed}); load the site's modules first (module load ...) or set PYTHON= to the container's Python" >&2
@@ -341,6 +345,10 @@ PY
 then
     exit 2
 fi
-"$VENV/bin/horovodrun" --check-build | sed -n '/Available Frameworks/,$p' | sed 's/^/[setup] /'
+HOROVODRUN=$VENV/bin/horovodrun  # TF=system: the site's, on PATH
+[ -x "$HOROVODRUN" ] || HOROVODRUN=$(command -v horovodrun || true)
+if [ -n "$HOROVODRUN" ]; then
+    "$HOROVODRUN" --check-build | sed -n '/Available Frameworks/,$p' | sed 's/^/[setup] /'
+fi
 log "ready: $VENV/bin/pipeline (MPI: $MPI_SOURCE; build: $(recorded_build); stack: TF=$TF_REQUEST; recorded in $RECORD)"
 touch "$VENV/.ready"

@@ -2,8 +2,10 @@
 (GPU=cuda), found (GPU=auto with an nvidia-smi on PATH that lists a GPU, as a GPU node's
 does), or the CPU build when nothing shows a GPU. The dry run changes nothing in the venv."""
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,13 +160,17 @@ def test_tf_system_needs_the_sites_tensorflow_and_a_venv_of_its_kind(tmp_path):
     """TF=system installs neither TensorFlow nor Horovod: a Python without them is refused in one
     line, before a venv is made; and a venv of another stack (its own packages) is not turned
     into one with the site's."""
-    bare = subprocess.run(["bash", "-c", "command -v python3.11 || command -v python3"], capture_output=True,
-                          text=True).stdout.strip()
+    bare = str(Path(sys.base_prefix) / "bin" / "python3")  # the Python this venv was made from
     r = run_setup(tmp_path, TF="system", PYTHON=bare, VENV=str(tmp_path / "venv"), PYTHONPATH="")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"setup-env.sh: TF=system: {bare} cannot import tensorflow and horovod.tensorflow "
                                f"(ModuleNotFoundError: No module named "), r.stderr
     assert not (tmp_path / "venv").exists()
+
+    r = run_setup(tmp_path, TF="system", PYTHON=sys.executable, VENV=str(tmp_path / "venv"))
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"setup-env.sh: TF=system: {sys.executable} is a venv's Python, whose packages a venv made from it would not "
+        f"see; set PYTHON= to the site's or the container's Python")
 
     before = venv_state()
     r = run_setup(tmp_path, TF="system", VENV=".venv")
@@ -172,3 +178,23 @@ def test_tf_system_needs_the_sites_tensorflow_and_a_venv_of_its_kind(tmp_path):
         "setup-env.sh: TF=system needs a venv with the site's packages, but .venv has its own; use another VENV= "
         "(for example VENV=.venv-system)")
     assert venv_state() == before
+
+
+@pytest.mark.mpi  # the set-up prints `mpirun --version`
+def test_tf_system_uses_the_sites_tensorflow_and_horovod_as_they_are(tmp_path):
+    """A site module as clusters ship one: the base Python with PYTHONPATH holding TensorFlow
+    and Horovod (here: the default venv's packages). TF=system makes a venv on it that installs
+    neither, holds the site's versions, records them, and checks the stack as doctor would."""
+    site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
+    venv = tmp_path / "venv"
+    r = run_setup(tmp_path, TF="system", PYTHON=str(Path(sys.base_prefix) / "bin" / "python3"), VENV=str(venv),
+                  PYTHONPATH=str(site), TF_CPP_MIN_LOG_LEVEL="2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[setup] stack: TF=system: " in r.stdout and "installing neither" in r.stdout
+    assert "[setup] stack: TensorFlow 2.15.1, tf.keras is Keras 2.15.0" in r.stdout
+    assert not list((venv / "lib").glob("python3*/site-packages/tensorflow*"))  # the site's, not a copy
+    assert not list((venv / "lib").glob("python3*/site-packages/horovod*"))
+    held = dict(line.split("==") for line in (venv / "held-by-site.txt").read_text().split())
+    assert held["tensorflow-cpu"] == "2.15.1" and held["horovod"] == "0.28.1"
+    rec = json.loads((venv / "pipeline-env.json").read_text())["stack"]
+    assert rec["request"] == "system" and rec["tensorflow"] == "2.15.1" and rec["horovod"] == "0.28.1"

@@ -29,7 +29,11 @@ def test_versions_are_read_as_numbers(text, want):
     ("2.17.1", {}, "1"),
     ("2.18.1", {}, "1"),
     ("2.17.1", {"TF_USE_LEGACY_KERAS": "0"}, None),  # the user's own setting wins (and is checked later)
+    ("2.15.1", {"TF_USE_LEGACY_KERAS": "1"}, None),  # the user's too (and refused later: no Keras at all)
     (None, {}, None),  # no TensorFlow installed: nothing to decide
+    # inherited from a pipeline process of the other stack: dropped on 2.15, kept on 2.17
+    ("2.15.1", {"TF_USE_LEGACY_KERAS": "1", "PIPELINE_SET_TF_USE_LEGACY_KERAS": "1"}, ""),
+    ("2.17.1", {"TF_USE_LEGACY_KERAS": "1", "PIPELINE_SET_TF_USE_LEGACY_KERAS": "1"}, None),
 ])
 def test_the_legacy_keras_variable_follows_the_stack(tf, environ, want):
     assert stack.legacy_setting(tf, environ) == want
@@ -41,6 +45,12 @@ def test_the_record_says_the_stack_before_the_installed_packages_do():
     assert stack.tf_version_of({}, installed) == "2.15.1"  # a record from before the stacks, or none
     assert stack.tf_version_of({}, {"tensorflow": "2.18.1"}.get) == "2.18.1"  # the and-cuda package
     assert stack.tf_version_of({}, {}.get) is None
+
+
+def test_the_stack_asked_for_is_read_from_the_record():
+    assert stack.request_of({"stack": {"request": "2.18"}}) == "2.18"
+    assert stack.request_of({"gpu": "none"}) == "2.15"  # a record from before the stacks
+    assert stack.request_of({}) == "-"  # not a venv of make env
 
 
 def test_a_record_is_read_from_the_venv_and_a_damaged_one_counts_as_none(tmp_path):

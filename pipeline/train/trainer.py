@@ -639,7 +639,7 @@ def versions() -> dict:
          "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
          "keras": stack.loaded_keras_version(tf) or "-",
          # what `make env TF=...` asked for (docs/setup.md); "-" outside a venv it made
-         "tf_stack": (stack.record_of().get("stack") or {}).get("request", "-")}
+         "tf_stack": stack.request_of(stack.record_of())}
     try:
         import horovod
 

@@ -29,7 +29,7 @@ def test_two_ranks_train_resume_and_agree(tmp_path, small_dataset):
     # the stack this venv runs (make env TF=..., docs/setup.md), with Keras 2 as tf.keras
     assert cfg["versions"]["horovod"] == "0.28.1" and cfg["versions"]["tensorflow"] == stack.tf_version_of({})
     assert cfg["versions"]["keras"].startswith("2.")
-    assert cfg["versions"]["tf_stack"] == stack.record_of().get("stack", {}).get("request", "-")
+    assert cfg["versions"]["tf_stack"] == stack.request_of(stack.record_of())
 
     second = mpirun(2, *common)
     assert second.returncode == 0, second.stdout + second.stderr

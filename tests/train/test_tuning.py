@@ -69,15 +69,25 @@ def test_accumulating_k_passes_equals_one_pass_at_k_times_the_batch():
     results = []
     for passes in (1, 4):
         model, x, y = _model_and_batch()
+        w0 = [v.numpy() for v in model.trainable_variables]
         opt = tf.keras.optimizers.SGD(0.1)
         step = make_train_step(model, opt, loss_fn, Dist(), passes=passes)
+        weights = []
         for _ in range(3):
             loss, _ = step(x, y, tf.constant(0.0))
-        results.append(([v.numpy() for v in model.trainable_variables], float(loss)))
+            weights.append([v.numpy() for v in model.trainable_variables])
+        results.append((weights, float(loss)))
     (w1, l1), (w4, l4) = results
     assert l1 == pytest.approx(l4, rel=1e-5)
-    for a, b in zip(w1, w4):
+    # One step: the same update to float32 rounding.
+    for a, b in zip(w1[0], w4[0]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Three steps (the accumulator starts from zero each step): the same to a small part of the
+    # update. Rounding differences can tip a ReLU the other way and grow (one conv layer moved by
+    # 0.8% of its update at step 2 on TensorFlow 2.17); an accumulator left holding the last
+    # step's sum would move the weights by twice the update.
+    for a, b, z in zip(w1[2], w4[2], w0):
+        assert np.abs(b - a).max() <= 0.05 * np.abs(a - z).max()
 
 
 def test_xla_step_matches_the_plain_step():
