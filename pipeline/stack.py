@@ -13,6 +13,7 @@ Base layer: imports nothing of the project but errors.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.metadata
 import json
@@ -109,9 +110,39 @@ _IMPORT_NOISE = re.compile(r"Unable to register cu(FFT|DNN|BLAS) factory|"
                            r"computation placer already registered")
 
 
-def quiet(text: str) -> str:
-    """text without the import noise lines."""
-    return "".join(line for line in text.splitlines(keepends=True) if not _IMPORT_NOISE.search(line))
+# TensorFlow 2.18's CPU wheel tries CUDA at the first device listing and logs this on every
+# machine without a GPU; on one with a GPU it is a real diagnostic and is kept (runtime/dist.py).
+CUINIT_NOISE = re.compile(r"failed call to cuInit")
+
+
+def quiet(text: str, noise: re.Pattern = _IMPORT_NOISE) -> str:
+    """text without the noise lines."""
+    return "".join(line for line in text.splitlines(keepends=True) if not noise.search(line))
+
+
+@contextlib.contextmanager
+def quiet_stderr(noise: re.Pattern = _IMPORT_NOISE):
+    """While inside: what C++ code writes to fd 2 is held, and written back to stderr without
+    the lines matching noise."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 (a closed stderr): nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            rest = quiet(held.read().decode(errors="replace"), noise)
+            if rest:
+                sys.stderr.write(rest)
+                sys.stderr.flush()
 
 
 class _QuietImport(importlib.abc.MetaPathFinder):
@@ -138,24 +169,8 @@ class _QuietLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        try:
-            sys.stderr.flush()
-            saved = os.dup(2)
-        except (OSError, ValueError):
-            return self._loader.exec_module(module)
-        with tempfile.TemporaryFile() as held:
-            os.dup2(held.fileno(), 2)
-            try:
-                self._loader.exec_module(module)
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                os.close(saved)
-                held.seek(0)
-                rest = quiet(held.read().decode(errors="replace"))
-                if rest:
-                    sys.stderr.write(rest)
-                    sys.stderr.flush()
+        with quiet_stderr():
+            self._loader.exec_module(module)
 
 
 def request_of(record: dict) -> str:

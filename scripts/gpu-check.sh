@@ -5,6 +5,7 @@
 # node image without the project's venv it runs with python3 and says what it skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=$(command -v python3); fi
+VENV=${VENV:-.venv}  # make gpu-check VENV=.venv-tf2.17: that stack's venv
+if [ -x "$VENV/bin/python" ]; then PY=$VENV/bin/python; else PY=$(command -v python3); fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 exec "$PY" -m pipeline.bench.gpucheck --out "${GPU_CHECK_OUT:-runs/gpu-check}"

@@ -153,3 +153,24 @@ def test_import_pipeline_gives_keras2_on_this_stack_with_quiet_imports():
     assert legacy == ("1" if stack.needs_legacy_keras(tf_version) else "None")
     assert keras.startswith("2.") and is_variable == "True"
     assert "Unable to register" not in r.stderr, r.stderr
+
+
+def test_cuinit_noise_is_dropped_only_where_nothing_shows_a_gpu(tmp_path, capfd):
+    """TensorFlow 2.18's CPU wheel logs `failed call to cuInit` at its first device listing; on a
+    machine with no GPU it says nothing and is dropped, on a GPU node it is kept. Here the C++
+    side is played by a write to fd 2."""
+    import os
+
+    line = b"E0000 cuda_driver.cc:152] failed call to cuInit: INTERNAL: CUDA error: UNKNOWN ERROR (303)\n"
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    with dist._quiet_cuinit(None, str(dev)):
+        os.write(2, line + b"kept\n")
+    assert capfd.readouterr().err == "kept\n"
+    with dist._quiet_cuinit("SLURM_JOB_GPUS=0", str(dev)):  # the job was given a GPU
+        os.write(2, line)
+    assert "failed call to cuInit" in capfd.readouterr().err
+    (dev / "nvidia0").write_text("")  # the node has one
+    with dist._quiet_cuinit(None, str(dev)):
+        os.write(2, line)
+    assert "failed call to cuInit" in capfd.readouterr().err

@@ -7,6 +7,7 @@ methods, so every code path runs without MPI.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -254,10 +255,12 @@ def pin_gpu(d: Dist, tf, environ=os.environ) -> None:
         d.gpu = _choose(d, from_env, host, environ)
         if d.gpu is not None:
             environ["CUDA_VISIBLE_DEVICES"] = d.gpu
-        found = tf.config.list_physical_devices("GPU")
+        with _quiet_cuinit(d.gpu_allocated):
+            found = tf.config.list_physical_devices("GPU")
         device = found[0] if found else None
     else:
-        found = tf.config.list_physical_devices("GPU")
+        with _quiet_cuinit(d.gpu_allocated):
+            found = tf.config.list_physical_devices("GPU")
         d.gpus_visible = len(found)
         d.gpu = _choose(d, [str(i) for i in range(len(found))], host, environ)
         device = found[int(d.gpu)] if d.gpu is not None else None
@@ -273,6 +276,18 @@ def pin_gpu(d: Dist, tf, environ=os.environ) -> None:
     problems = gpus.shared(chosen)
     if problems:
         raise UserError(problems[0], quiet=d.rank != 0)
+
+
+def _quiet_cuinit(allocated: str | None, dev: str = "/dev"):
+    """TensorFlow 2.18's CPU wheel logs `failed call to cuInit` at the first device listing
+    where there is no GPU; dropped there, kept wherever the job or the node shows one."""
+    try:
+        devices = os.listdir(dev)
+    except OSError:
+        devices = []
+    if allocated is None and gpus.on_the_node(devices, []) is None:
+        return stack.quiet_stderr(stack.CUINIT_NOISE)
+    return contextlib.nullcontext()
 
 
 def _pip_cuda(tf) -> str | None:
