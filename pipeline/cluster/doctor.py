@@ -240,7 +240,7 @@ def verdict(reports: list[dict], cfg, run_dir: Path | None) -> tuple[list[str], 
             fatal.append(f"{who}: {r['data_dir']}/manifest.json {r['manifest']}")
         for k in ("python", "tensorflow", "keras", "horovod"):
             if r.get(k) != r0.get(k):
-                fatal.append(f"{who}: {k} {r[k]} but rank 0 runs {r0[k]} (different environments across hosts)")
+                fatal.append(f"{who}: {k} {r.get(k)} but rank 0 runs {r0.get(k)} (different environments across hosts)")
         if run_dir is not None:
             if not r["run_dir_writable"]:
                 fatal.append(f"{who}: run directory {run_dir} is not writable ({r['run_dir_error']})")

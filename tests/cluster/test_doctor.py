@@ -88,6 +88,9 @@ def test_verdict_rules_on_reports():
                                                      net={"up": {}, "mpi": ["docker0"], "nccl": ["docker0"]})], cfg, None)
     assert [f.split(":")[0] for f in fatal] == ["rank 1 on b", "rank 1 on b"]
     assert "tensorflow 2.16.1 but rank 0 runs 2.15.1" in fatal[0] and "4 ranks on this host but 2 GPUs" in fatal[1]
+    # Same TensorFlow, but one host's tf.keras is Keras 3 (tf-keras missing there)
+    fatal, _ = verdict([_report(0, "a", keras="2.17.0"), _report(1, "b", keras="3.6.0")], cfg, None)
+    assert fatal == ["rank 1 on b: keras 3.6.0 but rank 0 runs 2.17.0 (different environments across hosts)"]
     # srun --gpus-per-task=1: each rank sees the one GPU bound to it; not a problem.
     assert verdict([_report(0, "a", gpus=1), _report(1, "a", gpus=1)], cfg, None) == ([], [])
     assert len(warn) == 1 and "docker0" in warn[0] and "NCCL_SOCKET_IFNAME" in warn[0]
