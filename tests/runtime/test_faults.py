@@ -154,7 +154,6 @@ def test_sigterm_with_a_hung_peer_exits_77_within_the_stop_bound(tmp_path, small
 
 
 @pytest.mark.mpi
-@pytest.mark.stack2
 def test_a_rank_stopped_from_outside_is_named_as_the_one_that_stopped_running(tmp_path, small_dataset):
     """SIGSTOP to rank 1 alone, from outside the project (as a cgroup freeze, a stray `kill
     -STOP` or a swapped-out node does): rank 0's watchdog ends the job at train.step_timeout_s,
