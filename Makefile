@@ -4,7 +4,8 @@
 # SETUP_DRY_RUN=1 make env says what it would install and changes nothing.
 SHELL := /bin/bash
 VENV ?= .venv
-TF ?= 2.15
+# The stack (docs/setup.md): unset, `make env` keeps the one the venv has (2.15 for a new one).
+TF ?=
 # The second stack `make test` also runs on (the unit layer and the 2-rank training, resume
 # and fault runs), in its own venv.
 TF2 ?= 2.18

@@ -4,7 +4,8 @@
 # (+ NCCL for a GPU build), mpi4py, h5py and the rest.
 # Called by `make env` (docs/setup.md). Safe to run again.
 #
-#   TF=2.15|2.17|2.18|system  the stack (docs/setup.md, the stacks): 2.15 (the default) is
+#   TF=2.15|2.17|2.18|system  the stack (docs/setup.md, the stacks; unset: the one the venv
+#                        has, 2.15 for a new venv): 2.15 is
 #                        TensorFlow 2.15.1 with its own Keras 2; 2.17 and 2.18 are TensorFlow
 #                        2.17.1 / 2.18.1 with Google's tf-keras (Keras 2; `import pipeline`
 #                        sets TF_USE_LEGACY_KERAS=1); system uses the TensorFlow and Horovod the
@@ -28,6 +29,12 @@ set -euo pipefail
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3)}
 HOROVOD_VERSION=0.28.1
+# No TF= given: the venv keeps the stack it has (make env TF=2.17 once, then make train keeps
+# 2.17); a new venv gets 2.15.
+if [ -z "${TF:-}" ] && [ -f "$VENV/pipeline-env.json" ]; then
+    TF=$("$PYTHON" -c "import json,sys; print((json.load(open(sys.argv[1])).get('stack') or {}).get('request') or '2.15')" \
+         "$VENV/pipeline-env.json" 2>/dev/null || echo 2.15)
+fi
 TF_REQUEST=${TF:-2.15}
 case "$TF_REQUEST" in  # "2.17.1" asks for the same stack as "2.17"
     2.15.1|2.17.1|2.18.1) TF_REQUEST=${TF_REQUEST%.1} ;;

@@ -35,8 +35,10 @@ def fake_nvcc(tmp_path, release: str) -> Path:
 def setup_env(tmp_path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("GPU", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "NCCL_HOME", "NCCL_ROOT", "CUDA_HOME",
-                        "HOROVOD_CUDA_HOME")}
-    return {**env, **extra}
+                        "HOROVOD_CUDA_HOME", "TF")}
+    # The default stack unless the test names one (without TF= the venv's own stack is kept,
+    # and make test-stack2 runs these on the other stack's venv).
+    return {**env, "TF": "2.15", **extra}
 
 
 def dry_run(tmp_path, gpu: str | None, smi: bool = False, device: bool = False, **extra) -> str:
@@ -198,3 +200,16 @@ def test_tf_system_uses_the_sites_tensorflow_and_horovod_as_they_are(tmp_path):
     assert held["tensorflow-cpu"] == "2.15.1" and held["horovod"] == "0.28.1"
     rec = json.loads((venv / "pipeline-env.json").read_text())["stack"]
     assert rec["request"] == "system" and rec["tensorflow"] == "2.15.1" and rec["horovod"] == "0.28.1"
+
+
+def test_without_tf_the_venv_keeps_its_stack(tmp_path):
+    """make env TF=2.17 once; later make train / make test (no TF=) must not switch back to 2.15."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / "pipeline-env.json").write_text(json.dumps({"stack": {"request": "2.17", "tensorflow": "2.17.1"}}))
+    out = dry_run(tmp_path, None, TF="", VENV=str(venv))
+    assert "[setup] stack: TF=2.17 (TensorFlow 2.17.1, tf-keras 2.17.0); installed stack now: " in out
+    assert "[setup] TensorFlow requirement: tensorflow-cpu==2.17.1" in out
+    (tmp_path / "new").mkdir()
+    out = dry_run(tmp_path / "new", None, TF="", VENV=str(tmp_path / "new" / "venv"))  # a new venv: 2.15
+    assert "[setup] TensorFlow requirement: tensorflow-cpu==2.15.1" in out
