@@ -185,7 +185,9 @@ def loaded_keras_version(tf) -> str | None:
     """The version of the Keras that `tf.keras` is in this process (2.15: keras 2.15; with
     tf-keras: tf_keras 2.17; else keras 3.x); None when tf.keras resolves to none."""
     try:
-        name = tf.keras.__name__
+        # Model's own package: tf.keras's module name changes once it is loaded
+        # (tf_keras.api._v2.keras, then tensorflow.keras), its classes' packages do not.
+        name = tf.keras.Model.__module__
     except Exception:  # noqa: BLE001 - a lazy loader that finds no Keras raises anything
         return None
     top = sys.modules.get(name.split(".")[0])

@@ -87,7 +87,8 @@ def test_what_is_wrong_with_tf_keras_is_said_in_one_line(tf, environ, tf_keras, 
 def test_require_keras2_raises_a_user_error_quiet_on_the_other_ranks(monkeypatch):
     keras3 = types.ModuleType("keras")
     keras3.__version__ = "3.6.0"
-    fake_tf = types.SimpleNamespace(__version__="2.17.1", keras=types.SimpleNamespace(__name__="keras._tf_keras.keras"))
+    model = type("Model", (), {"__module__": "keras.src.models.model"})
+    fake_tf = types.SimpleNamespace(__version__="2.17.1", keras=types.SimpleNamespace(Model=model))
     monkeypatch.setitem(sys.modules, "keras", keras3)
     monkeypatch.setattr(stack, "installed_version", lambda name: None)
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
@@ -144,14 +145,17 @@ def test_import_pipeline_gives_keras2_on_this_stack_with_quiet_imports():
     code = ("import os, pipeline, tensorflow as tf; from pipeline import stack\n"
             "m = tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(3,))])\n"
             "print(os.environ.get('TF_USE_LEGACY_KERAS'), stack.require_keras2(tf), tf.__version__,\n"
-            "      isinstance(m.weights[0], tf.Variable))")
+            "      isinstance(m.weights[0], tf.Variable), stack.loaded_keras_version(tf))")
     e = {k: v for k, v in env().items() if k != "TF_USE_LEGACY_KERAS"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**e, "TF_CPP_MIN_LOG_LEVEL": "2"},
                        cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    legacy, keras, tf_version, is_variable = r.stdout.split()
+    legacy, keras, tf_version, is_variable, keras_after = r.stdout.split()
     assert legacy == ("1" if stack.needs_legacy_keras(tf_version) else "None")
     assert keras.startswith("2.") and is_variable == "True"
+    # the installed Keras 2 package's version, before and after a model is built
+    want = stack.installed_version("tf-keras" if stack.needs_legacy_keras(tf_version) else "keras")
+    assert keras == keras_after == want
     assert "Unable to register" not in r.stderr, r.stderr
 
 
