@@ -35,7 +35,7 @@ env:
 	@GPU=$(GPU) TF=$(TF) VENV=$(VENV) SETUP_IF_NEEDED=1 TF_CPP_MIN_LOG_LEVEL=2 bash scripts/setup-env.sh
 
 env-stack2:
-	@GPU=$(GPU) TF=$(TF2) VENV=$(VENV2) SETUP_IF_NEEDED=1 TF_CPP_MIN_LOG_LEVEL=2 bash scripts/setup-env.sh
+	@$(MAKE) -s env TF=$(TF2) VENV=$(VENV2)
 
 data: $(DATA)/manifest.json
 

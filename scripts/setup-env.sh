@@ -27,13 +27,27 @@
 set -euo pipefail
 
 VENV=${VENV:-.venv}
+# A TF_USE_LEGACY_KERAS that a pipeline process of some stack set (pipeline/stack.py) is not
+# this stack's: the Pythons started here decide their own. One the user set stays.
+if [ -n "${PIPELINE_SET_TF_USE_LEGACY_KERAS:-}" ] \
+        && [ "${PIPELINE_SET_TF_USE_LEGACY_KERAS}" = "${TF_USE_LEGACY_KERAS:-}" ]; then
+    unset PIPELINE_SET_TF_USE_LEGACY_KERAS TF_USE_LEGACY_KERAS
+fi
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3)}
 HOROVOD_VERSION=0.28.1
+RECORD="$VENV/pipeline-env.json"
+# The stack in the record: request and TensorFlow ("2.15 2.15.1"); records older than the
+# stacks were all TensorFlow 2.15.1. Read with any Python: the venv's may not exist yet.
+recorded_stack() {
+    [ -f "$RECORD" ] && "$PYTHON" -c "import json,sys; r=json.load(open(sys.argv[1])); \
+s=r.get('stack') or {'request': '2.15', 'tensorflow': '2.15.1'}; print(s['request'], s['tensorflow'])" "$RECORD" \
+        2>/dev/null || echo "none none"
+}
 # No TF= given: the venv keeps the stack it has (make env TF=2.17 once, then make train keeps
 # 2.17); a new venv gets 2.15.
-if [ -z "${TF:-}" ] && [ -f "$VENV/pipeline-env.json" ]; then
-    TF=$("$PYTHON" -c "import json,sys; print((json.load(open(sys.argv[1])).get('stack') or {}).get('request') or '2.15')" \
-         "$VENV/pipeline-env.json" 2>/dev/null || echo 2.15)
+if [ -z "${TF:-}" ] && [ -f "$RECORD" ]; then
+    TF=$(recorded_stack | cut -d' ' -f1)
+    [ "$TF" != none ] || TF=2.15
 fi
 TF_REQUEST=${TF:-2.15}
 case "$TF_REQUEST" in  # "2.17.1" asks for the same stack as "2.17"
@@ -51,7 +65,6 @@ case "$TF_REQUEST" in
 esac
 GPU=${GPU:-auto}
 DRY=${SETUP_DRY_RUN:-0}
-RECORD="$VENV/pipeline-env.json"
 DEV=${SETUP_DEV_DIR:-/dev}  # where GPU device files appear (the tests point it at their own folder)
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -147,23 +160,17 @@ WHEELS=".cache/wheels/horovod-$HOROVOD_VERSION-tf$TF_VERSION-$BUILD"
 record() {
     "$VENV/bin/python" - "$RECORD" "$GPU" "$BUILD" "$EVIDENCE" "$TF_REQ" "$CUDA_HOME_USED" "$NCCL_HOME_USED" \
         "$CUDA_FROM" "$NCCL_FROM" "$WHEELS" "${CUDA_RELEASE:-}" "$TF_REQUEST" <<'PY'
-import importlib.metadata as md, json, platform, sys
+import json, platform, sys
+from pipeline import stack  # installed just before: its version lookups, not copies of them
 path, gpu, build, evidence, tf_req, cuda_home, nccl_home, cuda_from, nccl_from, wheels, cuda, request = sys.argv[1:]
-def version(*names):
-    for n in names:
-        try:
-            return md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return None
-tf = version("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "intel-tensorflow")
 if request == "system":  # what the site's Horovod was built with
     import horovod.tensorflow as hvd
     build = "nccl" if hvd.nccl_built() else "cpu"
 json.dump({"gpu_request": gpu, "gpu": "cuda" if build == "nccl" else "none", "gpu_evidence": evidence,
            "tf_requirement": tf_req,
-           "stack": {"request": request, "tensorflow": tf, "tf_keras": version("tf-keras"),
-                     "horovod": version("horovod"), "python": platform.python_version()},
+           "stack": {"request": request, "tensorflow": stack.tf_version_of({}),
+                     "tf_keras": stack.installed_version("tf-keras"), "horovod": stack.installed_version("horovod"),
+                     "python": platform.python_version()},
            "horovod": {"nccl": build == "nccl", "cuda": cuda or None, "cuda_home": cuda_home or None,
                        "nccl_home": nccl_home or None, "cuda_from": cuda_from, "nccl_from": nccl_from, "wheels": wheels}},
           open(path, "w"), indent=1)
@@ -172,13 +179,6 @@ PY
 recorded_build() {
     [ -f "$RECORD" ] && "$VENV/bin/python" -c "import json,sys; r=json.load(open(sys.argv[1])); \
 print('nccl' if r['horovod']['nccl'] else 'cpu')" "$RECORD" 2>/dev/null || echo none
-}
-# The stack in the record: request and TensorFlow ("2.15 2.15.1"); records older than the
-# stacks were all TensorFlow 2.15.1.
-recorded_stack() {
-    [ -f "$RECORD" ] && "$VENV/bin/python" -c "import json,sys; r=json.load(open(sys.argv[1])); \
-s=r.get('stack') or {'request': '2.15', 'tensorflow': '2.15.1'}; print(s['request'], s['tensorflow'])" "$RECORD" \
-        2>/dev/null || echo "none none"
 }
 # A venv made with --system-site-packages (TF=system) or without (the other stacks).
 venv_kind() {

@@ -9,6 +9,7 @@ standalone Keras 3 package are refused in one line; on 2.15 the same file trains
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ def run(python: str, *args, extra_env: dict | None = None) -> subprocess.Complet
                           env={**env(), **(extra_env or {})}, cwd=ROOT, timeout=600, stdin=subprocess.DEVNULL)
 
 
+@functools.cache
 def tf_of(python: str) -> str:
     r = subprocess.run([python, "-c", "from pipeline import stack\n"
                                       "print(stack.tf_version_of(stack.record_of()))"],
