@@ -68,7 +68,7 @@ test: env env-stack2
 # 2-rank runs marked stack2; tests/test_stacks.py (checkpoints across the stacks) runs there
 # with the default venv's Python beside it. Not gpu-check's whole CPU sequence: on 2.17 XLA
 # compiles its ResNet50 for 3.5 minutes (seconds on 2.15); `make gpu-check VENV=...` runs it.
-test-stack2: env-stack2
+test-stack2: env env-stack2
 	VENV=$(VENV2) PATH=$(CURDIR)/$(VENV2)/bin:$$PATH OTHER_STACK_PYTHON=$(CURDIR)/$(PY) $(VENV2)/bin/python -m pytest tests \
 		-m 'stack2 or stacks or not (mpi or slurm or multinode or root)' $(PYTEST_ARGS2) \
 		--deselect tests/bench/test_gpucheck.py::test_the_whole_sequence_on_the_cpu
