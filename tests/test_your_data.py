@@ -58,7 +58,7 @@ def test_index_refers_to_the_files_in_place(raw, tmp_path):
     seg = index(raw, "segmentation", tmp_path / "seg", str(raw / "segmentation" / "data-*.h5"))
     assert (seg["shape"], seg["y_shape"], seg["num_classes"]) == ([64, 64, 4], [64, 64], 3)
     assert seg["splits"]["train"]["num_samples"] + seg["splits"]["val"]["num_samples"] == 160
-    assert sorted(p.name for p in (tmp_path / "cf").iterdir()) == ["manifest.json"], "nothing copied"
+    assert sorted(p.name for p in (tmp_path / "cf").iterdir()) == ["extents.npz", "manifest.json"], "nothing copied"
     for d in ("cf", "seg"):
         v = pipeline("data", "verify", tmp_path / d)
         assert v.returncode == 0 and "files match the manifest" in v.stdout, v.stderr

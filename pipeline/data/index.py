@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.data import direct, extents
 from pipeline.data.layout import PER_FILE, Layout
 from pipeline.data.shards import (
     HDF5_SIGNATURE,
@@ -82,6 +83,7 @@ def _probe(path: Path, lay: Layout) -> dict:
                 info[role + "_dtype"] = d.dtype.name  # the reader asks HDF5 for native byte order
                 info[role + "_chunk"] = d.chunks[0] if d.chunks and d.ndim else 1
                 info[role + "_compression"] = d.compression or "none"
+            info["maps"] = _maps(f, lay, info)
     except OSError as e:
         raise UserError(f"{path}: cannot be read as HDF5 ({str(e).splitlines()[0]})") from None
     xs, ys = info["x"], info["y"]
@@ -98,7 +100,22 @@ def _probe(path: Path, lay: Layout) -> dict:
             raise UserError(f"{path}: {lay.x_key!r} has {xs[0]} samples but {lay.y_key!r} has {ys[0]}")
     return {"x_shape": xs, "y_shape": ys, "x_dtype": info["x_dtype"], "y_dtype": info["y_dtype"],
             "samples": lay.samples_in_file(xs), "bytes": path.stat().st_size, "chunk": info["x_chunk"],
-            "compression": info["x_compression"]}
+            "compression": info["x_compression"], "extents": extents.entry(path, info["maps"])}
+
+
+def _maps(f, lay: Layout, info: dict) -> tuple:
+    """Where the file's sample bytes lie (for the extents sidecar); (None, None) where the
+    shapes do not fit the layout (the checks after this name the problem)."""
+    xs, ys = info["x"], info["y"]
+    if lay.subvolume:
+        if len(xs) not in (3, 4) or min(xs[:-1]) < lay.subvolume:
+            return None, None
+        lay = Layout(lay.x_key, lay.y_key, "one", lay.subvolume, xs)
+    elif lay.per_file == "many" and (len(xs) < 1 or len(ys) < 1):
+        return None, None
+    sample = int(np.prod(lay.sample_shape(xs))) * np.dtype(info["x_dtype"]).itemsize
+    target = int(np.prod(lay.target_shape(ys))) * np.dtype(info["y_dtype"]).itemsize
+    return direct.maps_for_file(f, lay, sample, target, np.dtype(info["x_dtype"]), np.dtype(info["y_dtype"]))
 
 
 def _consistent(files: list[Path], probes: list[dict], lay: Layout) -> None:
@@ -170,6 +187,9 @@ def index(sources: list[str], out: str | Path, x_key: str, y_key: str, per_file:
     if not splits["train"]:
         raise UserError("no training files left: every file is a validation file")
     shape = lay.sample_shape(first["x_shape"])
+    # The sidecar before the manifest: a manifest on disk always has its sidecar beside it.
+    prepare_out_dir(out)
+    extents.write(out, [str(f.relative_to(root)) for f in files], [p["extents"] for p in probes])
     path = write_manifest(
         prepare_out_dir(out), shape, num_classes, {k: v for k, v in splits.items() if v}, first["x_dtype"],
         # Reads are cut at multiples of x's chunk length along the sample axis (many per file).
@@ -179,7 +199,7 @@ def index(sources: list[str], out: str | Path, x_key: str, y_key: str, per_file:
     n = {k: sum(s.num_samples for s in v) for k, v in splits.items()}
     progress(f"indexed {len(files)} files under {root}: {n['train']} training and {n['val']} validation samples "
              f"of shape {shape} {first['x_dtype']}, targets {tuple(y_shape)} {first['y_dtype']}; "
-             f"wrote {path} in {time.perf_counter() - t0:.1f}s")
+             f"wrote {path} and {extents.NAME} in {time.perf_counter() - t0:.1f}s")
     return path
 
 

@@ -18,11 +18,11 @@ opened inside the rank's own process, never before a fork: h5py handles are not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Iterator
 
 import numpy as np
 
+from pipeline.data import direct, extents
 from pipeline.data.sharding import Plan
 from pipeline.data.shards import Manifest, open_shard
 
@@ -102,163 +102,6 @@ class MemorySource:
         np.take(self.y, idx, axis=0, out=out_y)
 
 
-# Ways to read a file's samples without h5py. Each map knows where a dataset's bytes lie and
-# turns "samples [start, stop) of this file into `out`" into reads (zero-argument callables)
-# that the reader runs on its threads: pread and zlib release the GIL, h5py does not.
-
-class _Extents:
-    """Base of the maps whose bytes are the samples as stored: subclasses give extents()."""
-
-    sample_bytes: int
-
-    def extents(self, start: int, stop: int) -> list[tuple[int, int, int]]:
-        raise NotImplementedError
-
-    def reads(self, path, start: int, stop: int, out: np.ndarray) -> list:
-        flat = out.reshape(-1).view(np.uint8)
-        return [partial(_pread_path, path, flat[rel * self.sample_bytes:rel * self.sample_bytes + size], off)
-                for off, size, rel in self.extents(start, stop)]
-
-
-class _ChunkMap(_Extents):
-    """Where each chunk of an uncompressed dataset chunked along samples lies in the file."""
-
-    def __init__(self, dset, sample_bytes: int):
-        self.chunk = dset.chunks[0]
-        offsets = {}
-        dset.id.chunk_iter(lambda info: offsets.__setitem__(info.chunk_offset[0] // self.chunk, info.byte_offset))
-        n = -(-dset.shape[0] // self.chunk)
-        self.offsets = np.array([offsets.get(k, -1) for k in range(n)], dtype=np.int64)
-        self.sample_bytes = sample_bytes
-
-    def extents(self, start: int, stop: int) -> list[tuple[int, int, int]]:
-        """(file offset, byte count, sample position relative to start) reads for [start, stop),
-        adjacent chunks merged into one read."""
-        out: list[list[int]] = []
-        c, sb = self.chunk, self.sample_bytes
-        for k in range(start // c, (stop - 1) // c + 1):
-            a, b = max(start, k * c), min(stop, (k + 1) * c)
-            off, size = int(self.offsets[k]) + (a - k * c) * sb, (b - a) * sb
-            if out and out[-1][0] + out[-1][1] == off:
-                out[-1][1] += size
-            else:
-                out.append([off, size, a - start])
-        return [tuple(e) for e in out]
-
-
-class _Contiguous(_Extents):
-    """An uncompressed, contiguous dataset: sample j's bytes start at offset + j x sample_bytes
-    (with one sample per file, the whole dataset is the sample)."""
-
-    def __init__(self, offset: int, sample_bytes: int):
-        self.offset, self.sample_bytes = offset, sample_bytes
-
-    def extents(self, start: int, stop: int) -> list[tuple[int, int, int]]:
-        return [(self.offset + start * self.sample_bytes, (stop - start) * self.sample_bytes, 0)]
-
-
-class _DeflateChunks:
-    """A dataset chunked along samples with only the deflate (gzip) filter: each chunk's
-    compressed bytes are read with pread and inflated with zlib on the reader's threads, where
-    h5py would inflate them one at a time under its lock."""
-
-    def __init__(self, dset, sample_bytes: int):
-        self.chunk = dset.chunks[0]
-        where = {}
-        dset.id.chunk_iter(lambda info: where.__setitem__(info.chunk_offset[0] // self.chunk,
-                                                          (info.byte_offset, info.size, info.filter_mask)))
-        self.where = where
-        self.sample_bytes = sample_bytes
-
-    @property
-    def filtered(self) -> bool:
-        """Every chunk went through the filter (HDF5 may store one raw, marked in its mask)."""
-        return not any(mask for _, _, mask in self.where.values())
-
-    def reads(self, path, start: int, stop: int, out: np.ndarray) -> list:
-        flat = out.reshape(-1).view(np.uint8)
-        c, sb = self.chunk, self.sample_bytes
-        jobs = []
-        for k in range(start // c, (stop - 1) // c + 1):
-            off, size, _ = self.where[k]
-            a, b = max(start, k * c), min(stop, (k + 1) * c)
-            jobs.append(partial(self._inflate, path, off, size, (a - k * c) * sb,
-                                flat[(a - start) * sb:(b - start) * sb]))
-        return jobs
-
-    @staticmethod
-    def _inflate(path, off: int, size: int, skip: int, dst: np.ndarray) -> None:
-        import zlib
-
-        raw = np.empty(size, np.uint8)
-        _pread_path(path, raw, off)
-        dst[:] = np.frombuffer(zlib.decompress(raw), np.uint8, len(dst), skip)
-
-
-class _Slabs:
-    """Sub-volumes of a contiguous, uncompressed volume: the S rows of the outermost axis that
-    hold a row of the sub-volume grid are one contiguous slab in the file. Each slab is read
-    once with pread and its sub-volumes cut out with numpy, instead of one h5py hyperslab read
-    (a strided gather under h5py's lock) per sub-volume."""
-
-    def __init__(self, offset: int, file_shape: tuple[int, ...], dtype, layout):
-        self.offset, self.dtype, self.layout = offset, np.dtype(dtype), layout
-        self.slab_shape = (layout.subvolume, *file_shape[1:])
-        self.slab_bytes = int(np.prod(self.slab_shape)) * self.dtype.itemsize
-        self.per_slab = int(np.prod(layout.grid[1:]))  # sub-volumes in one slab
-
-    def reads(self, path, start: int, stop: int, out: np.ndarray) -> list:
-        n = self.per_slab
-        return [partial(self._cut, path, slab, range(max(start, slab * n), min(stop, (slab + 1) * n)), start, out)
-                for slab in range(start // n, (stop - 1) // n + 1)]
-
-    def _cut(self, path, slab: int, js: range, start: int, out: np.ndarray) -> None:
-        buf = np.empty(self.slab_bytes, np.uint8)
-        _pread_path(path, buf, self.offset + slab * self.slab_bytes)
-        vol = buf.view(self.dtype).reshape(self.slab_shape)
-        for j in js:
-            out[j - start] = vol[(slice(None),) + self.layout.cube(j)[1:]]
-
-
-class _Kept:
-    """A file's one target (every sub-volume of a file has it), kept in memory."""
-
-    def __init__(self, value: np.ndarray):
-        self.value = value
-
-    def reads(self, path, start: int, stop: int, out: np.ndarray) -> list:
-        out[:] = self.value
-        return []
-
-
-def _chunked_by_sample(dset, nfilters: int) -> bool:
-    """Chunks hold whole samples, every chunk is allocated, and `nfilters` filters apply."""
-    import h5py
-
-    plist = dset.id.get_create_plist()
-    return (plist.get_layout() == h5py.h5d.CHUNKED and plist.get_nfilters() == nfilters
-            and dset.chunks[1:] == dset.shape[1:] and dset.id.get_num_chunks() == -(-dset.shape[0] // dset.chunks[0]))
-
-
-def _direct_map(dset, sample_bytes: int, dtype) -> "_Extents | _DeflateChunks | None":
-    """How to read `dset`'s samples without h5py; None where only h5py can (other filters,
-    not allocated, another byte order or type than the manifest's)."""
-    import h5py
-
-    if dset.dtype != dtype or not dset.dtype.isnative or dset.ndim == 0:
-        return None
-    plist = dset.id.get_create_plist()
-    if plist.get_layout() == h5py.h5d.CONTIGUOUS:
-        offset = dset.id.get_offset()
-        return _Contiguous(offset, sample_bytes) if offset is not None else None
-    if _chunked_by_sample(dset, 0):
-        return _ChunkMap(dset, sample_bytes)
-    if _chunked_by_sample(dset, 1) and plist.get_filter(0)[0] == h5py.h5z.FILTER_DEFLATE:
-        m = _DeflateChunks(dset, sample_bytes)
-        return m if m.filtered else None
-    return None
-
-
 class ShardSource:
     """Streams a window's blocks from the files into a buffer, then gathers from it.
 
@@ -270,12 +113,14 @@ class ShardSource:
     on those threads; sub-volumes of a contiguous volume are cut from slabs read whole. Only
     what none of these fit (other filters, odd layouts) goes through h5py. At most MAX_OPEN
     files are held open at once: datasets of one sample per file have thousands; offsets
-    (a few integers per file) are kept, so later epochs open no file with h5py.
+    (a few integers per file) are kept, so later epochs open no file with h5py. With an
+    index's extents sidecar (pipeline/data/extents.py) the first epoch opens none either:
+    the offsets come from the sidecar for every file whose size and mtime it still matches.
     """
 
     MAX_OPEN = 64
 
-    def __init__(self, m: Manifest, split: str, threads: int = 4):
+    def __init__(self, m: Manifest, split: str, threads: int = 4, use_extents: bool = True):
         from collections import OrderedDict
         from concurrent.futures import ThreadPoolExecutor
 
@@ -284,13 +129,17 @@ class ShardSource:
         self.shape, self.dtype = m.shape, np.dtype(m.x_dtype)
         self.y_shape, self.y_dtype = m.y_shape, np.dtype(m.y_dtype)
         self.sample_bytes, self.target_bytes = m.sample_bytes, m.target_bytes
-        self.direct = not m.layout.subvolume
         self._files: OrderedDict[int, object] = OrderedDict()  # h5py handles, least recently used first
         self._maps: dict[int, tuple] = {}  # shard -> (x map, y map): a few integers each, kept
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-read")
         self._buffers = [None, None]  # (x, y) pairs reused: fresh ones would fault in every page
         self._ahead = None  # (group key, future) of the window loading in the background
         self.bytes_read = 0
+        self._m = m
+        self._files_names = [s.file for s in m.shards(split)]
+        # The index's extents sidecar: files it still describes are never opened with h5py.
+        self.sidecar = extents.load(m) if use_extents else None
+        self.h5py_opens = 0
 
     def _file(self, shard: int):
         f = self._files.get(shard)
@@ -298,6 +147,7 @@ class ShardSource:
             if len(self._files) >= self.MAX_OPEN:
                 self._files.popitem(last=False)[1].close()
             f = self._files[shard] = open_shard(self.paths[shard])
+            self.h5py_opens += 1
         else:
             self._files.move_to_end(shard)
         return f
@@ -305,16 +155,13 @@ class ShardSource:
     def _map(self, shard: int) -> tuple:
         maps = self._maps.get(shard)
         if maps is None:
-            f = self._file(shard)
-            if self.direct:
-                maps = (_direct_map(f[self.layout.x_key], self.sample_bytes, self.dtype),
-                        _direct_map(f[self.layout.y_key], self.target_bytes, self.y_dtype))
+            name = self._files_names[shard]
+            if self.sidecar is not None and self.sidecar.current(name, self.paths[shard]):
+                maps = self.sidecar.maps(name, self._m)
             else:
-                # Every sub-volume of a file has the file's target: keep small ones in memory, so
-                # later epochs need no h5py call for them.
-                y = f[self.layout.y_key]
-                maps = (_slabs(f[self.layout.x_key], self.dtype, self.layout),
-                        _Kept(np.asarray(y[()], self.y_dtype)) if y.nbytes <= 1 << 16 else None)
+                f = self._file(shard)
+                maps = direct.maps_for_file(f, self.layout, self.sample_bytes, self.target_bytes, self.dtype,
+                                            self.y_dtype)
             self._maps[shard] = maps
         return maps
 
@@ -377,40 +224,6 @@ class ShardSource:
         for f in self._files.values():
             f.close()
         self._files.clear()
-
-
-def _slabs(dset, dtype, layout) -> _Slabs | None:
-    """Slab reads for a sub-volume layout whose volume is contiguous, uncompressed and in the
-    manifest's type; None (h5py hyperslabs) otherwise."""
-    import h5py
-
-    if dset.dtype != dtype or not dset.dtype.isnative or tuple(dset.shape) != tuple(layout.file_shape):
-        return None
-    if dset.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or dset.id.get_offset() is None:
-        return None
-    return _Slabs(dset.id.get_offset(), tuple(dset.shape), dtype, layout)
-
-
-def _pread_path(path, buf: np.ndarray, offset: int) -> None:
-    """Opens, reads and closes: a file descriptor per read keeps thousands of files cheap."""
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _pread_full(fd, buf, offset)
-    finally:
-        os.close(fd)
-
-
-def _pread_full(fd: int, buf: np.ndarray, offset: int) -> None:
-    import os
-
-    view = memoryview(buf)
-    while len(view):
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise OSError(f"unexpected end of file at byte {offset}")
-        view, offset = view[n:], offset + n
 
 
 def read_share(m: Manifest, split: str, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -553,9 +366,9 @@ class Input:
     def __init__(self, m: Manifest, plan: Plan, val_plan: Plan | None, data):
         self.data = data
         budget = data.cache_mb * 2**20
-        self.train, self.mode = _open_source(m, "train", plan, budget)
-        self.val = _open_source(m, "val", val_plan, budget - share_bytes(m, plan))[0] if val_plan else None
         block = block_size(data.read_block, m.chunk_samples)
+        self.train, self.mode = _open_source(m, "train", plan, budget, block)
+        self.val = _open_source(m, "val", val_plan, budget - share_bytes(m, plan), block)[0] if val_plan else None
         self.plan = plan
         self.blocks = cut_blocks(plan, block)
         self.val_blocks = cut_blocks(val_plan, block) if val_plan else []
@@ -576,9 +389,23 @@ class Input:
         return eval_batches(self.val, self.val_blocks, batch_size)
 
 
-def _open_source(m: Manifest, split: str, plan: Plan, budget: int):
+def load_share(m: Manifest, split: str, plan: Plan, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's samples of `split` in rank-local order, as `read_share` gives them. With an
+    extents sidecar, read with pread on the reader's threads (one h5py open per file
+    otherwise: thousands of opens for one sample per file), else with h5py."""
+    if extents.load(m) is None:
+        return read_share(m, split, plan)
+    src = ShardSource(m, split)
+    try:
+        x, y, _, _ = src._read(cut_blocks(plan, block), 0)
+        return x, y
+    finally:
+        src.close()
+
+
+def _open_source(m: Manifest, split: str, plan: Plan, budget: int, block: int):
     """In memory when this rank's share fits the budget, else streamed from the shards."""
     need = share_bytes(m, plan)
     if need <= budget:
-        return MemorySource(*read_share(m, split, plan)), f"in memory ({need / 2**20:.0f} MiB per rank)"
+        return MemorySource(*load_share(m, split, plan, block)), f"in memory ({need / 2**20:.0f} MiB per rank)"
     return ShardSource(m, split), f"streamed from the shards ({need / 2**20:.0f} MiB per rank > data.cache_mb)"

@@ -124,7 +124,7 @@ def test_compressed_shards_stream_the_same_samples(tmp_path, compression):
     stream.take(np.arange(len(x)), xs, ys)
     assert np.array_equal(xs, x) and np.array_equal(ys, y)
     kinds = {type(mp).__name__ for maps in stream._maps.values() for mp in maps}
-    assert kinds == ({"_DeflateChunks"} if compression.startswith("gzip") else {"NoneType"})
+    assert kinds == ({"DeflateChunks"} if compression.startswith("gzip") else {"NoneType"})
     stream.close()
 
 
