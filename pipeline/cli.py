@@ -23,6 +23,8 @@ VERBS = (
     (("data", "verify"), "pipeline.data.shards:verify_arguments",
      "check every shard (or indexed file) against manifest.json"),
     (("data", "index"), "pipeline.data.index", "a manifest over your own HDF5 files, in place (nothing copied)"),
+    (("data", "stage"), "pipeline.train.staging",
+     "copy a dataset's files to node-local storage (checked, reused when intact), or --clean what was staged"),
     (("data", "stats"), "pipeline.data.stats",
      "per-channel mean and std of the training split (data.transform: standardize)"),
     (("train",), "pipeline.train.trainer", "one training run (alone, or under mpirun / srun / horovodrun)"),

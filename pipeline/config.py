@@ -78,6 +78,9 @@ class DataConfig:
                 "CosmoFlow), standardize (per channel, statistics from pipeline data stats)")
     root: str = setting("", "where an indexed dataset's files are now ('': where they were indexed): a staged "
                             "copy on node-local disk is used without indexing again")
+    stage_dir: str = setting("", "node-local directory the run first copies each host's files to, then reads them "
+                                 "from: {host}, {rank} and $VARS (e.g. $SLURM_TMPDIR/{host}) are filled in per rank; "
+                                 "'': read the files where they are")
 
     def validate(self) -> None:
         _require(self.dir != "", "data.dir must not be empty")

@@ -49,7 +49,7 @@ STEP_OPTIONAL = ("time", "loss", "rss_mb", "lr", "suspended_s", "gpu_mem_peak_mb
 HEADER_KIND = "header"
 HEADER_FIELDS = ("kind", "rank", "size", "local_rank", "local_size", "host", "pid", "start_step", "precision",
                  "jit_compile", "compression", "backward_passes_per_step", "batch_size", "threads", "backend",
-                 "steps_per_call", "fault", "time")
+                 "steps_per_call", "fault", "staging", "time")
 # One evaluation in metrics.jsonl.
 METRIC_FIELDS = ("epoch", "step", "time", "val_loss", "val_accuracy", "val_samples", "eval_s")
 # val_samples counts what was evaluated; every other val_<name> is a figure of the model.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -204,3 +205,34 @@ def _guard_the_fast_layer(request, tmp_path_factory, monkeypatch):
         needs = sorted({GUARDED[c] for c in started})
         pytest.fail(f"started {', '.join(started)} without its marker: add @pytest.mark."
                     f"{' / '.join(needs)} (make test-fast leaves those out)", pytrace=False)
+
+
+# --- simulated hosts (tests/bench/test_multinode.py, tests/data/test_staging.py) ---
+
+@contextlib.contextmanager
+def sim_hosts(tmp_path: Path, n: int, slots: int):
+    """Hosts that exist inside the block and are gone after it, whatever happens in it."""
+    require_root("simulated hosts (network namespaces)", "multinode")
+    require_tool("ip")
+    d = tmp_path / "hosts"
+    up = subprocess.run(["bash", str(ROOT / "slurm/local/hosts-up.sh"), str(d), str(n), str(slots)],
+                        capture_output=True, text=True)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        hosts = [line.split() for line in (d / "hosts").read_text().splitlines()]
+        mca = dict(line.removeprefix("export ").split("=", 1) for line in (d / "env").read_text().splitlines())
+        yield d, hosts, mca
+    finally:
+        subprocess.run(["bash", str(ROOT / "slurm/local/hosts-down.sh"), str(d)], capture_output=True)
+
+
+def leftovers(d: Path, hosts) -> list[str]:
+    names = {h[2] for h in hosts}
+    found = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+             if ns in names]
+    tag = hosts[0][2].split("-")[0].removeprefix("pl")
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    found += [w for w in links.split() if tag in w]
+    if f"# hosts-up {tag}" in Path("/etc/hosts").read_text():
+        found.append("/etc/hosts lines")
+    return found

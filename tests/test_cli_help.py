@@ -14,7 +14,7 @@ from pipeline import cli, config
 OTHER_MEANING = {
     ("data synth", "seed"), ("data convert", "seed"), ("data index", "seed"),  # the data's draw, not training's
     ("data synth", "compression"), ("data convert", "compression"),  # HDF5 compression, not horovod's
-    ("data verify", "dir"), ("data stats", "dir"), ("bench data", "dir"),  # the positional dataset itself
+    ("data verify", "dir"), ("data stats", "dir"), ("bench data", "dir"), ("data stage", "dir"),  # the positional dataset
     ("analyze", "target"), ("sweep", "target"),  # a leaderboard's target, not mlperf's
     ("sweep", "status"), ("bench convert", "keep"),
 }
@@ -63,7 +63,8 @@ def test_flags_that_mirror_a_config_key_take_it_from_the_config():
     # The ones there are today; a new mirrored flag adds itself here by taking _config_flag.
     assert set(mirrored) >= {("bench data", "read_block"), ("bench data", "shuffle_buffer"),
                              ("bench data", "batch_size"), ("bench data", "threads"), ("bench run", "batch_size"),
-                             ("bench knobs", "epochs"), ("data verify", "root"), ("data stats", "root")}
+                             ("bench knobs", "epochs"), ("data verify", "root"), ("data stats", "root"),
+                             ("bench data", "root")}
 
 
 def test_a_flag_help_shows_the_keys_choices_and_default():

@@ -31,6 +31,11 @@ def text_summary(s: dict) -> list[str]:
     lines.append(f"ranks {s['ranks']} (logs from {s['ranks_with_logs']}), global batch {s['global_batch']}, "
                  f"steps {s['steps']}")
     lines += [f"  ! {p}" for p in _problems(s) + s["notes"]]
+    if s.get("staging"):
+        g = s["staging"]
+        lines.append(f"staging: {g['wall_s']:.1f} s to stage the run's files ({g['files']} files, {g['bytes'] / 1e6:.1f} MB "
+                     f"in {g['dirs']} node-local director{'y' if g['dirs'] == 1 else 'ies'}: {g['copied']} copied, "
+                     f"{g['reused']} already there)")
     if not s["steps"]:
         return lines
     st = s["step_s"]

@@ -124,6 +124,23 @@ def time_to_accuracy(metrics: list[dict], t0: float | None, target) -> dict:
     return out
 
 
+def staging(run: Run) -> dict | None:
+    """What the run's staging step did (data.stage_dir), from the step logs' last headers:
+    totals over the staging directories of all hosts; None when it did not stage."""
+    per_dir = {}
+    for _, log in sorted(run.ranks.items()):
+        h = log.headers[-1] if log.headers else {}
+        if isinstance(h.get("staging"), dict):
+            per_dir[(h.get("host"), h["staging"].get("dir"))] = h["staging"]
+    if not per_dir:
+        return None
+    vals = list(per_dir.values())
+    out = {k: sum(int(v.get(k) or 0) for v in vals) for k in ("files", "bytes", "copied", "reused", "copied_bytes")}
+    out.update(dirs=len(vals), wall_s=max(float(v.get("wall_s") or 0) for v in vals),
+               copy_s_max=max(float(v.get("seconds") or 0) for v in vals))
+    return out
+
+
 def summarize(run: Run, target=0.9) -> dict:
     m = matrix(run)
     cfg = run.config
@@ -133,6 +150,7 @@ def summarize(run: Run, target=0.9) -> dict:
         "partial_last_lines": [r for r, log in sorted(run.ranks.items()) if log.partial_last_line],
         "repeated_steps": sum(log.repeated_steps for log in run.ranks.values()),
         "notes": list(run.notes),
+        "staging": staging(run),
     }
     if not m.ranks:
         out.update(global_batch=cfg.get("global_batch"), steps=0, warmup_steps=0, throughput_samples_per_s=None,

@@ -20,6 +20,7 @@ and cores as they would in training; each is repeated and reported as median [mi
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -106,8 +107,11 @@ class _Timer:
         self.m, self.plan, self.blocks, self.dist = m, plan, blocks, dist
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.samples = plan.samples_per_rank
-        self.results = {k: [] for k in ("raw_cold", "stream_cold", "stream_epoch2_cold", "raw_warm", "stream_warm",
-                                        "memory")}
+        from pipeline.data import extents
+
+        self.has_sidecar = extents.load(m) is not None
+        self.results = {k: [] for k in ("raw_cold", "stream_cold", "stream_epoch2_cold", "old_cold", "raw_warm",
+                                        "stream_warm", "memory")}
 
     def evict(self) -> None:
         self.dist.barrier()
@@ -125,6 +129,12 @@ class _Timer:
             self.evict()
         if phase == "raw":
             return self.samples / _time_raw(self.m, self.plan)
+        if phase == "old":  # the reader without the index's extents sidecar: h5py learns the offsets
+            source = reader.ShardSource(self.m, "train", use_extents=False)
+            try:
+                return self.reader_rate(source)
+            finally:
+                source.close()
         source = reader.ShardSource(self.m, "train")
         try:
             rate = self.reader_rate(source)
@@ -140,7 +150,7 @@ class _Timer:
     def repeat(self, r: int, cached) -> None:
         # Alternate the order so neither side always runs second.
         order = ("raw", "stream") if r % 2 == 0 else ("stream", "raw")
-        for phase in order:
+        for phase in order + (("old",) if self.has_sidecar else ()):
             self.results[f"{phase}_cold"].append(self.timed(phase, cold=True))
         for phase in order:
             self.timed(phase, cold=False)  # bring the share into the page cache
@@ -149,13 +159,13 @@ class _Timer:
         self.results["memory"].append(self.reader_rate(cached))
 
 
-def run(data_dir: str, batch_size: int = config.TrainConfig.batch_size, repeats: int = 3,
+def run(data_dir: str, root: str | None = None, batch_size: int = config.TrainConfig.batch_size, repeats: int = 3,
         read_block: int = config.DataConfig.read_block, shuffle_buffer: int = config.DataConfig.shuffle_buffer,
         threads: int = config.TrainConfig.threads, json_out: str | None = None, out=sys.stdout) -> dict:
     from pipeline.data import reader, sharding, shards
     from pipeline.runtime import dist as dist_mod
 
-    m = shards.load_manifest(data_dir)
+    m = shards.load_manifest(data_dir, root)
     shards.check_exist(m, ["train"])
     if m.raw.get("compression", "none") != "none":
         print(f"note: {data_dir} is compressed ({m.raw['compression']}); the raw read decompresses too", file=out)
@@ -176,6 +186,7 @@ def run(data_dir: str, batch_size: int = config.TrainConfig.batch_size, repeats:
               "per_rank": ranks,
               "reader_vs_raw": median_range([r["stream_vs_raw_cold"]["value"] for r in ranks]),
               "reader_epoch2_vs_raw": median_range([r["stream_epoch2_vs_raw_cold"]["value"] for r in ranks]),
+              "old_reader_vs_raw": median_range([r["old_vs_raw_cold"]["value"] for r in ranks]),
               "reader_vs_raw_warm": median_range([r["stream_vs_raw_warm"]["value"] for r in ranks]),
               "reader_vs_consumption": median_range([r["stream_vs_consume"]["value"] for r in ranks])}
     if dist.is_root:
@@ -192,13 +203,14 @@ def _rank_figures(timer: _Timer, consume: float | None, m, plan) -> dict:
     consume = float("nan") if consume is None else consume
 
     def ratio(a, b):
-        return median_range([x / y for x, y in zip(a, b)])
+        return median_range([x / y for x, y in zip(a, b)] or [float("nan")])
 
     return {"rank": timer.dist.rank, "samples": timer.samples,
             "share_mb": plan.samples_per_rank * (m.sample_bytes + m.target_bytes) / 1e6,
             **{k: median_range(v) for k, v in results.items()}, "consume": median_range([consume]),
             "stream_vs_raw_cold": ratio(results["stream_cold"], results["raw_cold"]),
             "stream_epoch2_vs_raw_cold": ratio(results["stream_epoch2_cold"], results["raw_cold"]),
+            "old_vs_raw_cold": ratio(results["old_cold"], results["raw_cold"]),
             "stream_vs_raw_warm": ratio(results["stream_warm"], results["raw_warm"]),
             "stream_vs_consume": median_range([s / consume for s in results["stream_cold"]])}
 
@@ -217,6 +229,9 @@ def _report(result: dict, ranks: list[dict], m, dist, repeats: int, consume_know
     print(f"reader cold, per rank:          {fmt(cold_mb, ' MB/s')}", file=out)
     print(f"reader / raw read (cold):       {fmt(result['reader_vs_raw'], 'x', digits=2)}  target >= 0.8x", file=out)
     print(f"reader / raw read (cold, 2nd epoch): {fmt(result['reader_epoch2_vs_raw'], 'x', digits=2)}", file=out)
+    if not math.isnan(result["old_reader_vs_raw"]["value"]):
+        print(f"reader without the extents sidecar / raw read (cold): {fmt(result['old_reader_vs_raw'], 'x', digits=2)}",
+              file=out)
     print(f"reader / raw read (warm):       {fmt(result['reader_vs_raw_warm'], 'x', digits=2)}  "
           f"(memory-copy bound: the reader copies each sample twice more to shuffle and batch it)", file=out)
     if consume_known:
@@ -234,6 +249,8 @@ LAYOUTS = [
     ("sub-volumes 32^3 of 64^3 x 4 int16 (CosmoFlow layout)", "cosmoflow",
      ["--x", "full", "--y", "unitPar", "--subvolume", "32"]),
 ]
+STAGED = "one sample per file, from a staged copy (data stage)"
+LAYOUTS.append((STAGED, "segmentation", LAYOUTS[3][2]))
 
 
 def layouts(work: str | None = None, repeats: int = 3, batch_size: int = 32, out=sys.stdout) -> list[dict]:
@@ -262,9 +279,19 @@ def layouts(work: str | None = None, repeats: int = 3, batch_size: int = 32, out
                 shutil.rmtree(data, ignore_errors=True)
                 subprocess.run(py + ["data", "index", str(src), "--out", str(data), "--val-fraction", "0"]
                                + index_args, check=True, capture_output=True)
+            if label == STAGED:
+                # The same index read from a staged copy (pipeline data stage): on this machine the
+                # copy is on the same disk as the source, so the row shows the reader on a copy, not
+                # a faster disk.
+                subprocess.run(py + ["data", "stage", str(data), "--to", str(tmp / "staged")], check=True,
+                               capture_output=True)
+                root_args = ["--root", str(tmp / "staged")]
+            else:
+                root_args = []
             res_file = tmp / f"res-{len(rows)}.json"
             r = subprocess.run(py + ["bench", "data", str(data), "--repeats", str(repeats), "--batch-size",
-                                     str(batch_size), "--json", str(res_file)], capture_output=True, text=True)
+                                     str(batch_size), "--json", str(res_file)] + root_args,
+                               capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"bench data on {label} failed:\n{r.stderr[-2000:]}")
             res = json.loads(res_file.read_text())
@@ -272,12 +299,14 @@ def layouts(work: str | None = None, repeats: int = 3, batch_size: int = 32, out
                          "share_mb": res["per_rank"][0]["share_mb"], "raw_cold": res["per_rank"][0]["raw_cold"],
                          "stream_cold": res["per_rank"][0]["stream_cold"], "reader_vs_raw": res["reader_vs_raw"],
                          "reader_epoch2_vs_raw": res["reader_epoch2_vs_raw"],
+                         "old_reader_vs_raw": res["old_reader_vs_raw"],
                          "met": res["reader_vs_raw"]["value"] >= 0.8})
             x = rows[-1]
             print(f"{label:<55} {x['share_mb']:>6.0f} MB  raw {fmt(x['raw_cold'])}  reader {fmt(x['stream_cold'])}"
                   f"  reader/raw {fmt(x['reader_vs_raw'], 'x', digits=2)} "
                   f"{'met' if x['met'] else 'MISSED'} (>= 0.8); 2nd epoch "
-                  f"{fmt(x['reader_epoch2_vs_raw'], 'x', digits=2)}", file=out, flush=True)
+                  f"{fmt(x['reader_epoch2_vs_raw'], 'x', digits=2)}; old reader (no sidecar) "
+                  f"{fmt(x['old_reader_vs_raw'], 'x', digits=2)}", file=out, flush=True)
     finally:
         if not work:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -296,6 +325,7 @@ def add_arguments(p) -> None:
     config.flag(p, "--read-block", "data.read_block")
     config.flag(p, "--shuffle-buffer", "data.shuffle_buffer")
     config.flag(p, "--threads", "train.threads")
+    config.flag(p, "--root", "data.root")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cli)
 
@@ -306,6 +336,6 @@ def cli(a) -> int:
         return 0 if all(r["met"] for r in rows) else 1
     if not a.dir:
         raise UserError("pipeline bench data: give a dataset directory, or --layouts")
-    run(a.dir, batch_size=a.batch_size, repeats=a.repeats, read_block=a.read_block,
+    run(a.dir, root=a.root or None, batch_size=a.batch_size, repeats=a.repeats, read_block=a.read_block,
         shuffle_buffer=a.shuffle_buffer, threads=a.threads, json_out=a.json)
     return 0

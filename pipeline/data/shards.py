@@ -333,6 +333,11 @@ def _check_content(m: Manifest, s: ShardInfo, f, p: Path, deep: bool = True) -> 
     return None
 
 
+def check_one(m: Manifest, s: ShardInfo) -> str | None:
+    """The fast checks (no checksum) of one shard or indexed file: None when it matches."""
+    return _check_shard(m, s, checksums=False)
+
+
 def verify(m: Manifest, checksums: bool = True, splits: Iterable[str] | None = None) -> Iterator[str]:
     """Checks every shard against the manifest; yields one line per bad shard."""
     for split in (m.splits if splits is None else splits):

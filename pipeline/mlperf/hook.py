@@ -102,9 +102,10 @@ class MLPerfHook(Hook):
             ("accelerators_per_node", len(gpu_names())),
             *(deepcam_keys(t, lr) if self.settings.benchmark == "deepcam" else ())))
 
-    def ready(self, epoch_of, staged: tuple[float, float, str] | None, barrier) -> None:
-        """What the loop's start needs: the epoch of a step, the share's staging times (when it
-        was read into memory) and a barrier (the run's clock starts when every rank is ready)."""
+    def ready(self, epoch_of, staged: tuple[float, float, dict] | None, barrier) -> None:
+        """What the loop's start needs: the epoch of a step, the staging span (the copy to
+        data.stage_dir and the read into memory: start, stop, metadata) and a barrier (the
+        run's clock starts when every rank is ready)."""
         self._epoch_of = epoch_of
         self._ready = (staged, barrier)
 
@@ -114,9 +115,9 @@ class MLPerfHook(Hook):
         staged, barrier = self._ready or (None, None)
         if self.settings.enabled:
             if staged is not None:
-                t0, t1, what = staged
-                self.log.start("staging_start", metadata={"what": what}, t=t0)
-                self.log.end("staging_stop", metadata={"what": what}, t=t1)
+                t0, t1, meta = staged
+                self.log.start("staging_start", metadata=meta, t=t0)
+                self.log.end("staging_stop", metadata=meta, t=t1)
             if barrier is not None:
                 barrier()  # the run's clock starts when every rank is ready to step
         self.log.end("init_stop")

@@ -42,7 +42,7 @@ POSTMORTEM = "postmortem"
 
 # Where a rank is, in the order a run goes through them. `allreduce` is only entered by a
 # `debug.fault` that stops a rank just before the call holding its step.
-PHASES = ("startup", "init", "setup", "data", "allreduce", "step", "eval", "checkpoint", "stop", "done")
+PHASES = ("startup", "init", "setup", "data", "allreduce", "step", "eval", "checkpoint", "stop", "done", "staging")
 KINDS = ("phase", "wait", "call", "done", "signal", "exception", "stall", "fault", "suspended")
 
 _MAGIC = b"PLFLTR01"

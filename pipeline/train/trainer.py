@@ -19,6 +19,7 @@ itself, so per step each rank logs `data_s` (waiting for its batch) apart from `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import config as config_mod, faultspec, measure
-from pipeline.data import feed as feed_mod, reader, sharding, shards
+from pipeline.data import feed as feed_mod, reader, sharding, shards, stage
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_write_text
 from pipeline.mlperf.hook import ABORTED, MLPerfHook, drop_page_cache
@@ -38,7 +39,7 @@ from pipeline.rundir import VAL_COUNT, RunDir, is_metric
 from pipeline.runtime import devstats, dist as dist_mod, flight
 from pipeline.runtime.hooks import FaultHook, FlightHook, Hooks, WatchdogHook, signal_name
 from pipeline.runtime.preempt import StopSignals, Watchdog
-from pipeline.train import checkpoint, flops as flops_mod, models, optimizers, profile, step as step_mod, \
+from pipeline.train import checkpoint, flops as flops_mod, models, optimizers, profile, staging, step as step_mod, \
     writers as writers_mod
 from pipeline.train.evaluate import Evaluator
 from pipeline.train.schedule import LR
@@ -69,12 +70,18 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         rec.event("phase", "init")
         dist = join(cfg, rd)
         rec.event("phase", "setup")
-        check_data(manifest, dist)
+        if not cfg.data.stage_dir:
+            check_data(manifest, dist)  # staged: each host checks its own copies instead
         plan = make_plan(cfg, manifest, dist)
+        staged = None
+        if cfg.data.stage_dir:
+            rec.event("phase", "staging")
+            staged = staging.stage_for_run(cfg, plan, dist, watchdog, out)
+            plan = dataclasses.replace(plan, manifest=staged.manifest)
         if cfg.mlperf.enabled:
-            clear_cache(plan, dist, ml)
+            clear_cache(plan, dist, ml, staged)
         with contextlib.ExitStack() as resources:
-            trainer = build(cfg, rd, dist, plan, out, resources, ml)
+            trainer = build(cfg, rd, dist, plan, out, resources, ml, staged)
             rec.attach()  # past every check a user can fail: now into the run directory
             ml.attach(rd.path)
             early.close()
@@ -103,12 +110,16 @@ def run(cfg: config_mod.Config, run_dir: str | Path, out=sys.stdout) -> dict:
         rec.close()
 
 
-def clear_cache(plan: "RunPlan", dist: dist_mod.Dist, ml) -> None:
+def clear_cache(plan: "RunPlan", dist: dist_mod.Dist, ml, staged: "staging.Staged | None" = None) -> None:
     """MLPerf's cache_clear: the first rank on each host drops the dataset's pages from the
-    page cache before any rank reads a sample, so the run starts cold."""
+    page cache before any rank reads a sample, so the run starts cold. Staged: each group's
+    first rank drops its host's staged copies, the files the run reads."""
     m = plan.manifest
-    paths = sorted({str(m.path(x)) for x in m.shards("train") + m.shards("val")})
-    files, ok = drop_page_cache(paths) if dist.local_rank == 0 else (0, True)
+    if staged is not None:
+        files, ok = drop_page_cache(staged.paths) if staged.leader else (0, True)
+    else:
+        paths = sorted({str(m.path(x)) for x in m.shards("train") + m.shards("val")})
+        files, ok = drop_page_cache(paths) if dist.local_rank == 0 else (0, True)
     results = dist.allgather_object((files, ok), name="cache_clear")
     ml.cache_cleared(sum(f for f, _ in results), all(o for _, o in results))
 
@@ -130,7 +141,11 @@ def _signal_at_startup(rec, signum: int | None) -> None:
 def preflight(cfg: config_mod.Config, rd: RunDir) -> shards.Manifest:
     """Everything a user can get wrong, checked before any rank joins, reads or writes."""
     manifest = shards.load_manifest(cfg.data.dir, cfg.data.root or None)
-    shards.check_exist(manifest)
+    if cfg.data.stage_dir:
+        # A staged copy may stand in for a source: the stager checks what it copies.
+        stage.expand(cfg.data.stage_dir, socket.gethostname(), flight.launch_rank(), os.environ)
+    else:
+        shards.check_exist(manifest)
     if rd.path.exists() and not rd.path.is_dir():
         raise UserError(f"{rd.path}: run directory path exists and is not a directory")
     return manifest
@@ -219,13 +234,16 @@ class Trainer:
     start: int                       # the step resumed after (0: a fresh run)
     fault: faultspec.Fault | None = None  # debug.fault
     mlperf: MLPerfHook | None = None
-    staging_t0: float = 0.0          # when reading the share began (MLPerf's staging_start)
+    staging_t0: float = 0.0          # when staging (or reading the share) began (MLPerf's staging_start)
+    staged: "staging.Staged | None" = None  # data.stage_dir: what staging did
 
 
 def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan, out,
-          resources: contextlib.ExitStack, ml: MLPerfHook | None = None) -> Trainer:
+          resources: contextlib.ExitStack, ml: MLPerfHook | None = None,
+          staged: "staging.Staged | None" = None) -> Trainer:
     """Model, optimizer, writers, resume point and input. Whatever must be closed is entered
-    into `resources`. `ml`: run()'s MLPerf log (none: one that logs nothing)."""
+    into `resources`. `ml`: run()'s MLPerf log (none: one that logs nothing). `staged`: the
+    staging step's outcome, when data.stage_dir is set (plan's manifest reads the copies)."""
     import tensorflow as tf
 
     if ml is None:
@@ -259,7 +277,7 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
     start = _resume(ckpts, state, model, opt, dist, rd, cfg, plan, writers.console)
 
     # This rank's share, opened after the process started (h5py is not fork-safe).
-    staging_t0 = time.time()
+    staging_t0 = staged.t0 if staged is not None else time.time()
     inp = reader.Input(plan.manifest, plan.train, plan.val, cfg.data)
     writers.console.print(f"pipeline: input {inp.mode}")
     train_step = step_mod.make_train_step(model, opt, task.loss, dist, passes=plan.passes,
@@ -268,7 +286,7 @@ def build(cfg: config_mod.Config, rd: RunDir, dist: dist_mod.Dist, plan: RunPlan
                                           clip_global_norm=cfg.train.clip_global_norm)
     return Trainer(cfg, rd, dist, plan, precision, model, opt, state, lr, ckpts, writers, inp, train_step,
                    Evaluator(model, inp, cfg.train.batch_size, dist, task), start, faultspec.parse(cfg.debug.fault),
-                   ml, staging_t0)
+                   ml, staging_t0, staged)
 
 
 @contextlib.contextmanager
@@ -411,7 +429,8 @@ def _loop_resources(t: Trainer, resources: contextlib.ExitStack, watchdog: Watch
                    jit_compile=t.cfg.train.jit_compile, compression=t.cfg.horovod.compression,
                    backward_passes_per_step=plan.passes, batch_size=t.cfg.train.batch_size, threads=dist.threads,
                    backend=dist.backend, steps_per_call=t.cfg.train.steps_per_call,
-                   fault=str(t.fault) if t.fault else None)
+                   fault=str(t.fault) if t.fault else None,
+                   staging=_staging_header(t.staged))
     t.run_dir.ranks_dir.mkdir(exist_ok=True)
     atomic_write_text(t.run_dir.rank_file(dist.rank), json.dumps(
         {"rank": dist.rank, "pid": os.getpid(), "host": socket.gethostname(), "status": "running",
@@ -421,8 +440,7 @@ def _loop_resources(t: Trainer, resources: contextlib.ExitStack, watchdog: Watch
     if watchdog is None:
         watchdog = resources.enter_context(Watchdog(t.cfg.train.step_timeout_s, dist.rank, flight=rec))
     ml = t.mlperf or MLPerfHook(config_mod.MLPerfConfig(), dist.rank, time.time())
-    staged = (t.staging_t0, time.time(), t.input.mode) if t.input.mode.startswith("in memory") else None
-    ml.ready(plan.epoch_of, staged, dist.barrier)
+    ml.ready(plan.epoch_of, _staging_span(t), dist.barrier)
     writers = t.writers
     # The watchdog before the recorder: a signal bounds the stop before the post-mortem is written.
     # A GPU rank's device figures first: every later hook sees them in the records.
@@ -434,6 +452,24 @@ def _loop_resources(t: Trainer, resources: contextlib.ExitStack, watchdog: Watch
     signals = resources.enter_context(StopSignals(
         dist.rank, on_signal=lambda signum: (_raise_flag(stop_flag), hooks.on_signal(signum))))
     return steplog, signals, stop_flag, hooks
+
+
+def _staging_header(staged: "staging.Staged | None") -> dict | None:
+    """The step log header's account of staging: this host's copy, the wall time of the
+    whole step (every host done) and the number of hosts."""
+    if staged is None:
+        return None
+    return dict(staged.outcome, wall_s=round(staged.t1 - staged.t0, 3), hosts=staged.totals["hosts"])
+
+
+def _staging_span(t: Trainer) -> tuple[float, float, dict] | None:
+    """MLPerf's staging_start/stop: from the start of staging (or of reading the share) to the
+    end of the read into memory, else to the end of the copy; None when neither happened."""
+    in_memory = t.input.mode.startswith("in memory")
+    if t.staged is not None:
+        meta = {"what": t.input.mode, **{k: t.staged.totals[k] for k in ("bytes", "files", "copied", "reused")}}
+        return t.staged.t0, time.time() if in_memory else t.staged.t1, meta
+    return (t.staging_t0, time.time(), {"what": t.input.mode}) if in_memory else None
 
 
 def _evaluate_and_save(t: Trainer, s: LoopState, hooks: Hooks, epoch: int) -> bool:

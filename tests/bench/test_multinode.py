@@ -14,39 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, env, read_jsonl, require_root, require_tool
+from conftest import ROOT, env, leftovers, read_jsonl, require_root, require_tool, sim_hosts
 
 pytestmark = pytest.mark.multinode
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
-
-
-@contextlib.contextmanager
-def sim_hosts(tmp_path: Path, n: int, slots: int):
-    """Hosts that exist inside the block and are gone after it, whatever happens in it."""
-    require_root("simulated hosts (network namespaces)", "multinode")
-    require_tool("ip")
-    d = tmp_path / "hosts"
-    up = subprocess.run(["bash", str(ROOT / "slurm/local/hosts-up.sh"), str(d), str(n), str(slots)],
-                        capture_output=True, text=True)
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        hosts = [line.split() for line in (d / "hosts").read_text().splitlines()]
-        mca = dict(line.removeprefix("export ").split("=", 1) for line in (d / "env").read_text().splitlines())
-        yield d, hosts, mca
-    finally:
-        subprocess.run(["bash", str(ROOT / "slurm/local/hosts-down.sh"), str(d)], capture_output=True)
-
-
-def leftovers(d: Path, hosts) -> list[str]:
-    names = {h[2] for h in hosts}
-    found = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-             if ns in names]
-    tag = hosts[0][2].split("-")[0].removeprefix("pl")
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    found += [w for w in links.split() if tag in w]
-    if f"# hosts-up {tag}" in Path("/etc/hosts").read_text():
-        found.append("/etc/hosts lines")
-    return found
 
 
 def train_across(tmp_path, d, mca, small_dataset, steps=30):
