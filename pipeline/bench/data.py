@@ -207,7 +207,7 @@ def _rank_figures(timer: _Timer, consume: float | None, m, plan) -> dict:
 
     return {"rank": timer.dist.rank, "samples": timer.samples,
             "share_mb": plan.samples_per_rank * (m.sample_bytes + m.target_bytes) / 1e6,
-            **{k: median_range(v) for k, v in results.items()}, "consume": median_range([consume]),
+            **{k: median_range(v or [float("nan")]) for k, v in results.items()}, "consume": median_range([consume]),
             "stream_vs_raw_cold": ratio(results["stream_cold"], results["raw_cold"]),
             "stream_epoch2_vs_raw_cold": ratio(results["stream_epoch2_cold"], results["raw_cold"]),
             "old_vs_raw_cold": ratio(results["old_cold"], results["raw_cold"]),
