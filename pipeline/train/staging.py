@@ -100,6 +100,8 @@ def _rounds(dist, job, stager, watchdog, out, hosts: int) -> tuple[list[dict], l
                 status["done"] = False
             except UserError as e:
                 status["error"] = str(e)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+                status["error"] = f"staging to {stager.dest} on {socket.gethostname()} failed: {type(e).__name__}: {e}"
             status.update(bytes=stager.done_bytes, total=stager.total_bytes)
         statuses = dist.allgather_object(status, name="staging")
         errors = [s["error"] for s in statuses if s["error"]]
