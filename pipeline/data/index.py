@@ -188,10 +188,10 @@ def index(sources: list[str], out: str | Path, x_key: str, y_key: str, per_file:
         raise UserError("no training files left: every file is a validation file")
     shape = lay.sample_shape(first["x_shape"])
     # The sidecar before the manifest: a manifest on disk always has its sidecar beside it.
-    prepare_out_dir(out)
+    out = prepare_out_dir(out)
     extents.write(out, [str(f.relative_to(root)) for f in files], [p["extents"] for p in probes])
     path = write_manifest(
-        prepare_out_dir(out), shape, num_classes, {k: v for k, v in splits.items() if v}, first["x_dtype"],
+        out, shape, num_classes, {k: v for k, v in splits.items() if v}, first["x_dtype"],
         # Reads are cut at multiples of x's chunk length along the sample axis (many per file).
         first["chunk"] if lay.per_file == "many" and not subvolume else 1, first["compression"],
         y_dtype=first["y_dtype"], kind=INDEXED, root=str(root), layout=lay.as_dict(), y_shape=list(y_shape),

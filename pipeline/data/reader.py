@@ -397,8 +397,8 @@ def load_share(m: Manifest, split: str, plan: Plan, block: int) -> tuple[np.ndar
         return read_share(m, split, plan)
     src = ShardSource(m, split)
     try:
-        x, y, _, _ = src._read(cut_blocks(plan, block), 0)
-        return x, y
+        src.load(cut_blocks(plan, block))
+        return src.x, src.y
     finally:
         src.close()
 
